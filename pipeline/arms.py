@@ -1,0 +1,146 @@
+"""The arms' model work: batched greedy generation, and LoRA fine-tuning with trl.
+
+Prompt arms and the fine-tuned arm share `generate_calls`; they differ only in the text
+they send and in the weights (base vs base + adapter).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from pipeline.config import FinetuneConfig
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class Call:
+    """One model call as a caller sees it."""
+
+    output: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: float
+
+
+def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def _completion_length(new_tokens: list[int], stop_ids: list[int]) -> int:
+    """Generated tokens up to and including the first stop token (later ones are padding)."""
+    for i, token in enumerate(new_tokens):
+        if token in stop_ids:
+            return i + 1
+    return len(new_tokens)
+
+
+@torch.inference_mode()
+def _generate_batch(model: Any, tokenizer: Any, batch_ids: list[list[int]], max_new_tokens: int,
+                    stop_ids: list[int]) -> list[tuple[str, int]]:
+    width = max(len(ids) for ids in batch_ids)
+    pad = tokenizer.pad_token_id
+    # Left padding keeps every prompt's last token at the same position for generation.
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch_ids])
+    attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch_ids])
+    device = model.device
+    out = model.generate(
+        input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=max_new_tokens,
+        do_sample=False, temperature=None, top_p=None, top_k=None, eos_token_id=stop_ids, pad_token_id=pad,
+    )
+    results = []
+    for row in out[:, width:].tolist():
+        n = _completion_length(row, stop_ids)
+        results.append((tokenizer.decode(row[:n], skip_special_tokens=True), n))
+    return results
+
+
+def generate_calls(model: Any, tokenizer: Any, prompts: list[str], batch_size: int, max_new_tokens: int,
+                   warmup: int = 0, progress: Progress | None = None) -> tuple[list[Call], float]:
+    """Greedy-generate an answer per prompt; returns the calls and the timed wall time in seconds.
+
+    `warmup` calls on the first prompts run untimed first, so one-off costs (allocations,
+    kernel selection) stay out of the latency figures. Each call's latency is the wall time
+    of the batch it was sent in: what its caller waits.
+    """
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    stop_ids = _stop_ids(model, tokenizer)
+    for ids in encoded[:warmup]:
+        _generate_batch(model, tokenizer, [ids], max_new_tokens, stop_ids)
+    calls: list[Call] = []
+    started = time.perf_counter()
+    for start in range(0, len(encoded), batch_size):
+        batch = encoded[start : start + batch_size]
+        t0 = time.perf_counter()
+        results = _generate_batch(model, tokenizer, batch, max_new_tokens, stop_ids)
+        latency_ms = (time.perf_counter() - t0) * 1000
+        for ids, (text, n_new) in zip(batch, results):
+            calls.append(Call(text, len(ids), n_new, latency_ms))
+        if progress:
+            progress(len(batch))
+    return calls, time.perf_counter() - started
+
+
+@dataclass
+class FinetuneResult:
+    model: Any
+    train_time_s: float
+    train_tokens: int
+    train_loss: float
+    adapter_dir: Path
+
+
+def finetune(model: Any, tokenizer: Any, prompts: list[str], completions: list[str], cfg: FinetuneConfig,
+             dtype: torch.dtype, out_dir: Path, report_to: list[str]) -> FinetuneResult:
+    """Train a LoRA adapter with trl's SFTTrainer, loss on the completion only; save it as safetensors."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    train = Dataset.from_dict({"prompt": prompts, "completion": completions})
+    lora = LoraConfig(
+        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM",
+    )
+    use_cuda = torch.cuda.is_available()
+    args = SFTConfig(
+        output_dir=str(out_dir / "trainer"),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        per_device_train_batch_size=cfg.batch_size,
+        max_length=cfg.max_length,
+        completion_only_loss=True,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        # On CPU the base weights are already bf16 (see load_model); autocast would only add casts.
+        bf16=use_cuda and dtype == torch.bfloat16,
+        fp16=use_cuda and dtype == torch.float16,
+        logging_steps=5,
+        save_strategy="no",
+        report_to=report_to,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+        warmup_steps=0.05,
+        # trl turns this on by default to save memory; a 135M model does not need it and it costs a forward pass.
+        gradient_checkpointing=False,
+        lr_scheduler_type="linear",
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer, peft_config=lora)
+    started = time.perf_counter()
+    output = trainer.train()
+    train_time_s = time.perf_counter() - started
+    adapter_dir = out_dir / "adapter"
+    trainer.model.save_pretrained(str(adapter_dir), safe_serialization=True)
+    trained = trainer.model.eval()
+    return FinetuneResult(trained, train_time_s, int(trainer.state.num_input_tokens_seen), float(output.training_loss),
+                          adapter_dir)

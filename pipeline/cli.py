@@ -1,0 +1,139 @@
+"""The `roi` command line: `roi run`, `roi report`, `roi data check`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+# Nothing is fetched from a hub at run time; without these, libraries stall on retries first.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+EXIT_USAGE = 2
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal for our progress and results; library chatter goes to --debug."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*dataset source can be interpreted.*")
+    warnings.filterwarnings("ignore", message=".*Could not find a config file.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="roi", description="Prompting vs fine-tuning, measured and priced.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run an experiment: naive prompt, engineered prompt, LoRA fine-tune")
+    run.add_argument("config", type=Path, help="experiment YAML, e.g. experiments/default.yaml")
+    run.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. finetune.epochs=1 eval.limit=50")
+
+    report = sub.add_parser("report", help="print the ROI summary of a finished run from the MLflow store")
+    report.add_argument("config", type=Path, nargs="?", help="experiment YAML (names the experiment)")
+    report.add_argument("--experiment", help="experiment name (instead of a config)")
+    report.add_argument("--run-id", help="a parent run id (default: the latest finished run)")
+    report.add_argument("--markdown", action="store_true", help="print roi_summary.md instead of the table")
+
+    data = sub.add_parser("data", help="task data tools")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    check = data_sub.add_parser("check", help="statistics and problems of a task folder or config")
+    check.add_argument("target", type=Path, help="task folder (e.g. datasets/support_tickets) or experiment YAML")
+    return parser
+
+
+def _cmd_run(args, console) -> int:
+    import yaml
+
+    from pipeline.config import apply_overrides, load_config
+    from pipeline.run import run_experiment
+
+    cfg = load_config(args.config, args.overrides)
+    raw = apply_overrides(yaml.safe_load(args.config.read_text(encoding="utf-8")), args.overrides)
+    run_experiment(cfg, args.config, raw, console)
+    return 0
+
+
+def _cmd_report(args, console) -> int:
+    from pipeline import tracking
+    from pipeline.config import ConfigError, load_config
+    from pipeline.report import print_table, summary_markdown
+    from pipeline.report import summary_from_runs
+
+    if args.config is None and not args.experiment and not args.run_id:
+        raise ConfigError("roi report: give a config, --experiment NAME or --run-id ID")
+    experiment = args.experiment or (load_config(args.config).experiment if args.config else "")
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    parent, children = tracking.find_parent_run(experiment, args.run_id)
+    summary = summary_from_runs(parent, children)
+    if args.markdown:
+        print(summary_markdown(summary), end="")
+    else:
+        print_table(summary, console)
+    return 0
+
+
+def _cmd_data_check(args, console) -> int:
+    from pipeline.data import check_task, load_task, task_config_for_folder
+    from pipeline.report import print_check
+
+    if args.target.suffix in (".yaml", ".yml"):
+        from pipeline.config import load_config
+
+        cfg = load_config(args.target)
+        task_cfg, data_cfg = cfg.task, None
+    else:
+        task_cfg, data_cfg = task_config_for_folder(args.target), None
+    task = load_task(task_cfg, data_cfg)
+    report = check_task(task)
+    print_check(task, report, console)
+    if report.errors:
+        print(f"roi: error: {report.errors[0]}" + (f" (+{len(report.errors) - 1} more)" if len(report.errors) > 1 else ""),
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+
+    args = _parser().parse_args(argv)
+    console = Console()
+    from pipeline.config import ConfigError
+    from pipeline.data import DataError
+    from pipeline.models import ModelError
+    from pipeline.prompts import PromptError
+    from pipeline.tracking import TrackingError
+
+    if not args.debug:
+        _quiet_libraries()
+    commands = {"run": _cmd_run, "report": _cmd_report, "data": _cmd_data_check}
+    try:
+        return commands[args.command](args, console)
+    except (ConfigError, DataError, PromptError, ModelError, TrackingError) as exc:
+        if args.debug:
+            raise
+        print(f"roi: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("roi: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

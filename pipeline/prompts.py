@@ -1,0 +1,143 @@
+"""Prompt templates: YAML files in `prompts/`, rendered with sandboxed Jinja2.
+
+A template file holds either `messages` (a chat: each content is a Jinja2 template, rendered
+through the model's chat template) or `template` (plain text sent as is). Templates see
+`text` (the input), `labels` (name, description) and `examples` (text, label).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jinja2 import StrictUndefined, TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from pipeline.data import Label
+
+# A sentinel that cannot occur in user text; it marks where the per-call input begins.
+_INPUT_MARK = "\x00INPUT\x00"
+
+
+class PromptError(Exception):
+    """A template problem, already phrased as one line naming the file."""
+
+
+@dataclass
+class PromptTemplate:
+    path: Path
+    messages: list[dict[str, str]] | None
+    template: str | None
+    description: str = ""
+
+    @property
+    def chat(self) -> bool:
+        return self.messages is not None
+
+    @property
+    def source(self) -> str:
+        return self.path.read_text(encoding="utf-8")
+
+    @property
+    def sha(self) -> str:
+        return hashlib.sha256(self.source.encode()).hexdigest()[:12]
+
+    def registry_template(self) -> str | list[dict[str, str]]:
+        """What goes to the MLflow Prompt Registry: the raw Jinja2 messages or text."""
+        return [dict(m) for m in self.messages] if self.messages is not None else self.template
+
+
+_ENV = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True, autoescape=False)
+
+
+def load_template(path: Path) -> PromptTemplate:
+    """Read and compile-check a prompt file."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PromptError(f"{path}: prompt file not found") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise PromptError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict) or ("messages" in data) == ("template" in data):
+        raise PromptError(f"{path}: expected exactly one of 'messages' (a chat) or 'template' (plain text)")
+    unknown = set(data) - {"messages", "template", "description"}
+    if unknown:
+        raise PromptError(f"{path}: unknown key {sorted(unknown)[0]!r} (allowed: messages, template, description)")
+    messages = data.get("messages")
+    if messages is not None:
+        if not isinstance(messages, list) or not messages:
+            raise PromptError(f"{path}: 'messages' must be a non-empty list of {{role, content}}")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or set(m) != {"role", "content"} or m["role"] not in ("system", "user", "assistant"):
+                raise PromptError(f"{path}: messages[{i}]: expected role (system|user|assistant) and content")
+        texts = [m["content"] for m in messages]
+    else:
+        if not isinstance(data["template"], str):
+            raise PromptError(f"{path}: 'template' must be a string")
+        texts = [data["template"]]
+    for text in texts:
+        try:
+            _ENV.parse(text)
+        except TemplateError as exc:
+            raise PromptError(f"{path}: template error: {exc}") from None
+    return PromptTemplate(path, messages, data.get("template"), str(data.get("description", "")))
+
+
+def pick_examples(train_texts: list[str], train_labels: list[str], k: int, seed: int) -> list[dict[str, str]]:
+    """k few-shot examples from train, seeded, one per label before any label repeats."""
+    order = list(range(len(train_texts)))
+    random.Random(seed).shuffle(order)
+    chosen: list[int] = []
+    used: set[int] = set()
+    while len(chosen) < min(k, len(order)):
+        seen_labels: set[str] = set()
+        for i in order:
+            if i in used or train_labels[i] in seen_labels:
+                continue
+            chosen.append(i)
+            used.add(i)
+            seen_labels.add(train_labels[i])
+            if len(chosen) == k:
+                break
+    return [{"text": train_texts[i], "label": train_labels[i]} for i in chosen]
+
+
+@dataclass
+class PromptRenderer:
+    """Turns an input text into the exact string sent to the model."""
+
+    template: PromptTemplate
+    tokenizer: Any
+    labels: list[Label]
+    examples: list[dict[str, str]]
+
+    def _variables(self, text: str) -> dict[str, Any]:
+        labels = [{"name": l.name, "description": l.description} for l in self.labels]
+        return {"text": text, "labels": labels, "examples": self.examples}
+
+    def render(self, text: str) -> str:
+        variables = self._variables(text)
+        try:
+            if self.template.messages is None:
+                return _ENV.from_string(self.template.template).render(variables)
+            messages = [
+                {"role": m["role"], "content": _ENV.from_string(m["content"]).render(variables)}
+                for m in self.template.messages
+            ]
+        except TemplateError as exc:
+            raise PromptError(f"{self.template.path}: {type(exc).__name__}: {exc}") from None
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def static_prefix(self) -> str:
+        """The part of every rendered prompt that precedes the input (shared by all calls)."""
+        rendered = self.render(_INPUT_MARK)
+        return rendered.split(_INPUT_MARK, 1)[0]
+
+
+def count_tokens(tokenizer: Any, text: str) -> int:
+    """Tokens of the exact text sent; special tokens come from the template, so none are added."""
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])

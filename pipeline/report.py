@@ -1,0 +1,230 @@
+"""What a person reads: the terminal table, `roi_summary.md` and `cost_vs_volume.png`.
+
+All three are drawn from one `Summary`, built either from a finished run in memory or
+from the MLflow store (`roi report`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.costing import total_cost
+
+ARM_TITLES = {"naive": "naive", "engineered": "engineered", "finetuned": "finetuned"}
+
+
+@dataclass
+class Summary:
+    experiment: str
+    task: str
+    model: str
+    n_eval: int
+    arms: dict[str, dict[str, float]]
+    parent: dict[str, float]
+    baseline_arm: str
+    monthly_calls: float
+    prompt_fixed_usd: float
+    run_id: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def break_even_calls(self) -> float | None:
+        return self.parent.get("break_even_calls")
+
+    def fixed_cost(self, arm: str) -> float:
+        return self.parent.get("finetune_fixed_cost_usd", 0.0) if arm == "finetuned" else self.prompt_fixed_usd
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def _usd(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value == 0:
+        return "$0"
+    return f"${value:.3g}" if abs(value) < 0.01 else f"${value:,.2f}"
+
+
+def _calls(value: float | None) -> str:
+    if value is None:
+        return "never"
+    return f"{math.ceil(value):,}"
+
+
+def arm_rows(summary: Summary) -> list[list[str]]:
+    rows = []
+    for arm, m in summary.arms.items():
+        rows.append([
+            ARM_TITLES.get(arm, arm),
+            f"{100 * m['accuracy']:.1f}%",
+            f"{100 * m['macro_f1']:.1f}",
+            f"{100 * m['invalid_rate']:.1f}%",
+            _num(m["prompt_tokens_mean"]),
+            _num(m["completion_tokens_mean"]),
+            _num(m["latency_p50_ms"], 0),
+            _num(m["latency_p95_ms"], 0),
+            _num(m["throughput_calls_per_s"], 2),
+            _usd(m["cost_per_call_usd"]),
+        ])
+    return rows
+
+
+HEADERS = ["arm", "accuracy", "macro-F1", "invalid", "prompt tok", "compl. tok", "p50 ms", "p95 ms", "calls/s",
+           "$/call"]
+
+
+def verdict(summary: Summary) -> str:
+    """One sentence a team lead can act on."""
+    if "finetuned" not in summary.arms or summary.baseline_arm not in summary.arms:
+        return "Break-even needs both the fine-tuned arm and the baseline prompt arm."
+    ft, base = summary.arms["finetuned"], summary.arms[summary.baseline_arm]
+    gain = 100 * (ft["accuracy"] - base["accuracy"])
+    if summary.break_even_calls is None:
+        return (f"Fine-tuning never pays off on cost: it does not save per call against the {summary.baseline_arm} "
+                f"prompt (accuracy {gain:+.1f} pts).")
+    months = summary.parent.get("payback_months")
+    return (f"Fine-tuning pays off after {_calls(summary.break_even_calls)} calls"
+            f" ({_num(months, 2)} months at {summary.monthly_calls:,.0f} calls/month),"
+            f" with accuracy {gain:+.1f} pts against the {summary.baseline_arm} prompt.")
+
+
+def print_table(summary: Summary, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{summary.experiment}: {summary.task} on {summary.model}, {summary.n_eval} test rows")
+    for i, header in enumerate(HEADERS):
+        table.add_column(header, justify="left" if i == 0 else "right")
+    for row in arm_rows(summary):
+        table.add_row(*row)
+    console.print(table)
+    p = summary.parent
+    console.print(
+        f"fine-tune fixed cost {_usd(p.get('finetune_fixed_cost_usd'))}"
+        f" | token reduction {_num(p.get('token_reduction_x'))}x"
+        f" | prompt engineering gain {_num(p.get('prompt_gain_pts'))} pts"
+    )
+    console.print(f"[bold]break-even: {_calls(summary.break_even_calls)} calls[/bold]. {verdict(summary)}")
+    for note in summary.notes:
+        console.print(f"note: {note}")
+
+
+def summary_markdown(summary: Summary) -> str:
+    lines = [
+        f"# ROI summary: {summary.experiment}",
+        "",
+        f"Task `{summary.task}`, model `{summary.model}`, {summary.n_eval} test rows"
+        + (f", MLflow run `{summary.run_id}`." if summary.run_id else "."),
+        "",
+        f"**{verdict(summary)}**",
+        "",
+        "| " + " | ".join(HEADERS) + " |",
+        "|" + "---|" * len(HEADERS),
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in arm_rows(summary)]
+    p = summary.parent
+    lines += [
+        "",
+        f"- Break-even: {_calls(summary.break_even_calls)} calls against the {summary.baseline_arm} prompt"
+        + (f"; payback {_num(p.get('payback_months'), 2)} months at {summary.monthly_calls:,.0f} calls/month."
+           if summary.break_even_calls is not None else "."),
+        f"- Fine-tuning fixed cost: {_usd(p.get('finetune_fixed_cost_usd'))}"
+        + (f" (training {_num(summary.arms['finetuned'].get('train_time_s'))} s,"
+           f" {summary.arms['finetuned'].get('train_tokens', 0):,.0f} tokens)" if "finetuned" in summary.arms else ""),
+        f"- Token reduction (engineered / fine-tuned prompt tokens): {_num(p.get('token_reduction_x'))}x",
+        f"- Prompt engineering gain (engineered - naive accuracy): {_num(p.get('prompt_gain_pts'))} pts",
+        "",
+        "Latency is per-call wall time on the machine that ran the experiment, after warm-up;"
+        " $/call comes from the `pricing` section of the config applied to measured tokens or throughput.",
+    ]
+    lines += [f"- Note: {n}" for n in summary.notes]
+    return "\n".join(lines) + "\n"
+
+
+def plot_cost_vs_volume(summary: Summary, path: Path) -> None:
+    """Cumulative cost of each arm against call volume, break-even marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    be = summary.break_even_calls
+    top = max(summary.monthly_calls * 12, (be or 0) * 4, 1000)
+    volumes = np.logspace(0, math.log10(top), 200)
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for arm, m in summary.arms.items():
+        costs = [total_cost(summary.fixed_cost(arm), m["cost_per_call_usd"], v) for v in volumes]
+        ax.plot(volumes, costs, label=ARM_TITLES.get(arm, arm))
+    if be is not None and be > 0:
+        ax.axvline(be, color="grey", linestyle="--", linewidth=1)
+        ax.annotate(f"break-even\n{_calls(be)} calls", (be, ax.get_ylim()[1] * 0.5), fontsize=8, ha="left")
+    ax.axvline(summary.monthly_calls, color="black", linestyle=":", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_yscale("symlog", linthresh=0.01)
+    ax.set_xlabel("calls")
+    ax.set_ylabel("total cost (USD)")
+    ax.set_title(f"{summary.experiment}: cost vs volume (dotted: monthly volume)")
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def summary_from_runs(parent, children) -> Summary:
+    """Rebuild a Summary from MLflow Run objects (a parent and its arm runs)."""
+    params = parent.data.params
+    arms = {}
+    for child in sorted(children, key=lambda r: list(ARM_TITLES).index(r.data.tags.get("arm", "naive"))):
+        arm = child.data.tags.get("arm")
+        if arm:
+            arms[arm] = dict(child.data.metrics)
+    return Summary(
+        experiment=params.get("experiment", ""),
+        task=parent.data.tags.get("task", ""),
+        model=parent.data.tags.get("model", ""),
+        n_eval=int(params.get("n_eval", 0)),
+        arms=arms,
+        parent=dict(parent.data.metrics),
+        baseline_arm=params.get("pricing.baseline_arm") or "engineered",
+        monthly_calls=float(params.get("pricing.monthly_calls") or 100_000),
+        prompt_fixed_usd=float(params.get("pricing.prompt_fixed_usd") or 0.0),
+        run_id=parent.info.run_id,
+    )
+
+
+def print_check(task, report, console) -> None:
+    """`roi data check` output: rows per split and label, lengths, duplicates, overlap."""
+    from rich.table import Table
+
+    splits = list(task.splits)
+    console.print(f"[bold]{task.name}[/bold]: {len(task.labels)} labels, "
+                  + ", ".join(f"{s} {n}" for s, n in report.rows.items()) + " rows")
+    table = Table(title="rows per label")
+    table.add_column("label")
+    for split in splits:
+        table.add_column(split, justify="right")
+    for label, counts in report.per_label.items():
+        table.add_row(label, *(str(counts[s]) for s in splits))
+    console.print(table)
+    lengths = Table(title="length in words")
+    lengths.add_column("split")
+    for stat in ("min", "p5", "median", "mean", "p95", "max"):
+        lengths.add_column(stat, justify="right")
+    for split, stats in report.words.items():
+        lengths.add_row(split, *(f"{stats[k]:.0f}" for k in ("min", "p5", "median", "mean", "p95", "max")))
+    console.print(lengths)
+    console.print("exact duplicates within splits: "
+                  + ", ".join(f"{s} {n}" for s, n in report.exact_duplicates_within.items()))
+    console.print(f"exact duplicates across splits: {len(report.exact_duplicates_across)}")
+    console.print(f"near duplicates (TF-IDF cosine >= 0.9, not exact): {report.near_duplicates}")
+    for example in report.near_duplicate_examples:
+        console.print(f"  {example}")
+    console.print(f"test rows sharing a word 5-gram with train: {100 * report.test_train_5gram_overlap:.1f}%")
+    console.print("[green]ok[/green]" if not report.errors else f"[red]{len(report.errors)} problem(s)[/red]")

@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     args = _parser().parse_args(argv)
-    console = Console()
+    # Piped output (CI logs, `| tee`) would wrap the table at 80 columns; give it room instead.
+    console = Console() if sys.stdout.isatty() else Console(width=160)
     from pipeline.config import ConfigError
     from pipeline.data import DataError
     from pipeline.models import ModelError
@@ -133,6 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("roi: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug or an environment problem: still one line, the traceback on request
+        if args.debug:
+            raise
+        first = (str(exc).splitlines() or [""])[0][:300]
+        print(f"roi: error: unexpected {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

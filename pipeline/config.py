@@ -77,8 +77,10 @@ class FinetuneConfig(_Strict):
     learning_rate: float = Field(default=1e-3, gt=0)
     batch_size: int = Field(default=16, gt=0)
     max_length: int = Field(default=256, gt=8)
-    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(default="auto", description="auto: the model's dtype")
     seed: int = 0
+    group_by_length: bool = True
+    adapter_fp32: bool = Field(default=False, description="keep LoRA weights in fp32 on a bf16 base (slower)")
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
 
@@ -87,6 +89,8 @@ class EvalConfig(_Strict):
     batch_size: int = Field(default=1, gt=0)
     max_new_tokens: int = Field(default=12, gt=0)
     warmup: int = Field(default=2, ge=0)
+    prefix_cache: bool = Field(default=True, description="reuse the KV cache of the prompt's static prefix")
+    uncached_sample: int = Field(default=16, ge=0, description="rows also timed without the prefix cache")
 
 
 class PerTokenPrice(_Strict):

@@ -54,8 +54,8 @@ def _builder_for(path: Path, fmt: str) -> str:
     return builder
 
 
-def read_split(path: Path, fmt: str, text_column: str, label_column: str) -> datasets.Dataset:
-    """Read one split file into a Dataset with string columns `text` and `label`."""
+def _load_file(path: Path, fmt: str) -> datasets.Dataset:
+    """Read a data file through `datasets`, turning every failure into one DataError line."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     builder = _builder_for(path, fmt)
@@ -67,13 +67,18 @@ def read_split(path: Path, fmt: str, text_column: str, label_column: str) -> dat
         raise DataError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     if not raw.strip():
         raise DataError(f"{path}: file is empty")
-    logging.getLogger("datasets").setLevel(logging.ERROR)
+    logging.getLogger("datasets").setLevel(logging.CRITICAL)
     try:
-        ds = datasets.load_dataset(builder, data_files={"split": str(path)}, split="split")
+        return datasets.load_dataset(builder, data_files={"split": str(path)}, split="split")
     except Exception as exc:  # datasets wraps parser errors in several types
-        cause = exc.__cause__ or exc
+        cause = exc.__cause__ or exc.__context__ or exc
         first = (str(cause).splitlines() or [type(cause).__name__])[0][:200]
         raise DataError(f"{path}: cannot be read as {builder} ({first})") from None
+
+
+def read_split(path: Path, fmt: str, text_column: str, label_column: str) -> datasets.Dataset:
+    """Read one split file into a Dataset with string columns `text` and `label`."""
+    ds = _load_file(path, fmt)
     for column in (text_column, label_column):
         if column not in ds.column_names:
             raise DataError(f"{path}: missing column {column!r} (has: {', '.join(ds.column_names)})")
@@ -201,9 +206,7 @@ def task_config_for_folder(folder: Path) -> TaskConfig:
                 break
     if "train" not in splits:
         raise DataError(f"{folder}: no train.jsonl, train.csv or train.parquet")
-    first = datasets.load_dataset(
-        _builder_for(folder / splits["train"], "auto"), data_files={"s": str(folder / splits["train"])}, split="s"
-    ).column_names
+    first = _load_file(folder / splits["train"], "auto").column_names
     label_column = next((c for c in ("label", "category", "intent") if c in first), "label")
     label_file = next((n for n in ("labels.json", "categories.json") if (folder / n).is_file()), None)
     return TaskConfig(

@@ -2,7 +2,10 @@
 
 A template file holds either `messages` (a chat: each content is a Jinja2 template, rendered
 through the model's chat template) or `template` (plain text sent as is). Templates see
-`text` (the input), `labels` (name, description) and `examples` (text, label).
+`text` (the input), `labels` (name, description) and `examples` (text, label). A message
+`{few_shot: {user: ..., assistant: ...}}` expands into one user/assistant turn pair per
+example, with `example` in scope: small chat models follow demonstrated turns far better
+than examples listed in a system text.
 """
 
 from __future__ import annotations
@@ -48,7 +51,17 @@ class PromptTemplate:
 
     def registry_template(self) -> str | list[dict[str, str]]:
         """What goes to the MLflow Prompt Registry: the raw Jinja2 messages or text."""
-        return [dict(m) for m in self.messages] if self.messages is not None else self.template
+        if self.messages is None:
+            return self.template
+        messages = []
+        for m in self.messages:
+            if "few_shot" in m:
+                # The registry stores role/content pairs only: mark the turn pair that repeats per example.
+                messages.append({"role": "user", "content": "{# one pair per few-shot example #}" + m["few_shot"]["user"]})
+                messages.append({"role": "assistant", "content": m["few_shot"]["assistant"]})
+            else:
+                messages.append(dict(m))
+        return messages
 
 
 _ENV = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True, autoescape=False)
@@ -71,10 +84,18 @@ def load_template(path: Path) -> PromptTemplate:
     if messages is not None:
         if not isinstance(messages, list) or not messages:
             raise PromptError(f"{path}: 'messages' must be a non-empty list of {{role, content}}")
+        texts = []
         for i, m in enumerate(messages):
+            if isinstance(m, dict) and set(m) == {"few_shot"} and isinstance(m["few_shot"], dict) \
+                    and set(m["few_shot"]) == {"user", "assistant"}:
+                texts += [m["few_shot"]["user"], m["few_shot"]["assistant"]]
+                continue
             if not isinstance(m, dict) or set(m) != {"role", "content"} or m["role"] not in ("system", "user", "assistant"):
-                raise PromptError(f"{path}: messages[{i}]: expected role (system|user|assistant) and content")
-        texts = [m["content"] for m in messages]
+                raise PromptError(f"{path}: messages[{i}]: expected role (system|user|assistant) and content, "
+                                  "or few_shot with user and assistant")
+            texts.append(m["content"])
+        if not all(isinstance(t, str) for t in texts):
+            raise PromptError(f"{path}: every message content must be a string")
     else:
         if not isinstance(data["template"], str):
             raise PromptError(f"{path}: 'template' must be a string")
@@ -124,10 +145,16 @@ class PromptRenderer:
         try:
             if self.template.messages is None:
                 return _ENV.from_string(self.template.template).render(variables)
-            messages = [
-                {"role": m["role"], "content": _ENV.from_string(m["content"]).render(variables)}
-                for m in self.template.messages
-            ]
+            messages = []
+            for m in self.template.messages:
+                if "few_shot" in m:
+                    for example in self.examples:
+                        turn = {**variables, "example": example}
+                        messages.append({"role": "user", "content": _ENV.from_string(m["few_shot"]["user"]).render(turn)})
+                        messages.append(
+                            {"role": "assistant", "content": _ENV.from_string(m["few_shot"]["assistant"]).render(turn)})
+                else:
+                    messages.append({"role": m["role"], "content": _ENV.from_string(m["content"]).render(variables)})
         except TemplateError as exc:
             raise PromptError(f"{self.template.path}: {type(exc).__name__}: {exc}") from None
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

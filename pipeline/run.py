@@ -99,9 +99,10 @@ def run_experiment(cfg: ExperimentConfig, config_path: Path, raw_config: dict, c
                 if arm == "finetuned":
                     train = task.splits["train"]
                     console.print(f"fine-tuning LoRA r={cfg.finetune.lora.r} on {len(train)} rows ...")
+                    train_dtype = dtype if cfg.finetune.dtype == "auto" else pick_dtype(cfg.finetune.dtype)
                     result = finetune(
-                        base_model, tokenizer, [renderer.render(t) for t in train["text"]], list(train["label"]),
-                        cfg.finetune, dtype, run_dir / "finetuned", report_to=["mlflow"],
+                        base_model.to(train_dtype), tokenizer, [renderer.render(t) for t in train["text"]],
+                        list(train["label"]), cfg.finetune, train_dtype, run_dir / "finetuned", report_to=["mlflow"],
                     )
                     model = result.model
                     extra = {"train_time_s": result.train_time_s, "train_tokens": float(result.train_tokens),
@@ -111,13 +112,22 @@ def run_experiment(cfg: ExperimentConfig, config_path: Path, raw_config: dict, c
                                   f"({result.train_tokens / result.train_time_s:.0f} tokens/s)")
 
                 prompts = [renderer.render(t) for t in texts]
+                prefix = renderer.static_prefix() if cfg.eval.prefix_cache else ""
                 with Progress(TextColumn(f"evaluating {arm:<10}"), BarColumn(), MofNCompleteColumn(),
                               TimeRemainingColumn(), console=console, transient=True) as bar:
                     job = bar.add_task(arm, total=len(prompts))
                     calls, seconds = generate_calls(
                         model, tokenizer, prompts, cfg.eval.batch_size, cfg.eval.max_new_tokens,
-                        warmup=min(cfg.eval.warmup, len(prompts)), progress=lambda n: bar.advance(job, n))
+                        warmup=min(cfg.eval.warmup, len(prompts)), progress=lambda n: bar.advance(job, n),
+                        prefix=prefix)
                 predicted = [parse_label(c.output, labels) for c in calls]
+                if prefix and cfg.eval.uncached_sample:
+                    # The same calls without the cache: what the prefix cache saves, and a check it changes nothing.
+                    sample = prompts[: cfg.eval.uncached_sample]
+                    plain, _ = generate_calls(model, tokenizer, sample, cfg.eval.batch_size, cfg.eval.max_new_tokens)
+                    extra["latency_p50_ms_uncached"] = latency_stats([c.latency_ms for c in plain])["latency_p50_ms"]
+                    extra["prefix_cache_agreement"] = sum(
+                        a.output == b.output for a, b in zip(plain, calls)) / len(plain)
 
                 metrics = score(predicted, gold_ids, len(labels))
                 metrics.update(latency_stats([c.latency_ms for c in calls]))

@@ -1,0 +1,134 @@
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, roi
+from pipeline.cli import main
+from pipeline.config import ConfigError, apply_overrides, load_config
+
+DEFAULT = ROOT / "experiments" / "default.yaml"
+
+
+def test_default_config_loads_and_resolves_paths():
+    cfg = load_config(DEFAULT)
+    assert cfg.arms == ["naive", "engineered", "finetuned"]
+    assert cfg.task.path == ROOT / "datasets" / "support_tickets"
+    assert cfg.prompts.engineered.is_file()
+
+
+def test_overrides_are_typed_and_dotted():
+    cfg = load_config(DEFAULT, ["finetune.epochs=1", "eval.limit=50", "finetune.lora.r=4", "arms=[naive]"])
+    assert cfg.finetune.epochs == 1.0 and cfg.eval.limit == 50 and cfg.finetune.lora.r == 4
+    assert cfg.arms == ["naive"]
+
+
+def test_apply_overrides_creates_sections_without_touching_the_input():
+    data = {"a": {"b": 1}}
+    assert apply_overrides(data, ["a.c=x", "d.e=2"]) == {"a": {"b": 1, "c": "x"}, "d": {"e": 2}}
+    assert data == {"a": {"b": 1}}
+
+
+def _write(tmp_path: Path, mutate) -> Path:
+    """A copy of the default config, changed by `mutate`, in a temp experiments/ folder."""
+    data = yaml.safe_load(DEFAULT.read_text())
+    mutate(data)
+    (tmp_path / "experiments").mkdir(exist_ok=True)
+    for folder in ("datasets", "prompts"):
+        if not (tmp_path / folder).exists():
+            shutil.copytree(ROOT / folder, tmp_path / folder)
+    path = tmp_path / "experiments" / "broken.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _set(path: str, value):
+    def mutate(data):
+        node = data
+        *parents, last = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return mutate
+
+
+def _delete(path: str):
+    def mutate(data):
+        node = data
+        *parents, last = path.split(".")
+        for p in parents:
+            node = node[p]
+        del node[last]
+    return mutate
+
+
+CASES = [
+    (_set("finetun", {"epochs": 1}), "finetun: unknown key"),
+    (_set("finetune.epochs", -1), "finetune.epochs"),
+    (_set("finetune.epochs", "many"), "finetune.epochs"),
+    (_set("finetune.lora.r", 0), "finetune.lora.r"),
+    (_set("finetune.learning_rate", 0), "finetune.learning_rate"),
+    (_set("arms", ["naive", "zero_shot"]), "arms.1"),
+    (_set("arms", []), "at least one arm"),
+    (_set("model.dtype", "float8"), "model.dtype"),
+    (_set("eval.limit", 0), "eval.limit"),
+    (_set("eval.batch_size", -2), "eval.batch_size"),
+    (_set("pricing.arms.naive", {"kind": "per_call", "usd": 1}), "pricing.arms.naive"),
+    (_set("pricing.arms.naive", {"kind": "per_token", "input_usd_per_mtok": -1, "output_usd_per_mtok": 1}),
+     "pricing.arms.naive.per_token.input_usd_per_mtok"),
+    (_delete("pricing.arms.finetuned"), "pricing.arms has no price for arm(s) finetuned"),
+    (_delete("pricing"), "pricing: required key is missing"),
+    (_delete("experiment"), "experiment: required key is missing"),
+    (_set("prompts.engineered", "prompts/missing.yaml"), "prompts.engineered: prompt file"),
+    (_set("task.path", "datasets/nowhere"), "task.path: folder"),
+    (_set("task.format", "xlsx"), "task.format"),
+    (_set("pricing.baseline_arm", "finetuned"), "pricing.baseline_arm"),
+    (_set("model.trust_remote_code", "sometimes"), "model.trust_remote_code"),
+]
+
+
+@pytest.mark.parametrize("mutate, expected", CASES)
+def test_bad_config_is_one_line_exit_2_naming_the_key(tmp_path, capsys, mutate, expected):
+    path = _write(tmp_path, mutate)
+    with pytest.raises(ConfigError, match=None) as info:
+        load_config(path)
+    assert expected in str(info.value)
+    assert str(path) in str(info.value)
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("roi: error: ") and expected in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("finetune.epochs", "expected dotted.key=value"),
+    ("=3", "expected dotted.key=value"),
+    ("eval..limit=3", "expected dotted.key=value"),
+    ("eval.limit=-5", "eval.limit"),
+    ("finetune.lora=4", "finetune.lora"),
+])
+def test_bad_override_is_one_line(capsys, override, expected):
+    assert main(["run", str(DEFAULT), override]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err
+
+
+def test_missing_and_malformed_files(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "nope.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("experiment: [unclosed\n")
+    assert main(["run", str(bad)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    bad.write_text("- just\n- a list\n")
+    assert main(["run", str(bad)]) == 2
+    assert "mapping" in capsys.readouterr().err
+
+
+def test_cli_process_prints_no_traceback(tmp_path):
+    path = _write(tmp_path, _set("finetune.lora.r", 0))
+    result = roi("run", str(path))
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert "finetune.lora.r" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,181 @@
+"""A tiny but real `roi run`: real model, real training steps, real MLflow store."""
+
+import json
+import math
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, roi
+
+CONTRACT = ["accuracy", "macro_f1", "invalid_rate", "prompt_tokens_mean", "completion_tokens_mean", "latency_p50_ms",
+            "latency_p95_ms", "latency_p99_ms", "throughput_calls_per_s", "cost_per_call_usd"]
+TINY = ["eval.limit=6", "data.train_limit=48", "finetune.max_steps=3", "finetune.batch_size=8",
+        "prompts.few_shot_k=4", "eval.uncached_sample=2", "eval.warmup=1"]
+
+
+def _client(uri: str):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(uri)
+
+
+def _artifacts(client, run_id: str, path: str = "") -> set[str]:
+    return {f.path for f in client.list_artifacts(run_id, path)}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    import os
+
+    tmp = tmp_path_factory.mktemp("e2e")
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}", PYTHONUNBUFFERED="1")
+    started = time.perf_counter()
+    result = roi("run", str(ROOT / "experiments" / "default.yaml"), *TINY, f"output_dir={tmp / 'runs'}", env=env,
+                 cwd=tmp)
+    # cwd outside the repo: the config's relative paths must still resolve against the project
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return env, tmp, result, elapsed
+
+
+def test_one_parent_three_arms_with_every_contract_metric(tiny_run):
+    env, tmp, result, _ = tiny_run
+    client = _client(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("support-triage")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("roi.role") == "parent"]
+    children = [r for r in runs if "arm" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 3
+    parent = parents[0]
+    arms = {r.data.tags["arm"]: r for r in children}
+    assert set(arms) == {"naive", "engineered", "finetuned"}
+    for arm, run in arms.items():
+        m = run.data.metrics
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert set(CONTRACT) <= set(m), (arm, set(CONTRACT) - set(m))
+        assert 0 <= m["accuracy"] <= 1 and 0 <= m["macro_f1"] <= 1 and 0 <= m["invalid_rate"] <= 1
+        assert m["latency_p50_ms"] <= m["latency_p95_ms"] <= m["latency_p99_ms"]
+        assert m["throughput_calls_per_s"] > 0 and m["cost_per_call_usd"] > 0
+        assert 1 <= m["completion_tokens_mean"] <= 8
+        assert run.info.status == "FINISHED"
+    tokens = {arm: run.data.metrics["prompt_tokens_mean"] for arm, run in arms.items()}
+    assert tokens["engineered"] > tokens["naive"] > tokens["finetuned"] > 0
+    ft = arms["finetuned"].data.metrics
+    assert ft["train_time_s"] > 0 and ft["train_tokens"] > 0
+    assert "latency_p50_ms_uncached" in arms["engineered"].data.metrics
+
+    pm = parent.data.metrics
+    assert pm["token_reduction_x"] == pytest.approx(tokens["engineered"] / tokens["finetuned"])
+    acc = {arm: run.data.metrics["accuracy"] for arm, run in arms.items()}
+    assert pm["prompt_gain_pts"] == pytest.approx(100 * (acc["engineered"] - acc["naive"]))
+    assert pm["finetune_fixed_cost_usd"] == pytest.approx(ft["train_time_s"] / 3600 * 0.10)
+    saving = arms["engineered"].data.metrics["cost_per_call_usd"] - ft["cost_per_call_usd"]
+    if saving > 0:
+        assert pm["break_even_calls"] == pytest.approx(pm["finetune_fixed_cost_usd"] / saving)
+    else:
+        assert "break_even_calls" not in pm and parent.data.tags["break_even"] == "never"
+    params = parent.data.params
+    assert len(params["dataset_hash"]) == 64 and params["git_commit"]
+    assert params["finetune.max_steps"] == "3" and params["eval.limit"] == "6"
+    assert {i.dataset.name for i in parent.inputs.dataset_inputs} >= {"support_tickets-train", "support_tickets-test"}
+
+
+def test_artifacts_predictions_summary_plot_adapter_and_prompts(tiny_run):
+    env, tmp, result, _ = tiny_run
+    import mlflow
+
+    client = _client(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("support-triage")
+    runs = client.search_runs([exp.experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("roi.role") == "parent")
+    assert {"roi_summary.md", "cost_vs_volume.png", "config"} <= _artifacts(client, parent.info.run_id)
+    for run in (r for r in runs if "arm" in r.data.tags):
+        assert "predictions.jsonl" in _artifacts(client, run.info.run_id)
+        local = Path(client.download_artifacts(run.info.run_id, "predictions.jsonl", str(tmp)))
+        rows = [json.loads(line) for line in local.read_text().splitlines()]
+        assert len(rows) == 6
+        for row in rows:
+            assert {"input", "gold", "raw_output", "parsed_label", "prompt_tokens", "completion_tokens",
+                    "latency_ms"} <= set(row)
+        assert run.data.params["prompt_uri"].startswith(f"prompts:/support-triage-{run.data.tags['arm']}/")
+        prompt = mlflow.genai.load_prompt(run.data.params["prompt_uri"])
+        assert prompt.template
+    ft = next(r for r in runs if r.data.tags.get("arm") == "finetuned")
+    assert "adapter/adapter_model.safetensors" in _artifacts(client, ft.info.run_id, "adapter")
+    assert any(k.startswith("train") or k == "loss" for k in client.get_run(ft.info.run_id).data.metrics)
+    png = next((tmp / "runs" / "support-triage").glob("*/cost_vs_volume.png"))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_terminal_table_and_roi_report(tiny_run):
+    env, tmp, result, _ = tiny_run
+    for arm in ("naive", "engineered", "finetuned"):
+        assert arm in result.stdout
+    assert "break-even" in result.stdout
+    report = roi("report", "--experiment", "support-triage", env=env)
+    assert report.returncode == 0, report.stderr
+    assert "finetuned" in report.stdout and "break-even" in report.stdout
+    md = roi("report", "experiments/default.yaml", "--markdown", env=env)
+    summary = next((tmp / "runs" / "support-triage").glob("*/roi_summary.md")).read_text()
+    assert md.returncode == 0 and md.stdout == summary
+
+
+def test_report_on_an_empty_store_is_one_line(roi_env):
+    result = roi("report", "--experiment", "nothing-here", env=roi_env)
+    assert result.returncode == 2 and "nothing-here" in result.stderr and "Traceback" not in result.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_tracking_server_fails_fast_naming_the_uri(roi_env):
+    uri = f"http://127.0.0.1:{_free_port()}"
+    roi_env["MLFLOW_TRACKING_URI"] = uri
+    started = time.perf_counter()
+    result = roi("run", "experiments/default.yaml", "eval.limit=2", env=roi_env)
+    assert result.returncode == 2
+    assert uri in result.stderr and result.stderr.count("\n") == 1
+    assert time.perf_counter() - started < 60
+
+
+def test_run_logs_to_a_real_mlflow_server_over_http(tmp_path, roi_env):
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        import urllib.request
+
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline and server.poll() is None, "mlflow server did not start"
+                time.sleep(1)
+        roi_env["MLFLOW_TRACKING_URI"] = uri
+        result = roi("run", "experiments/default.yaml", "arms=[naive]", "eval.limit=3", "eval.warmup=0",
+                     f"output_dir={tmp_path / 'runs'}", env=roi_env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        client = _client(uri)
+        runs = client.search_runs([client.get_experiment_by_name("support-triage").experiment_id])
+        naive = next(r for r in runs if r.data.tags.get("arm") == "naive")
+        assert math.isfinite(naive.data.metrics["accuracy"])
+        assert "predictions.jsonl" in _artifacts(client, naive.info.run_id)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -7,6 +7,7 @@ they send and in the weights (base vs base + adapter).
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -145,6 +146,34 @@ def generate_calls(model: Any, tokenizer: Any, prompts: list[str], batch_size: i
     prompts run untimed first, so one-off costs stay out of the latency figures. Each call's
     latency is the wall time of the batch it was sent in: what its caller waits.
     """
+    with _foldable_output_projection(model):
+        return _generate_calls(model, tokenizer, prompts, batch_size, max_new_tokens, warmup, progress, prefix,
+                               min_prefix_tokens)
+
+
+@contextmanager
+def _foldable_output_projection(model: Any):
+    """Let torch fold the last-token projection into a single matmul.
+
+    torch.matmul folds a [batch, 1, hidden] slice into one [batch, hidden] matmul only when the
+    weight requires grad; for a frozen weight (peft freezes everything) it takes a batched path
+    that copies the vocabulary matrix once per row, which halves decoding speed on CPU. Under
+    inference_mode the flag records nothing, so it is set for the duration of generation only.
+    """
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    frozen = weight is not None and not weight.requires_grad
+    if frozen:
+        weight.requires_grad_(True)
+    try:
+        yield
+    finally:
+        if frozen:
+            weight.requires_grad_(False)
+
+
+def _generate_calls(model, tokenizer, prompts, batch_size, max_new_tokens, warmup, progress, prefix,
+                    min_prefix_tokens) -> tuple[list[Call], float]:
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     stop_ids = _stop_ids(model, tokenizer)
     cache = None
@@ -222,6 +251,7 @@ def finetune(model: Any, tokenizer: Any, prompts: list[str], completions: list[s
         gradient_checkpointing=False,
         lr_scheduler_type="linear",
     )
+    serving_attention = model.config._attn_implementation
     if not use_cuda:
         # Training rows are short (tens of tokens): on CPU eager attention beats SDPA's kernels there.
         model.set_attn_implementation("eager")
@@ -233,6 +263,6 @@ def finetune(model: Any, tokenizer: Any, prompts: list[str], completions: list[s
     train_time_s = time.perf_counter() - started
     adapter_dir = out_dir / "adapter"
     trainer.model.save_pretrained(str(adapter_dir), safe_serialization=True)
-    trained = trainer.model.eval()
-    return FinetuneResult(trained, train_time_s, int(trainer.state.num_input_tokens_seen), float(output.training_loss),
+    model.set_attn_implementation(serving_attention)
+    return FinetuneResult(peft_model.eval(), train_time_s, int(trainer.state.num_input_tokens_seen), float(output.training_loss),
                           adapter_dir)

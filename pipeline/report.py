@@ -109,7 +109,8 @@ def print_table(summary: Summary, console) -> None:
         f" | token reduction {_num(p.get('token_reduction_x'))}x"
         f" | prompt engineering gain {_num(p.get('prompt_gain_pts'))} pts"
     )
-    console.print(f"[bold]break-even: {_calls(summary.break_even_calls)} calls[/bold]. {verdict(summary)}")
+    be = summary.break_even_calls
+    console.print(f"[bold]break-even: {'never' if be is None else _calls(be) + ' calls'}[/bold]. {verdict(summary)}")
     for note in summary.notes:
         console.print(f"note: {note}")
 

@@ -66,7 +66,7 @@ def run_experiment(cfg: ExperimentConfig, config_path: Path, raw_config: dict, c
                   f"arms {', '.join(cfg.arms)}")
 
     arm_metrics: dict[str, dict[str, float]] = {}
-    with mlflow.start_run(run_name=f"{cfg.experiment}-{time.strftime('%m%d-%H%M%S')}") as parent:
+    with tracking.start_run(f"{cfg.experiment}-{time.strftime('%m%d-%H%M%S')}") as parent:
         mlflow.set_tags({tracking.ROLE_TAG: "parent", "task": task.name, "model": source.display_name})
         tracking.log_params({
             **flatten(raw_config), "dataset_hash": task.content_hash,
@@ -86,7 +86,7 @@ def run_experiment(cfg: ExperimentConfig, config_path: Path, raw_config: dict, c
 
         # Prompt arms use the base weights, so they run before LoRA layers are injected.
         for arm in sorted(cfg.arms, key=lambda a: a == "finetuned"):
-            with mlflow.start_run(run_name=arm, nested=True) as child:
+            with tracking.start_run(arm, nested=True) as child:
                 mlflow.set_tags({"arm": arm, tracking.ROLE_TAG: "arm"})
                 renderer = renderers[arm]
                 prompt_uri = tracking.register_prompt(
@@ -104,12 +104,13 @@ def run_experiment(cfg: ExperimentConfig, config_path: Path, raw_config: dict, c
                         base_model.to(train_dtype), tokenizer, [renderer.render(t) for t in train["text"]],
                         list(train["label"]), cfg.finetune, train_dtype, run_dir / "finetuned", report_to=["mlflow"],
                     )
-                    model = result.model
                     extra = {"train_time_s": result.train_time_s, "train_tokens": float(result.train_tokens),
                              "train_loss": result.train_loss}
                     mlflow.log_artifacts(str(result.adapter_dir), artifact_path="adapter")
                     console.print(f"trained in {result.train_time_s:.1f} s "
                                   f"({result.train_tokens / result.train_time_s:.0f} tokens/s)")
+                    # Served as deployed: LoRA folded into the weights, so calls pay no adapter overhead.
+                    model = result.model.merge_and_unload()
 
                 prompts = [renderer.render(t) for t in texts]
                 prefix = renderer.static_prefix() if cfg.eval.prefix_cache else ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,17 @@ def connect(experiment: str) -> str:
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
         raise TrackingError(f"tracking store {uri} is not usable: {first}") from None
     return uri
+
+
+@contextmanager
+def start_run(name: str, nested: bool = False):
+    """mlflow.start_run, except that Ctrl-C ends the run as KILLED rather than FAILED."""
+    with mlflow.start_run(run_name=name, nested=nested) as active:
+        try:
+            yield active
+        except KeyboardInterrupt:
+            mlflow.end_run("KILLED")
+            raise
 
 
 def git_commit(folder: Path) -> str:

@@ -1,0 +1,99 @@
+"""LoRA training speed: this project's path vs trl SFTTrainer with fp32 defaults, same data and seed.
+
+Both trainings and both evaluations run in this process; the ratio is tokens/s of the new
+path over the baseline's, counting the same non-padding tokens. Accuracy of each adapter on
+the same test rows is printed beside it. Last line: RATIO <tokens/s new / baseline>.
+
+    python bench/train.py [--train-rows 300] [--eval-rows 150] [--epochs 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _accuracy(model, tokenizer, renderer, rows, labels, max_new_tokens) -> float:
+    from pipeline.arms import generate_calls
+    from pipeline.evaluation import parse_label
+
+    calls, _ = generate_calls(model, tokenizer, [renderer.render(t) for t in rows["text"]], 8, max_new_tokens)
+    return sum(labels[p] == g if p >= 0 else False
+               for p, g in zip((parse_label(c.output, labels) for c in calls), rows["label"])) / len(calls)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(ROOT / "experiments" / "default.yaml"))
+    parser.add_argument("--train-rows", type=int, default=300)
+    parser.add_argument("--eval-rows", type=int, default=150)
+    parser.add_argument("--epochs", type=float, default=1.0)
+    args = parser.parse_args()
+
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers.utils import logging as hf_logging
+    from trl import SFTConfig, SFTTrainer
+
+    from pipeline.arms import finetune
+    from pipeline.config import load_config
+    from pipeline.data import eval_rows, load_task
+    from pipeline.models import load_model, load_tokenizer, pick_dtype, resolve_source
+    from pipeline.prompts import PromptRenderer, load_template
+
+    hf_logging.set_verbosity_error()
+    cfg = load_config(args.config, [f"data.train_limit={args.train_rows}", f"finetune.epochs={args.epochs}"])
+    task = load_task(cfg.task, cfg.data)
+    train, test = task.splits["train"], eval_rows(task, args.eval_rows, cfg.data.seed)
+    source = resolve_source(cfg.model)
+    tokenizer = load_tokenizer(source)
+    renderer = PromptRenderer(load_template(cfg.prompts.finetuned), tokenizer, task.labels, [])
+    prompts, completions = [renderer.render(t) for t in train["text"]], list(train["label"])
+    f = cfg.finetune
+    out = Path(tempfile.mkdtemp(prefix="bench-train-"))
+
+    # Baseline: trl defaults in fp32 (gradient checkpointing, random batches, fp32 adapters).
+    base_model = load_model(source, torch.float32)
+    trainer = SFTTrainer(
+        model=base_model, train_dataset=Dataset.from_dict({"prompt": prompts, "completion": completions}),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=f.lora.r, lora_alpha=f.lora.alpha, lora_dropout=f.lora.dropout,
+                               target_modules=f.lora.target_modules, task_type="CAUSAL_LM"),
+        args=SFTConfig(output_dir=str(out / "base"), num_train_epochs=f.epochs, learning_rate=f.learning_rate,
+                       per_device_train_batch_size=f.batch_size, max_length=f.max_length, seed=f.seed,
+                       data_seed=f.seed, report_to=[], save_strategy="no", logging_steps=10 ** 6,
+                       include_num_input_tokens_seen="non_padding", disable_tqdm=True),
+    )
+    t0 = time.perf_counter()
+    trainer.train()
+    base_s = time.perf_counter() - t0
+    base_tokens = trainer.state.num_input_tokens_seen
+    base_acc = _accuracy(trainer.model.eval(), tokenizer, renderer, test, task.label_names, cfg.eval.max_new_tokens)
+    del trainer, base_model
+
+    # New path: what `roi run` does (bf16 where native, eager attention, no checkpointing, length grouping).
+    dtype = pick_dtype(f.dtype if f.dtype != "auto" else cfg.model.dtype)
+    result = finetune(load_model(source, dtype), tokenizer, prompts, completions, f, dtype, out / "new", report_to=[])
+    new_acc = _accuracy(result.model, tokenizer, renderer, test, task.label_names, cfg.eval.max_new_tokens)
+
+    base_rate, new_rate = base_tokens / base_s, result.train_tokens / result.train_time_s
+    print(f"{len(prompts)} training rows, {args.epochs:g} epoch(s), eval on {len(test)} test rows, "
+          f"{os.cpu_count()} CPUs")
+    print(f"baseline  trl SFTTrainer fp32 defaults  {base_rate:7.0f} tokens/s  {base_s:6.1f} s  "
+          f"accuracy {100 * base_acc:.1f}%")
+    print(f"new       roi finetune ({str(dtype).removeprefix('torch.')})        {new_rate:7.0f} tokens/s  "
+          f"{result.train_time_s:6.1f} s  accuracy {100 * new_acc:.1f}%")
+    print(f"RATIO {new_rate / base_rate:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -6,6 +6,7 @@ they send and in the weights (base vs base + adapter).
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import torch
 
 from pipeline.config import FinetuneConfig
 
-Progress = Callable[[int], None]
+Progress = Callable[[list["Call"]], None]
 
 
 @dataclass
@@ -197,10 +198,10 @@ def _generate_calls(model, tokenizer, prompts, batch_size, max_new_tokens, warmu
         t0 = time.perf_counter()
         results = run(batch)
         latency_ms = (time.perf_counter() - t0) * 1000
-        for ids, (text, n_new) in zip(batch, results):
-            calls.append(Call(text, len(ids), n_new, latency_ms))
+        done = [Call(text, len(ids), n_new, latency_ms) for ids, (text, n_new) in zip(batch, results)]
+        calls.extend(done)
         if progress:
-            progress(len(batch))
+            progress(done)
     return calls, time.perf_counter() - started
 
 
@@ -211,13 +212,53 @@ class FinetuneResult:
     train_tokens: int
     train_loss: float
     adapter_dir: Path
+    resumed_from: str | None = None
+
+
+class _TrainClock:
+    """Training wall time that survives a resume: saved beside each checkpoint, added on restart."""
+
+    FILE = "train_time.json"
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.started = time.perf_counter()
+        self.before = 0.0
+
+    def resume_from(self, checkpoint: str | None) -> None:
+        path = Path(checkpoint) / self.FILE if checkpoint else None
+        self.before = json.loads(path.read_text())["seconds"] if path and path.is_file() else 0.0
+
+    def seconds(self) -> float:
+        return self.before + time.perf_counter() - self.started
+
+    def callback(self) -> Any:
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class SaveTime(TrainerCallback):
+            def on_save(self, args, state, control, **kwargs):
+                checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if checkpoint.is_dir():
+                    (checkpoint / clock.FILE).write_text(json.dumps({"seconds": clock.seconds()}))
+
+        return SaveTime()
 
 
 def finetune(model: Any, tokenizer: Any, prompts: list[str], completions: list[str], cfg: FinetuneConfig,
-             dtype: torch.dtype, out_dir: Path, report_to: list[str]) -> FinetuneResult:
-    """Train a LoRA adapter with trl's SFTTrainer, loss on the completion only; save it as safetensors."""
+             dtype: torch.dtype, out_dir: Path, report_to: list[str],
+             on_resume: Callable[[str], None] | None = None) -> FinetuneResult:
+    """Train a LoRA adapter with trl's SFTTrainer, loss on the completion only; save it as safetensors.
+
+    Checkpoints go to `out_dir/trainer` every `cfg.checkpoint_steps` steps; when one is there
+    (a run was killed), training resumes from the latest with its optimizer, scheduler, RNG
+    state and data order, and the reported training time includes the time before the kill.
+    """
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
+    from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig, SFTTrainer
 
     train = Dataset.from_dict({"prompt": prompts, "completion": completions})
@@ -226,8 +267,9 @@ def finetune(model: Any, tokenizer: Any, prompts: list[str], completions: list[s
         target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM",
     )
     use_cuda = torch.cuda.is_available()
+    trainer_dir = out_dir / "trainer"
     args = SFTConfig(
-        output_dir=str(out_dir / "trainer"),
+        output_dir=str(trainer_dir),
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
         learning_rate=cfg.learning_rate,
@@ -240,7 +282,10 @@ def finetune(model: Any, tokenizer: Any, prompts: list[str], completions: list[s
         bf16=use_cuda and dtype == torch.bfloat16,
         fp16=use_cuda and dtype == torch.float16,
         logging_steps=5,
-        save_strategy="no",
+        save_strategy="steps" if cfg.checkpoint_steps else "no",
+        save_steps=cfg.checkpoint_steps or 500,
+        save_total_limit=2,
+        save_only_model=False,
         report_to=report_to,
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
@@ -255,14 +300,36 @@ def finetune(model: Any, tokenizer: Any, prompts: list[str], completions: list[s
     if not use_cuda:
         # Training rows are short (tens of tokens): on CPU eager attention beats SDPA's kernels there.
         model.set_attn_implementation("eager")
+    # The adapter's random init comes from the seed too, not from whatever ran before.
+    set_seed(cfg.seed)
     # Adapters in the base dtype: fp32 adapters on a bf16 base cast on every matmul (~1.4x slower on CPU).
     peft_model = get_peft_model(model, lora, autocast_adapter_dtype=dtype == torch.float32 or cfg.adapter_fp32)
-    trainer = SFTTrainer(model=peft_model, args=args, train_dataset=train, processing_class=tokenizer)
-    started = time.perf_counter()
-    output = trainer.train()
-    train_time_s = time.perf_counter() - started
+    clock = _TrainClock(trainer_dir)
+    trainer = SFTTrainer(model=peft_model, args=args, train_dataset=train, processing_class=tokenizer,
+                         callbacks=[clock.callback()])
+    checkpoint = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
+    clock.resume_from(checkpoint)
+    if checkpoint and on_resume:
+        on_resume(checkpoint)
+    output = trainer.train(resume_from_checkpoint=checkpoint)
+    train_time_s = clock.seconds()
     adapter_dir = out_dir / "adapter"
     trainer.model.save_pretrained(str(adapter_dir), safe_serialization=True)
     model.set_attn_implementation(serving_attention)
-    return FinetuneResult(peft_model.eval(), train_time_s, int(trainer.state.num_input_tokens_seen), float(output.training_loss),
-                          adapter_dir)
+    return FinetuneResult(peft_model.eval(), train_time_s, int(trainer.state.num_input_tokens_seen),
+                          float(output.training_loss), adapter_dir, resumed_from=checkpoint)
+
+
+def load_adapter(model: Any, adapter_dir: Path) -> Any:
+    """A stored adapter on the base model, for a re-run that reuses a finished training stage."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise AdapterError(f"{adapter_dir}: adapter does not fit this base model ({first})") from None
+
+
+class AdapterError(Exception):
+    """A stored adapter that cannot be applied; one line."""

@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run an experiment: naive prompt, engineered prompt, LoRA fine-tune")
     run.add_argument("config", type=Path, help="experiment YAML, e.g. experiments/default.yaml")
     run.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. finetune.epochs=1 eval.limit=50")
+    run.add_argument("--force", action="store_true", help="recompute every stage instead of reusing stored ones")
 
     report = sub.add_parser("report", help="print the ROI summary of a finished run from the MLflow store")
     report.add_argument("config", type=Path, nargs="?", help="experiment YAML (names the experiment)")
@@ -63,7 +64,7 @@ def _cmd_run(args, console) -> int:
 
     cfg = load_config(args.config, args.overrides)
     raw = apply_overrides(yaml.safe_load(args.config.read_text(encoding="utf-8")), args.overrides)
-    run_experiment(cfg, args.config, raw, console)
+    run_experiment(cfg, args.config, raw, console, force=args.force)
     return 0
 
 
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.data import DataError
     from pipeline.models import ModelError
     from pipeline.prompts import PromptError
+    from pipeline.arms import AdapterError
     from pipeline.tracking import TrackingError
 
     if not args.debug:
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"run": _cmd_run, "report": _cmd_report, "data": _cmd_data_check}
     try:
         return commands[args.command](args, console)
-    except (ConfigError, DataError, PromptError, ModelError, TrackingError) as exc:
+    except (ConfigError, DataError, PromptError, ModelError, TrackingError, AdapterError) as exc:
         if args.debug:
             raise
         print(f"roi: error: {exc}", file=sys.stderr)

@@ -80,6 +80,7 @@ class FinetuneConfig(_Strict):
     dtype: Literal["auto", "bfloat16", "float32"] = Field(default="auto", description="auto: the model's dtype")
     seed: int = 0
     group_by_length: bool = True
+    checkpoint_steps: int = Field(default=25, ge=0, description="save a resumable checkpoint every N steps; 0: none")
     adapter_fp32: bool = Field(default=False, description="keep LoRA weights in fp32 on a bf16 base (slower)")
     lora: LoraConfig = Field(default_factory=LoraConfig)
 

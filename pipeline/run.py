@@ -1,55 +1,40 @@
 """`roi run`: the whole prompt-vs-fine-tune experiment, top to bottom.
 
-config -> data -> prompts -> model -> for each arm: (train) + evaluate + price -> break-even -> report.
+config -> data -> prompts -> for each arm: (train) + evaluate + price -> break-even -> report.
+Finished stages (an arm's evaluation, the trained adapter) are stored under a hash of their
+inputs and reused by the next run of the same experiment unless `--force` is given.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import mlflow
 import yaml
 
 from pipeline import tracking
-from pipeline.arms import Call, finetune, generate_calls
+from pipeline.arms import Call, finetune, generate_calls, load_adapter
 from pipeline.config import ExperimentConfig, flatten, project_root_for
 from pipeline.costing import break_even, cost_per_call, finetune_fixed_cost, ratio
 from pipeline.data import eval_rows, load_task
 from pipeline.evaluation import latency_stats, parse_label, score
 from pipeline.models import load_model, load_tokenizer, pick_dtype, resolve_source
-from pipeline.prompts import PromptRenderer, load_template, pick_examples
+from pipeline.prompts import PromptRenderer, count_tokens, load_template, pick_examples
 from pipeline.report import Summary, plot_cost_vs_volume, print_table, summary_markdown
+from pipeline.stages import StageStore, stage_key
 
 
-def _prediction_rows(texts, golds, calls: list[Call], predicted: list[int], labels: list[str]) -> list[dict]:
-    return [
-        {"input": text, "gold": gold, "raw_output": call.output,
-         "parsed_label": labels[p] if p >= 0 else None, "correct": p >= 0 and labels[p] == gold,
-         "prompt_tokens": call.prompt_tokens, "completion_tokens": call.completion_tokens,
-         "latency_ms": round(call.latency_ms, 3)}
-        for text, gold, call, p in zip(texts, golds, calls, predicted)
-    ]
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def run_experiment(cfg: ExperimentConfig, config_path: Path, raw_config: dict, console) -> Summary:
+def run_experiment(cfg: ExperimentConfig, config_path: Path, raw_config: dict, console, force: bool = False) -> Summary:
     """Run every configured arm on the same test rows, log to MLflow, and return the summary."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    # 1. Everything that can be wrong with the inputs is found before the model loads.
+    # Everything that can be wrong with the inputs is found before any model loads.
     task = load_task(cfg.task, cfg.data)
     rows = eval_rows(task, cfg.eval.limit, cfg.data.seed)
-    texts, golds = rows["text"], rows["label"]
     labels = task.label_names
-    gold_ids = [labels.index(g) for g in golds]
     templates = {arm: load_template(getattr(cfg.prompts, arm)) for arm in cfg.arms}
     source = resolve_source(cfg.model)
     tracking.connect(cfg.experiment)
@@ -57,14 +42,21 @@ def run_experiment(cfg: ExperimentConfig, config_path: Path, raw_config: dict, c
     examples = pick_examples(task.splits["train"]["text"], task.splits["train"]["label"], cfg.prompts.few_shot_k,
                              cfg.data.seed)
     renderers = {arm: PromptRenderer(templates[arm], tokenizer, task.labels, examples) for arm in cfg.arms}
+    dtype = pick_dtype(cfg.model.dtype)
+    train_dtype = dtype if cfg.finetune.dtype == "auto" else pick_dtype(cfg.finetune.dtype)
 
     run_dir = cfg.output_dir / cfg.experiment / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
-    dtype = pick_dtype(cfg.model.dtype)
+    store = StageStore(cfg.output_dir / "stages")
+    model_id = {"model": cfg.model.name_or_path, "gguf": source.gguf_file, "dtype": str(dtype)}
+    finetune_key = stage_key("finetune", data=task.content_hash, prompt=templates.get("finetuned") and
+                             templates["finetuned"].sha, finetune=cfg.finetune.model_dump(),
+                             train_dtype=str(train_dtype), **model_id)
     console.print(f"[bold]{cfg.experiment}[/bold]: {task.name} ({len(task.splits['train'])} train, "
                   f"{len(rows)} test rows), model {source.display_name} ({str(dtype).removeprefix('torch.')}), "
                   f"arms {', '.join(cfg.arms)}")
 
+    base = _LazyModel(lambda: load_model(source, dtype, cfg.model.trust_remote_code), console)
     arm_metrics: dict[str, dict[str, float]] = {}
     with tracking.start_run(f"{cfg.experiment}-{time.strftime('%m%d-%H%M%S')}") as parent:
         mlflow.set_tags({tracking.ROLE_TAG: "parent", "task": task.name, "model": source.display_name})
@@ -80,72 +72,43 @@ def run_experiment(cfg: ExperimentConfig, config_path: Path, raw_config: dict, c
         tracking.log_dataset(rows.to_pandas(), str(task.files.get("test", task.files["train"])),
                              f"{task.name}-test", "eval")
 
-        t0 = time.perf_counter()
-        base_model = load_model(source, dtype, cfg.model.trust_remote_code)
-        console.print(f"model loaded in {time.perf_counter() - t0:.1f} s")
-
         # Prompt arms use the base weights, so they run before LoRA layers are injected.
         for arm in sorted(cfg.arms, key=lambda a: a == "finetuned"):
             with tracking.start_run(arm, nested=True) as child:
                 mlflow.set_tags({"arm": arm, tracking.ROLE_TAG: "arm"})
-                renderer = renderers[arm]
+                template, renderer = templates[arm], renderers[arm]
                 prompt_uri = tracking.register_prompt(
-                    f"{cfg.experiment}-{arm}", templates[arm].registry_template(),
-                    {"arm": arm, "file": templates[arm].path.name, "sha": templates[arm].sha}, child.info.run_id)
-                mlflow.log_params({"prompt_uri": prompt_uri, "prompt_file": templates[arm].path.name,
+                    f"{cfg.experiment}-{arm}", template.registry_template(),
+                    {"arm": arm, "file": template.path.name, "sha": template.sha}, child.info.run_id)
+                mlflow.log_params({"prompt_uri": prompt_uri, "prompt_file": template.path.name,
                                    "few_shot_k": cfg.prompts.few_shot_k})
-                model = base_model
-                extra: dict[str, float] = {}
-                if arm == "finetuned":
-                    train = task.splits["train"]
-                    console.print(f"fine-tuning LoRA r={cfg.finetune.lora.r} on {len(train)} rows ...")
-                    train_dtype = dtype if cfg.finetune.dtype == "auto" else pick_dtype(cfg.finetune.dtype)
-                    result = finetune(
-                        base_model.to(train_dtype), tokenizer, [renderer.render(t) for t in train["text"]],
-                        list(train["label"]), cfg.finetune, train_dtype, run_dir / "finetuned", report_to=["mlflow"],
-                    )
-                    extra = {"train_time_s": result.train_time_s, "train_tokens": float(result.train_tokens),
-                             "train_loss": result.train_loss}
-                    mlflow.log_artifacts(str(result.adapter_dir), artifact_path="adapter")
-                    console.print(f"trained in {result.train_time_s:.1f} s "
-                                  f"({result.train_tokens / result.train_time_s:.0f} tokens/s)")
-                    # Served as deployed: LoRA folded into the weights, so calls pay no adapter overhead.
-                    model = result.model.merge_and_unload()
-
-                prompts = [renderer.render(t) for t in texts]
-                prefix = renderer.static_prefix() if cfg.eval.prefix_cache else ""
-                with Progress(TextColumn(f"evaluating {arm:<10}"), BarColumn(), MofNCompleteColumn(),
-                              TimeRemainingColumn(), console=console, transient=True) as bar:
-                    job = bar.add_task(arm, total=len(prompts))
-                    calls, seconds = generate_calls(
-                        model, tokenizer, prompts, cfg.eval.batch_size, cfg.eval.max_new_tokens,
-                        warmup=min(cfg.eval.warmup, len(prompts)), progress=lambda n: bar.advance(job, n),
-                        prefix=prefix)
-                predicted = [parse_label(c.output, labels) for c in calls]
-                if prefix and cfg.eval.uncached_sample:
-                    # The same calls without the cache: what the prefix cache saves, and a check it changes nothing.
-                    sample = prompts[: cfg.eval.uncached_sample]
-                    plain, _ = generate_calls(model, tokenizer, sample, cfg.eval.batch_size, cfg.eval.max_new_tokens)
-                    extra["latency_p50_ms_uncached"] = latency_stats([c.latency_ms for c in plain])["latency_p50_ms"]
-                    extra["prefix_cache_agreement"] = sum(
-                        a.output == b.output for a, b in zip(plain, calls)) / len(plain)
-
-                metrics = score(predicted, gold_ids, len(labels))
-                metrics.update(latency_stats([c.latency_ms for c in calls]))
-                metrics["prompt_tokens_mean"] = sum(c.prompt_tokens for c in calls) / len(calls)
-                metrics["completion_tokens_mean"] = sum(c.completion_tokens for c in calls) / len(calls)
-                metrics["throughput_calls_per_s"] = len(calls) / seconds
-                prefix_tokens = float(len(tokenizer(renderer.static_prefix(), add_special_tokens=False)["input_ids"]))
-                metrics["prefix_tokens"] = prefix_tokens
+                eval_key = stage_key("eval", arm=arm, data=task.content_hash, limit=cfg.eval.limit,
+                                     seed=cfg.data.seed, prompt=template.sha, examples=examples,
+                                     eval=cfg.eval.model_dump(), adapter=arm == "finetuned" and finetune_key,
+                                     **model_id)
+                done = None if force else store.load(eval_key)
+                if done is not None:
+                    # Same inputs, same code: the stored evaluation stands; say so in the run.
+                    metrics = done["metrics"]
+                    predictions = store.path(eval_key) / "predictions.jsonl"
+                    mlflow.set_tags({"reused": "true", "reused_stage": eval_key})
+                    if arm == "finetuned" and store.load(finetune_key):
+                        mlflow.log_artifacts(str(store.path(finetune_key) / "adapter"), artifact_path="adapter")
+                    console.print(f"{arm:<10} reused stored results ({eval_key})")
+                else:
+                    model, extra = base.get(), {}
+                    if arm == "finetuned":
+                        model, extra = _finetuned_model(cfg, task, renderer, tokenizer, base, train_dtype, store,
+                                                        finetune_key, force, console)
+                    predictions = run_dir / arm / "predictions.jsonl"
+                    metrics = _evaluate(arm, model, tokenizer, renderer, rows, labels, cfg, predictions, console)
+                    metrics.update(extra)
+                    store.finish(eval_key, {"metrics": metrics}, {"predictions.jsonl": predictions})
+                # Prices are not part of a stage: a re-run with new prices re-prices stored measurements.
                 metrics["cost_per_call_usd"] = cost_per_call(
                     cfg.pricing.arms[arm], metrics["prompt_tokens_mean"], metrics["completion_tokens_mean"],
-                    metrics["throughput_calls_per_s"], cached_prompt_tokens=prefix_tokens)
-                metrics.update(extra)
+                    metrics["throughput_calls_per_s"], cached_prompt_tokens=metrics["prefix_tokens"])
                 mlflow.log_metrics(metrics)
-
-                predictions = run_dir / arm / "predictions.jsonl"
-                predictions.parent.mkdir(exist_ok=True)
-                _write_jsonl(predictions, _prediction_rows(texts, golds, calls, predicted, labels))
                 mlflow.log_artifact(str(predictions))
                 arm_metrics[arm] = metrics
                 console.print(f"{arm:<10} accuracy {100 * metrics['accuracy']:.1f}%  "
@@ -168,8 +131,112 @@ def run_experiment(cfg: ExperimentConfig, config_path: Path, raw_config: dict, c
         mlflow.log_artifact(str(run_dir / "roi_summary.md"))
         mlflow.log_artifact(str(run_dir / "cost_vs_volume.png"))
     print_table(summary, console)
-    console.print(f"outputs in {run_dir}; MLflow run {summary.run_id} in {tracking.tracking_uri()}")
+    console.print(f"outputs in {run_dir}; MLflow run {summary.run_id} in {tracking.redact(tracking.tracking_uri())}")
     return summary
+
+
+class _LazyModel:
+    """The base model, loaded on first use: a re-run whose stages are all stored loads nothing."""
+
+    def __init__(self, load: Callable[[], Any], console):
+        self._load, self._console, self._model = load, console, None
+
+    def get(self) -> Any:
+        if self._model is None:
+            t0 = time.perf_counter()
+            self._model = self._load()
+            self._console.print(f"model loaded in {time.perf_counter() - t0:.1f} s")
+        return self._model
+
+
+def _finetuned_model(cfg, task, renderer, tokenizer, base: _LazyModel, train_dtype, store: StageStore, key: str,
+                     force: bool, console) -> tuple[Any, dict[str, float]]:
+    """The fine-tuned model, merged for serving: trained now (resuming a killed run) or a stored adapter."""
+    done = None if force else store.load(key)
+    if done is not None:
+        console.print(f"reusing the trained adapter ({key})")
+        mlflow.set_tags({"reused_adapter": "true", "reused_stage": key})
+        model = load_adapter(base.get(), store.path(key) / "adapter")
+        stats = done["train"]
+    else:
+        if force:
+            store.forget(key)
+        train = task.splits["train"]
+        console.print(f"fine-tuning LoRA r={cfg.finetune.lora.r} on {len(train)} rows ...")
+        result = finetune(
+            base.get().to(train_dtype), tokenizer, [renderer.render(t) for t in train["text"]], list(train["label"]),
+            cfg.finetune, train_dtype, store.work_dir(key), report_to=["mlflow"],
+            on_resume=lambda checkpoint: console.print(f"resuming training from {checkpoint}"),
+        )
+        if result.resumed_from:
+            mlflow.set_tag("resumed_from_checkpoint", Path(result.resumed_from).name)
+        stats = {"train_time_s": result.train_time_s, "train_tokens": float(result.train_tokens),
+                 "train_loss": result.train_loss}
+        store.finish(key, {"train": stats})
+        shutil.rmtree(store.path(key) / "trainer", ignore_errors=True)  # checkpoints are only for resuming
+        console.print(f"trained in {result.train_time_s:.1f} s "
+                      f"({result.train_tokens / result.train_time_s:.0f} tokens/s)")
+        model = result.model
+    mlflow.log_artifacts(str(store.path(key) / "adapter"), artifact_path="adapter")
+    # Served as deployed: LoRA folded into the weights, so calls pay no adapter overhead.
+    return model.merge_and_unload(), stats
+
+
+def _evaluate(arm: str, model, tokenizer, renderer: PromptRenderer, rows, labels: list[str], cfg: ExperimentConfig,
+              predictions: Path, console) -> dict[str, float]:
+    """Generate, parse and score every test row; predictions are written as they come (kept on Ctrl-C)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    texts, golds = rows["text"], rows["label"]
+    prompts = [renderer.render(t) for t in texts]
+    prefix = renderer.static_prefix() if cfg.eval.prefix_cache else ""
+    predictions.parent.mkdir(parents=True, exist_ok=True)
+    written = 0
+    with predictions.open("w", encoding="utf-8") as out, \
+            Progress(TextColumn(f"evaluating {arm:<10}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                     console=console, transient=True) as bar:
+        job = bar.add_task(arm, total=len(prompts))
+
+        def on_batch(batch: list[Call]) -> None:
+            nonlocal written
+            for call in batch:
+                out.write(json.dumps(_prediction_row(texts[written], golds[written], call, labels),
+                                     ensure_ascii=False) + "\n")
+                written += 1
+            out.flush()
+            bar.advance(job, len(batch))
+
+        try:
+            calls, seconds = generate_calls(model, tokenizer, prompts, cfg.eval.batch_size, cfg.eval.max_new_tokens,
+                                            warmup=min(cfg.eval.warmup, len(prompts)), progress=on_batch,
+                                            prefix=prefix)
+        except KeyboardInterrupt:
+            out.flush()
+            mlflow.log_artifact(str(predictions))  # the rows finished before the interrupt
+            raise
+    predicted = [parse_label(c.output, labels) for c in calls]
+    metrics = score(predicted, [labels.index(g) for g in golds], len(labels))
+    metrics.update(latency_stats([c.latency_ms for c in calls]))
+    metrics["prompt_tokens_mean"] = sum(c.prompt_tokens for c in calls) / len(calls)
+    metrics["completion_tokens_mean"] = sum(c.completion_tokens for c in calls) / len(calls)
+    metrics["throughput_calls_per_s"] = len(calls) / seconds
+    metrics["prefix_tokens"] = float(count_tokens(tokenizer, prefix)) if prefix else 0.0
+    if prefix and cfg.eval.uncached_sample:
+        # The same calls without the cache: what the prefix cache saves, and a check it changes nothing.
+        sample = prompts[: cfg.eval.uncached_sample]
+        plain, _ = generate_calls(model, tokenizer, sample, cfg.eval.batch_size, cfg.eval.max_new_tokens)
+        metrics["latency_p50_ms_uncached"] = latency_stats([c.latency_ms for c in plain])["latency_p50_ms"]
+        metrics["prefix_cache_agreement"] = sum(a.output == b.output for a, b in zip(plain, calls)) / len(plain)
+    return metrics
+
+
+def _prediction_row(text: str, gold: str, call: Call, labels: list[str]) -> dict:
+    parsed = parse_label(call.output, labels)
+    return {"input": text, "gold": gold, "raw_output": call.output,
+            "parsed_label": labels[parsed] if parsed >= 0 else None,
+            "correct": parsed >= 0 and labels[parsed] == gold,
+            "prompt_tokens": call.prompt_tokens, "completion_tokens": call.completion_tokens,
+            "latency_ms": round(call.latency_ms, 3)}
 
 
 def roi_metrics(cfg: ExperimentConfig, arms: dict[str, dict[str, float]], n_train: int) -> dict[str, float]:

@@ -24,6 +24,18 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
+def redact(uri: str) -> str:
+    """The URI with any password removed, for messages and logs."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def connect(experiment: str) -> str:
     """Point MLflow at the store and check it answers, before any expensive work starts."""
     uri = tracking_uri()
@@ -37,7 +49,7 @@ def connect(experiment: str) -> str:
         mlflow.set_experiment(experiment)
     except Exception as exc:  # mlflow raises many types for an unreachable or broken store
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
-        raise TrackingError(f"tracking store {uri} is not usable: {first}") from None
+        raise TrackingError(f"tracking store {redact(uri)} is not usable: {first.replace(uri, redact(uri))}") from None
     return uri
 
 
@@ -97,13 +109,13 @@ def find_parent_run(experiment: str, run_id: str | None = None) -> tuple[Any, li
     else:
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
-            raise TrackingError(f"experiment {experiment!r} not found in {tracking_uri()}")
+            raise TrackingError(f"experiment {experiment!r} not found in {redact(tracking_uri())}")
         runs = client.search_runs(
             [exp.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'parent' and attributes.status = 'FINISHED'",
             order_by=["attributes.start_time DESC"], max_results=1,
         )
         if not runs:
-            raise TrackingError(f"experiment {experiment!r} has no finished roi run in {tracking_uri()}")
+            raise TrackingError(f"experiment {experiment!r} has no finished roi run in {redact(tracking_uri())}")
         parent = runs[0]
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"

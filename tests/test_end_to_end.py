@@ -179,3 +179,14 @@ def test_run_logs_to_a_real_mlflow_server_over_http(tmp_path, roi_env):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_credentials_in_the_tracking_uri_never_reach_the_output(roi_env):
+    from pipeline.tracking import redact
+
+    assert redact("http://ana:s3cret@127.0.0.1:5000/x") == "http://ana:***@127.0.0.1:5000/x"
+    assert redact("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
+    roi_env["MLFLOW_TRACKING_URI"] = f"http://ana:s3cret@127.0.0.1:{_free_port()}"
+    result = roi("run", "experiments/default.yaml", "eval.limit=2", env=roi_env)
+    assert result.returncode == 2 and "s3cret" not in result.stderr + result.stdout
+    assert "ana:***@127.0.0.1" in result.stderr

@@ -1,0 +1,80 @@
+"""Finished stages, stored under a content hash of their inputs, so a re-run reuses them.
+
+A stage's key hashes everything its output depends on: the data's content hash, the config
+sections that matter to it, and the code version. A stage directory counts only once its
+`done.json` is written, which happens last and atomically: a run killed midway leaves no
+stage that looks finished (training leaves checkpoints, which the next run resumes from).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+_PACKAGE = Path(__file__).resolve().parent
+DONE = "done.json"
+
+
+def code_version() -> str:
+    """Hash of this package's source: any code change invalidates stored stages."""
+    digest = hashlib.sha256()
+    for path in sorted(_PACKAGE.rglob("*.py")):
+        digest.update(str(path.relative_to(_PACKAGE)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def stage_key(kind: str, **inputs: Any) -> str:
+    """A short, stable hash of a stage's inputs."""
+    text = json.dumps({"kind": kind, "code": code_version(), **inputs}, sort_keys=True, default=str)
+    return f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:20]}"
+
+
+class StageStore:
+    """Stage directories under `root` (by default `<output_dir>/stages`)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def path(self, key: str) -> Path:
+        return self.root / key
+
+    def load(self, key: str) -> dict | None:
+        """The stage's record, or None when it never finished."""
+        done = self.path(key) / DONE
+        if not done.is_file():
+            return None
+        try:
+            return json.loads(done.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def work_dir(self, key: str) -> Path:
+        """Where an unfinished stage keeps its files (and training its checkpoints) until it is done."""
+        path = self.path(key)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def finish(self, key: str, record: dict, files: dict[str, Path] | None = None) -> None:
+        """Copy result files into the stage, then mark it done (atomic rename of the record)."""
+        path = self.work_dir(key)
+        for name, source in (files or {}).items():
+            target = path / name
+            if source.resolve() == target.resolve():
+                continue
+            if source.is_dir():
+                shutil.copytree(source, target, dirs_exist_ok=True)
+            else:
+                shutil.copy2(source, target)
+        fd, tmp = tempfile.mkstemp(dir=path, suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=1, default=str)
+        os.replace(tmp, path / DONE)
+
+    def forget(self, key: str) -> None:
+        shutil.rmtree(self.path(key), ignore_errors=True)

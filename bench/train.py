@@ -71,7 +71,7 @@ def main() -> None:
         args=SFTConfig(output_dir=str(out / "base"), num_train_epochs=f.epochs, learning_rate=f.learning_rate,
                        per_device_train_batch_size=f.batch_size, max_length=f.max_length, seed=f.seed,
                        data_seed=f.seed, report_to=[], save_strategy="no", logging_steps=10 ** 6,
-                       include_num_input_tokens_seen="non_padding", disable_tqdm=True),
+                       include_num_input_tokens_seen="non_padding", disable_tqdm=True, bf16=False),
     )
     t0 = time.perf_counter()
     trainer.train()

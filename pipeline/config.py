@@ -13,7 +13,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 ARM_NAMES = ("naive", "engineered", "finetuned")
-PROMPT_ARMS = ("naive", "engineered")
 
 
 class ConfigError(Exception):

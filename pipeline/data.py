@@ -179,7 +179,10 @@ def load_task(task: TaskConfig, data: DataConfig | None = None) -> TaskData:
 def eval_rows(task: TaskData, limit: int | None, seed: int) -> datasets.Dataset:
     """The test rows every arm is scored on: all, or a seeded sample of `limit` (splits may be sorted)."""
     test = task.splits["test"]
-    if limit is None or limit >= len(test):
+    if limit is not None and limit > len(test):
+        where = task.files.get("test", "the test split")
+        raise DataError(f"eval.limit: {limit} is larger than the test split ({where}: {len(test)} rows)")
+    if limit is None or limit == len(test):
         return test
     return test.shuffle(seed=seed).select(range(limit))
 

@@ -132,3 +132,20 @@ def test_cli_process_prints_no_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0, result.stderr
     assert "finetune.lora.r" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("eval.limit=5000", "eval.limit: 5000 is larger than the test split"),
+    ("model.name_or_path=/nonexistent/model", "model.name_or_path: folder /nonexistent/model not found"),
+    ("model.gguf_file=missing.gguf", "missing.gguf not found"),
+    ("task.labels=nolabels.json", "nolabels.json: label file not found"),
+    ("task.splits.test=nope.csv", "nope.csv: file not found"),
+])
+def test_impossible_inputs_fail_before_any_work(tmp_path, capsys, override, expected, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    if override.startswith("model.gguf_file"):
+        override = "model.name_or_path=" + str(tmp_path) + " " + override
+    assert main(["run", str(DEFAULT), *override.split(), f"output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err and "Traceback" not in err, err
+    assert not (tmp_path / "stages").exists()  # nothing ran

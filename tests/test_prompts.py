@@ -1,10 +1,8 @@
-from pathlib import Path
 
 import pytest
 
 from conftest import ROOT
-from pipeline.config import TaskConfig
-from pipeline.data import Label, load_task, task_config_for_folder
+from pipeline.data import Label
 from pipeline.prompts import PromptError, PromptRenderer, count_tokens, load_template, pick_examples
 
 LABELS = [Label("billing", "Charges and invoices."), Label("refund", "Money back.")]

@@ -92,3 +92,27 @@ def test_sigkill_during_training_resumes_to_the_same_adapter(tmp_path):
     scale = max(float(a[k].float().abs().max()) for k in a)
     # Same seed, data order, optimizer and RNG state restored: equal up to bf16 rounding.
     assert worst <= 0.02 * scale, (worst, scale)
+
+
+def test_ctrl_c_ends_runs_killed_and_keeps_the_predictions_so_far(tmp_path):
+    env, out = _env(tmp_path), tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", CONFIG, "arms=[naive]", "eval.limit=200",
+                             "eval.batch_size=1", "eval.warmup=0", "eval.uncached_sample=0", f"output_dir={out}"],
+                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not any(p.stat().st_size for p in out.glob("support-triage/*/naive/predictions.jsonl")):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "timeout"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
+    runs = _runs(env)
+    assert {r.info.status for r in runs} == {"KILLED"} and len(runs) == 2
+    from mlflow.tracking import MlflowClient
+
+    naive = next(r for r in runs if r.data.tags.get("arm") == "naive")
+    local = MlflowClient(env["MLFLOW_TRACKING_URI"]).download_artifacts(naive.info.run_id, "predictions.jsonl",
+                                                                       str(tmp_path))
+    kept = Path(local).read_text().splitlines()
+    assert 1 <= len(kept) < 200
+    assert not list(out.glob("stages/eval-*/done.json"))  # an interrupted evaluation is not stored as finished

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ _PACKAGE = Path(__file__).resolve().parent
 DONE = "done.json"
 
 
+@lru_cache(maxsize=1)
 def code_version() -> str:
     """Hash of this package's source: any code change invalidates stored stages."""
     digest = hashlib.sha256()

@@ -46,6 +46,15 @@ def _completion_length(new_tokens: list[int], stop_ids: list[int]) -> int:
     return len(new_tokens)
 
 
+def _decode_new_tokens(tokenizer: Any, new_tokens: torch.Tensor, stop_ids: list[int]) -> list[tuple[str, int]]:
+    """Each row's answer text and its completion token count (through the first stop token)."""
+    results = []
+    for row in new_tokens.tolist():
+        n = _completion_length(row, stop_ids)
+        results.append((tokenizer.decode(row[:n], skip_special_tokens=True), n))
+    return results
+
+
 @torch.inference_mode()
 def _generate_batch(model: Any, tokenizer: Any, batch_ids: list[list[int]], max_new_tokens: int,
                     stop_ids: list[int]) -> list[tuple[str, int]]:
@@ -59,11 +68,7 @@ def _generate_batch(model: Any, tokenizer: Any, batch_ids: list[list[int]], max_
         input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=max_new_tokens,
         do_sample=False, temperature=None, top_p=None, top_k=None, eos_token_id=stop_ids, pad_token_id=pad,
     )
-    results = []
-    for row in out[:, width:].tolist():
-        n = _completion_length(row, stop_ids)
-        results.append((tokenizer.decode(row[:n], skip_special_tokens=True), n))
-    return results
+    return _decode_new_tokens(tokenizer, out[:, width:], stop_ids)
 
 
 def shared_prefix_length(prefix_ids: list[int], encoded: list[list[int]]) -> int:
@@ -130,11 +135,7 @@ def _generate_batch_cached(model: Any, tokenizer: Any, batch_ids: list[list[int]
         )
     finally:
         prefix.rollback()
-    results = []
-    for row in out[:, input_ids.shape[1] :].tolist():
-        n = _completion_length(row, stop_ids)
-        results.append((tokenizer.decode(row[:n], skip_special_tokens=True), n))
-    return results
+    return _decode_new_tokens(tokenizer, out[:, input_ids.shape[1] :], stop_ids)
 
 
 def generate_calls(model: Any, tokenizer: Any, prompts: list[str], batch_size: int, max_new_tokens: int,
@@ -220,8 +221,7 @@ class _TrainClock:
 
     FILE = "train_time.json"
 
-    def __init__(self, folder: Path):
-        self.folder = folder
+    def __init__(self):
         self.started = time.perf_counter()
         self.before = 0.0
 
@@ -304,7 +304,7 @@ def finetune(model: Any, tokenizer: Any, prompts: list[str], completions: list[s
     set_seed(cfg.seed)
     # Adapters in the base dtype: fp32 adapters on a bf16 base cast on every matmul (~1.4x slower on CPU).
     peft_model = get_peft_model(model, lora, autocast_adapter_dtype=dtype == torch.float32 or cfg.adapter_fp32)
-    clock = _TrainClock(trainer_dir)
+    clock = _TrainClock()
     trainer = SFTTrainer(model=peft_model, args=args, train_dataset=train, processing_class=tokenizer,
                          callbacks=[clock.callback()])
     checkpoint = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None

@@ -57,13 +57,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args, console) -> int:
-    import yaml
-
-    from pipeline.config import apply_overrides, load_config
+    from pipeline.config import load_config_with_data
     from pipeline.run import run_experiment
 
-    cfg = load_config(args.config, args.overrides)
-    raw = apply_overrides(yaml.safe_load(args.config.read_text(encoding="utf-8")), args.overrides)
+    cfg, raw = load_config_with_data(args.config, args.overrides)
     run_experiment(cfg, args.config, raw, console, force=args.force)
     return 0
 

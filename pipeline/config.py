@@ -214,6 +214,11 @@ def project_root_for(config_file: Path) -> Path:
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read, override and validate an experiment config, or raise ConfigError with one line."""
+    return load_config_with_data(path, overrides)[0]
+
+
+def load_config_with_data(path: str | Path, overrides: list[str] | None = None) -> tuple[ExperimentConfig, dict]:
+    """load_config, plus the overridden mapping as written (what MLflow logs as params)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -238,7 +243,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
             raise ConfigError(f"{path}: prompts.{arm}: prompt file {prompt_file} not found")
     if not cfg.task.path.is_dir():
         raise ConfigError(f"{path}: task.path: folder {cfg.task.path} not found")
-    return cfg
+    return cfg, data
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:

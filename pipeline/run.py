@@ -191,18 +191,18 @@ def _evaluate(arm: str, model, tokenizer, renderer: PromptRenderer, rows, labels
     prompts = [renderer.render(t) for t in texts]
     prefix = renderer.static_prefix() if cfg.eval.prefix_cache else ""
     predictions.parent.mkdir(parents=True, exist_ok=True)
-    written = 0
+    predicted: list[int] = []
     with predictions.open("w", encoding="utf-8") as out, \
             Progress(TextColumn(f"evaluating {arm:<10}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                      console=console, transient=True) as bar:
         job = bar.add_task(arm, total=len(prompts))
 
         def on_batch(batch: list[Call]) -> None:
-            nonlocal written
             for call in batch:
-                out.write(json.dumps(_prediction_row(texts[written], golds[written], call, labels),
+                i = len(predicted)
+                predicted.append(parse_label(call.output, labels))
+                out.write(json.dumps(_prediction_row(texts[i], golds[i], call, predicted[i], labels),
                                      ensure_ascii=False) + "\n")
-                written += 1
             out.flush()
             bar.advance(job, len(batch))
 
@@ -214,7 +214,6 @@ def _evaluate(arm: str, model, tokenizer, renderer: PromptRenderer, rows, labels
             out.flush()
             mlflow.log_artifact(str(predictions))  # the rows finished before the interrupt
             raise
-    predicted = [parse_label(c.output, labels) for c in calls]
     metrics = score(predicted, [labels.index(g) for g in golds], len(labels))
     metrics.update(latency_stats([c.latency_ms for c in calls]))
     metrics["prompt_tokens_mean"] = sum(c.prompt_tokens for c in calls) / len(calls)
@@ -230,8 +229,7 @@ def _evaluate(arm: str, model, tokenizer, renderer: PromptRenderer, rows, labels
     return metrics
 
 
-def _prediction_row(text: str, gold: str, call: Call, labels: list[str]) -> dict:
-    parsed = parse_label(call.output, labels)
+def _prediction_row(text: str, gold: str, call: Call, parsed: int, labels: list[str]) -> dict:
     return {"input": text, "gold": gold, "raw_output": call.output,
             "parsed_label": labels[parsed] if parsed >= 0 else None,
             "correct": parsed >= 0 and labels[parsed] == gold,

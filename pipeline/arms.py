@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 
+from pipeline import interrupts
 from pipeline.config import FinetuneConfig
 
 Progress = Callable[[list["Call"]], None]
@@ -237,13 +238,16 @@ class _TrainClock:
 
         clock = self
 
-        class SaveTime(TrainerCallback):
+        class CheckpointHooks(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                interrupts.check()  # a Ctrl-C swallowed inside the step still stops training here
+
             def on_save(self, args, state, control, **kwargs):
                 checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if checkpoint.is_dir():
                     (checkpoint / clock.FILE).write_text(json.dumps({"seconds": clock.seconds()}))
 
-        return SaveTime()
+        return CheckpointHooks()
 
 
 def finetune(model: Any, tokenizer: Any, prompts: list[str], completions: list[str], cfg: FinetuneConfig,

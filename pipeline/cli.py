@@ -57,10 +57,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args, console) -> int:
+    from pipeline import interrupts
     from pipeline.config import load_config_with_data
     from pipeline.run import run_experiment
 
     cfg, raw = load_config_with_data(args.config, args.overrides)
+    interrupts.install()
     run_experiment(cfg, args.config, raw, console, force=args.force)
     return 0
 

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import mlflow
 import yaml
 
-from pipeline import tracking
+from pipeline import interrupts, tracking
 from pipeline.arms import Call, finetune, generate_calls, load_adapter
 from pipeline.config import ExperimentConfig, flatten, project_root_for
 from pipeline.costing import break_even, cost_per_call, finetune_fixed_cost, ratio
@@ -198,6 +198,7 @@ def _evaluate(arm: str, model, tokenizer, renderer: PromptRenderer, rows, labels
         job = bar.add_task(arm, total=len(prompts))
 
         def on_batch(batch: list[Call]) -> None:
+            interrupts.check()
             for call in batch:
                 i = len(predicted)
                 predicted.append(parse_label(call.output, labels))

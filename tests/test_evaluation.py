@@ -47,6 +47,22 @@ def test_every_label_spelling_round_trips(index, style, padding):
     assert parse_label(padding + text + padding + "\nextra words", LABELS) == index
 
 
+def test_labels_that_end_in_punctuation_parse_as_written_and_wrapped():
+    # BANKING77 has "reverted_card_payment?" beside "card_payment_fee_charged".
+    labels = ["reverted_card_payment?", "card_payment_fee_charged", "why_verify_identity"]
+    assert parse_label("reverted_card_payment?", labels) == 0
+    assert parse_label('"Reverted card payment?"', labels) == 0
+    assert parse_label("card_payment_fee_charged.", labels) == 1
+    assert parse_label("reverted_card_payment", labels) == INVALID  # not a label: the "?" is part of the name
+
+
+@given(st.sampled_from(["reverted_card_payment?", "top_up?", "why_verify_identity"]),
+       st.sampled_from(["", '"', "**", "`"]))
+def test_every_punctuated_label_round_trips(name, wrap):
+    labels = ["reverted_card_payment?", "top_up?", "why_verify_identity", "top_up"]
+    assert parse_label(wrap + name + wrap, labels) == labels.index(name)
+
+
 def test_very_long_and_unicode_outputs_are_invalid_not_errors():
     assert parse_label("ü" * 100_000, LABELS) == INVALID
     assert parse_label("账单", LABELS) == INVALID
@@ -68,3 +84,10 @@ def test_latency_stats_percentiles_and_cv():
     assert stats["latency_cv"] > 1
     assert latency_stats([5.0, 5.0])["latency_cv"] == 0.0
     assert not math.isnan(latency_stats([1.0])["latency_p99_ms"])
+    assert "latency_repeat_cv" not in latency_stats([5.0], pass_p50_ms=[5.0])
+
+
+def test_latency_repeat_cv_is_the_spread_of_the_passes():
+    stats = latency_stats([10.0, 12.0], pass_p50_ms=[9.0, 11.0])
+    assert stats["latency_repeat_cv"] == pytest.approx(0.1)  # std 1 / mean 10
+    assert latency_stats([1.0], pass_p50_ms=[4.0, 4.0, 4.0])["latency_repeat_cv"] == 0.0

@@ -25,7 +25,7 @@ def _accuracy(model, tokenizer, renderer, rows, labels, max_new_tokens) -> float
     from pipeline.arms import generate_calls
     from pipeline.evaluation import parse_label
 
-    calls, _ = generate_calls(model, tokenizer, [renderer.render(t) for t in rows["text"]], 8, max_new_tokens)
+    calls = generate_calls(model, tokenizer, [renderer.render(t) for t in rows["text"]], 8, max_new_tokens).calls
     return sum(labels[p] == g if p >= 0 else False
                for p, g in zip((parse_label(c.output, labels) for c in calls), rows["label"])) / len(calls)
 

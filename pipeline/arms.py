@@ -7,6 +7,7 @@ they send and in the weights (base vs base + adapter).
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,7 +32,8 @@ class Call:
     latency_ms: float
 
 
-def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Token ids that end an answer: the model's end-of-turn ids and the tokenizer's eos."""
     ids = model.generation_config.eos_token_id
     ids = [ids] if isinstance(ids, int) else list(ids or [])
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
@@ -56,9 +58,51 @@ def _decode_new_tokens(tokenizer: Any, new_tokens: torch.Tensor, stop_ids: list[
     return results
 
 
+class LabelConstraint:
+    """Greedy decoding restricted to one label of the set, then a stop token (a trie over label tokens).
+
+    Each label is tokenized as the answer alone, the way the fine-tuned arm learns it and the
+    prompt arms' chat turns present it; an output can then only be a label, so none is invalid.
+    """
+
+    _END = -1
+
+    def __init__(self, tokenizer: Any, labels: list[str], stop_ids: list[int]):
+        self.stop_ids = list(stop_ids)
+        self.trie: dict[int, dict] = {}
+        self.longest = 0
+        for label in labels:
+            ids = tokenizer(label, add_special_tokens=False)["input_ids"]
+            node = self.trie
+            for token in ids:
+                node = node.setdefault(token, {})
+            node[self._END] = {}
+            self.longest = max(self.longest, len(ids))
+
+    def allowed(self, generated: list[int]) -> list[int]:
+        """Tokens that may follow `generated` (the answer so far)."""
+        node = self.trie
+        for token in generated:
+            if token in self.stop_ids:
+                return self.stop_ids  # the answer is finished; what follows is padding
+            node = node.get(token)
+            if node is None:
+                return self.stop_ids
+        tokens = [t for t in node if t != self._END]
+        return tokens + self.stop_ids if self._END in node else tokens
+
+    def for_prompt_width(self, width: int) -> Callable[[int, torch.Tensor], list[int]]:
+        """The `prefix_allowed_tokens_fn` for a batch whose prompts are `width` tokens wide."""
+        return lambda _row, ids: self.allowed(ids[width:].tolist())
+
+
+def _constraint_kwargs(constraint: LabelConstraint | None, width: int) -> dict[str, Any]:
+    return {"prefix_allowed_tokens_fn": constraint.for_prompt_width(width)} if constraint else {}
+
+
 @torch.inference_mode()
 def _generate_batch(model: Any, tokenizer: Any, batch_ids: list[list[int]], max_new_tokens: int,
-                    stop_ids: list[int]) -> list[tuple[str, int]]:
+                    stop_ids: list[int], constraint: LabelConstraint | None = None) -> list[tuple[str, int]]:
     width = max(len(ids) for ids in batch_ids)
     pad = tokenizer.pad_token_id
     # Left padding keeps every prompt's last token at the same position for generation.
@@ -68,6 +112,7 @@ def _generate_batch(model: Any, tokenizer: Any, batch_ids: list[list[int]], max_
     out = model.generate(
         input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=max_new_tokens,
         do_sample=False, temperature=None, top_p=None, top_k=None, eos_token_id=stop_ids, pad_token_id=pad,
+        **_constraint_kwargs(constraint, width),
     )
     return _decode_new_tokens(tokenizer, out[:, width:], stop_ids)
 
@@ -115,7 +160,8 @@ class PrefixCache:
 
 @torch.inference_mode()
 def _generate_batch_cached(model: Any, tokenizer: Any, batch_ids: list[list[int]], max_new_tokens: int,
-                           stop_ids: list[int], prefix: PrefixCache) -> list[tuple[str, int]]:
+                           stop_ids: list[int], prefix: PrefixCache,
+                           constraint: LabelConstraint | None = None) -> list[tuple[str, int]]:
     """Like _generate_batch, but only the per-call suffix is run; the prefix comes from the cache.
 
     Padding goes between the prefix and the suffix, masked out; position ids follow the attention
@@ -132,26 +178,45 @@ def _generate_batch_cached(model: Any, tokenizer: Any, batch_ids: list[list[int]
         out = model.generate(
             input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
             cache=cache, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-            top_k=None, eos_token_id=stop_ids, pad_token_id=pad,
+            top_k=None, eos_token_id=stop_ids, pad_token_id=pad, **_constraint_kwargs(constraint, input_ids.shape[1]),
         )
     finally:
         prefix.rollback()
     return _decode_new_tokens(tokenizer, out[:, input_ids.shape[1] :], stop_ids)
 
 
+@dataclass
+class Generation:
+    """The calls of one evaluation and how long they took.
+
+    With several timed passes over the same prompts, each call's latency is its median over
+    the passes, `seconds` is the median pass, and `pass_p50_ms` holds each pass's p50 latency
+    (their spread says how noisy the timing is on this machine).
+    """
+
+    calls: list[Call]
+    seconds: float
+    pass_p50_ms: list[float]
+
+
 def generate_calls(model: Any, tokenizer: Any, prompts: list[str], batch_size: int, max_new_tokens: int,
                    warmup: int = 0, progress: Progress | None = None, prefix: str = "",
-                   min_prefix_tokens: int = 16) -> tuple[list[Call], float]:
-    """Greedy-generate an answer per prompt; returns the calls and the timed wall time in seconds.
+                   min_prefix_tokens: int = 16, constraint: LabelConstraint | None = None,
+                   repeats: int = 1) -> Generation:
+    """Greedy-generate an answer per prompt, timing each call.
 
     With a `prefix` shared by all prompts (system text, label list, few-shot examples), its KV
-    cache is computed once and each call runs only its own suffix. `warmup` calls on the first
-    prompts run untimed first, so one-off costs stay out of the latency figures. Each call's
-    latency is the wall time of the batch it was sent in: what its caller waits.
+    cache is computed once and each call runs only its own suffix. With a `constraint`, every
+    answer is one of its labels. `warmup` calls on the first prompts run untimed first, so
+    one-off costs stay out of the latency figures; then `repeats` timed passes run over all
+    prompts (answers come from the first; `progress` sees its batches). Each call's latency is
+    the wall time of the batch it was sent in: what its caller waits.
     """
+    if constraint is not None:
+        max_new_tokens = constraint.longest + 1  # the longest label and its stop token: never more
     with _foldable_output_projection(model):
         return _generate_calls(model, tokenizer, prompts, batch_size, max_new_tokens, warmup, progress, prefix,
-                               min_prefix_tokens)
+                               min_prefix_tokens, constraint, max(repeats, 1))
 
 
 @contextmanager
@@ -176,9 +241,9 @@ def _foldable_output_projection(model: Any):
 
 
 def _generate_calls(model, tokenizer, prompts, batch_size, max_new_tokens, warmup, progress, prefix,
-                    min_prefix_tokens) -> tuple[list[Call], float]:
+                    min_prefix_tokens, constraint, repeats) -> Generation:
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    stop_ids = _stop_ids(model, tokenizer)
+    stop_ids = stop_token_ids(model, tokenizer)
     cache = None
     if prefix:
         prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
@@ -188,23 +253,33 @@ def _generate_calls(model, tokenizer, prompts, batch_size, max_new_tokens, warmu
 
     def run(batch: list[list[int]]) -> list[tuple[str, int]]:
         if cache is None:
-            return _generate_batch(model, tokenizer, batch, max_new_tokens, stop_ids)
-        return _generate_batch_cached(model, tokenizer, batch, max_new_tokens, stop_ids, cache)
+            return _generate_batch(model, tokenizer, batch, max_new_tokens, stop_ids, constraint)
+        return _generate_batch_cached(model, tokenizer, batch, max_new_tokens, stop_ids, cache, constraint)
 
     for ids in encoded[:warmup]:
         run([ids])
     calls: list[Call] = []
-    started = time.perf_counter()
-    for start in range(0, len(encoded), batch_size):
-        batch = encoded[start : start + batch_size]
-        t0 = time.perf_counter()
-        results = run(batch)
-        latency_ms = (time.perf_counter() - t0) * 1000
-        done = [Call(text, len(ids), n_new, latency_ms) for ids, (text, n_new) in zip(batch, results)]
-        calls.extend(done)
-        if progress:
-            progress(done)
-    return calls, time.perf_counter() - started
+    latencies: list[list[float]] = [[] for _ in encoded]
+    pass_seconds, pass_p50_ms = [], []
+    for repeat in range(repeats):
+        started = time.perf_counter()
+        for start in range(0, len(encoded), batch_size):
+            batch = encoded[start : start + batch_size]
+            t0 = time.perf_counter()
+            results = run(batch)
+            latency_ms = (time.perf_counter() - t0) * 1000
+            for i in range(start, start + len(batch)):
+                latencies[i].append(latency_ms)
+            if repeat == 0:
+                done = [Call(text, len(ids), n_new, latency_ms) for ids, (text, n_new) in zip(batch, results)]
+                calls.extend(done)
+                if progress:
+                    progress(done)
+        pass_seconds.append(time.perf_counter() - started)
+        pass_p50_ms.append(statistics.median(lat[repeat] for lat in latencies))
+    for call, lat in zip(calls, latencies):
+        call.latency_ms = statistics.median(lat)
+    return Generation(calls, statistics.median(pass_seconds), pass_p50_ms)
 
 
 @dataclass

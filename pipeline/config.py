@@ -82,13 +82,22 @@ class FinetuneConfig(_Strict):
     checkpoint_steps: int = Field(default=25, ge=0, description="save a resumable checkpoint every N steps; 0: none")
     adapter_fp32: bool = Field(default=False, description="keep LoRA weights in fp32 on a bf16 base (slower)")
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    adapter: Path | None = Field(
+        default=None,
+        description="a trained LoRA adapter folder (safetensors), e.g. an earlier run's `adapter` artifact: "
+        "evaluated instead of training one",
+    )
 
 
 class EvalConfig(_Strict):
     limit: int | None = Field(default=None, gt=0)
     batch_size: int = Field(default=1, gt=0)
     max_new_tokens: int = Field(default=12, gt=0)
-    warmup: int = Field(default=2, ge=0)
+    warmup: int = Field(default=2, ge=0, description="untimed calls before timing starts")
+    repeats: int = Field(default=1, ge=1, description="timed passes over the rows; latency is each call's median")
+    decoding: Literal["free", "constrained"] = Field(
+        default="free", description="free: what production sees; constrained: the answer can only be a label"
+    )
     prefix_cache: bool = Field(default=True, description="reuse the KV cache of the prompt's static prefix")
     uncached_sample: int = Field(default=16, ge=0, description="rows also timed without the prefix cache")
 
@@ -203,6 +212,8 @@ def _resolve_paths(cfg: ExperimentConfig, base: Path) -> ExperimentConfig:
     for arm in ARM_NAMES:
         setattr(cfg.prompts, arm, fix(getattr(cfg.prompts, arm)))
     cfg.output_dir = fix(cfg.output_dir)
+    if cfg.finetune.adapter is not None:
+        cfg.finetune.adapter = fix(cfg.finetune.adapter)
     return cfg
 
 
@@ -241,6 +252,8 @@ def load_config_with_data(path: str | Path, overrides: list[str] | None = None) 
         prompt_file = getattr(cfg.prompts, arm)
         if not prompt_file.is_file():
             raise ConfigError(f"{path}: prompts.{arm}: prompt file {prompt_file} not found")
+    if "finetuned" in cfg.arms and cfg.finetune.adapter is not None and not cfg.finetune.adapter.is_dir():
+        raise ConfigError(f"{path}: finetune.adapter: folder {cfg.finetune.adapter} not found")
     if not cfg.task.path.is_dir():
         raise ConfigError(f"{path}: task.path: folder {cfg.task.path} not found")
     return cfg, data

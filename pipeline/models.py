@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,3 +114,64 @@ def load_model(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool 
         hf_logging.set_verbosity(previous)
     logging.getLogger(__name__).debug("loaded %s as %s", source.display_name, dtype)
     return model.to(device()).eval()
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+TRAINING_RECORD = "training.json"  # written beside adapters this tool trains: base model and training cost
+
+
+def check_adapter(adapter_dir: Path, source: ModelSource, trust_remote_code: bool = False) -> dict:
+    """Fail with one line, before any work, unless `adapter_dir` is a safetensors LoRA adapter that fits
+    the base model; returns its training record (empty for an adapter trained elsewhere).
+
+    Every adapted module must exist in the base model with the feature sizes the LoRA matrices
+    expect; the model's skeleton is built on the meta device, so no weights are loaded for this.
+    """
+    config_file, weights = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
+    if not config_file.is_file():
+        raise ModelError(f"finetune.adapter: {config_file} not found (not a peft adapter folder)")
+    if not weights.is_file():
+        raise ModelError(f"finetune.adapter: {weights} not found (adapters load only from safetensors)")
+    try:
+        adapter_cfg = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{config_file}: not valid JSON ({exc})") from None
+    if not isinstance(adapter_cfg, dict) or adapter_cfg.get("peft_type") != "LORA":
+        raise ModelError(f"{config_file}: peft_type must be LORA")
+    record_file = adapter_dir / TRAINING_RECORD
+    record = json.loads(record_file.read_text(encoding="utf-8")) if record_file.is_file() else {}
+    if record.get("base_model") not in (None, source.display_name):
+        raise ModelError(f"finetune.adapter: {adapter_dir} was trained on {record['base_model']}, "
+                         f"not on {source.display_name} (model.name_or_path)")
+    modules = dict(_skeleton(source, trust_remote_code).named_modules())
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as tensors:
+        for key in tensors.keys():
+            name, _, kind = key.removeprefix("base_model.model.").rpartition(".lora_")
+            if not name or kind not in ("A.weight", "B.weight"):
+                continue
+            module = modules.get(name)
+            if module is None or not hasattr(module, "in_features"):
+                raise ModelError(f"finetune.adapter: {weights} adapts {name}, which {source.display_name} "
+                                 "does not have (an adapter for another base model?)")
+            shape = tensors.get_slice(key).get_shape()
+            got, expected = (shape[1], module.in_features) if kind == "A.weight" else (shape[0], module.out_features)
+            if got != expected:
+                raise ModelError(f"finetune.adapter: {key} has shape {list(shape)}, but {name} of "
+                                 f"{source.display_name} has {expected} features (an adapter for another base model)")
+    return record
+
+
+def _skeleton(source: ModelSource, trust_remote_code: bool) -> Any:
+    """The base model's modules with no weights (meta device): enough to check shapes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        config = AutoConfig.from_pretrained(source.folder, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model {source.display_name}: cannot load config ({str(exc).splitlines()[0]})") from None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)

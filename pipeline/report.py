@@ -27,6 +27,8 @@ class Summary:
     monthly_calls: float
     prompt_fixed_usd: float
     run_id: str = ""
+    decoding: str = "free"
+    repeats: int = 1
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -94,6 +96,13 @@ def verdict(summary: Summary) -> str:
             f" with accuracy {gain:+.1f} pts against the {summary.baseline_arm} prompt.")
 
 
+def _break_even_text(summary: Summary) -> str:
+    if "finetuned" not in summary.arms or summary.baseline_arm not in summary.arms:
+        return "n/a"
+    be = summary.break_even_calls
+    return "never" if be is None else f"{_calls(be)} calls"
+
+
 def print_table(summary: Summary, console) -> None:
     from rich.table import Table
 
@@ -109,8 +118,13 @@ def print_table(summary: Summary, console) -> None:
         f" | token reduction {_num(p.get('token_reduction_x'))}x"
         f" | prompt engineering gain {_num(p.get('prompt_gain_pts'))} pts"
     )
-    be = summary.break_even_calls
-    console.print(f"[bold]break-even: {'never' if be is None else _calls(be) + ' calls'}[/bold]. {verdict(summary)}")
+    console.print("latency CV across calls: " + ", ".join(
+        f"{arm} {_num(m.get('latency_cv'), 2)}" for arm, m in summary.arms.items())
+        + (f"; across {summary.repeats} passes: " + ", ".join(
+            f"{arm} {_num(m.get('latency_repeat_cv'), 3)}" for arm, m in summary.arms.items())
+           if summary.repeats > 1 else "")
+        + f" | decoding {summary.decoding}")
+    console.print(f"[bold]break-even: {_break_even_text(summary)}[/bold]. {verdict(summary)}")
     for note in summary.notes:
         console.print(f"note: {note}")
 
@@ -131,7 +145,7 @@ def summary_markdown(summary: Summary) -> str:
     p = summary.parent
     lines += [
         "",
-        f"- Break-even: {_calls(summary.break_even_calls)} calls against the {summary.baseline_arm} prompt"
+        f"- Break-even: {_break_even_text(summary)} against the {summary.baseline_arm} prompt"
         + (f"; payback {_num(p.get('payback_months'), 2)} months at {summary.monthly_calls:,.0f} calls/month."
            if summary.break_even_calls is not None else "."),
         f"- Fine-tuning fixed cost: {_usd(p.get('finetune_fixed_cost_usd'))}"
@@ -140,8 +154,29 @@ def summary_markdown(summary: Summary) -> str:
         f"- Token reduction (engineered / fine-tuned prompt tokens): {_num(p.get('token_reduction_x'))}x",
         f"- Prompt engineering gain (engineered - naive accuracy): {_num(p.get('prompt_gain_pts'))} pts",
         "",
-        "Latency is per-call wall time on the machine that ran the experiment, after warm-up;"
-        " $/call comes from the `pricing` section of the config applied to measured tokens or throughput.",
+        f"Decoding: {summary.decoding}"
+        + (" (answers restricted to the label set, so none is invalid)." if summary.decoding == "constrained"
+           else " (what the model would answer in production; unparseable answers count as invalid)."),
+        "",
+        "## Latency",
+        "",
+        f"Per-call wall time on the machine that ran the experiment, after warm-up calls,"
+        f" {summary.repeats} timed pass{'es' if summary.repeats > 1 else ''} over the test rows"
+        f"{' (each call: its median over the passes)' if summary.repeats > 1 else ''}."
+        " CV is the coefficient of variation (std / mean).",
+        "",
+        "| arm | p50 ms | p95 ms | CV across calls | CV across passes | p50 ms without prefix cache |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {ARM_TITLES.get(arm, arm)} | {_num(m['latency_p50_ms'], 0)} | {_num(m['latency_p95_ms'], 0)}"
+        f" | {_num(m.get('latency_cv'), 2)} | {_num(m.get('latency_repeat_cv'), 3)}"
+        f" | {_num(m.get('latency_p50_ms_uncached'), 0)} |"
+        for arm, m in summary.arms.items()
+    ]
+    lines += [
+        "",
+        "$/call comes from the `pricing` section of the config applied to measured tokens or throughput.",
     ]
     lines += [f"- Note: {n}" for n in summary.notes]
     return "\n".join(lines) + "\n"
@@ -197,6 +232,9 @@ def summary_from_runs(parent, children) -> Summary:
         monthly_calls=float(params.get("pricing.monthly_calls") or 100_000),
         prompt_fixed_usd=float(params.get("pricing.prompt_fixed_usd") or 0.0),
         run_id=parent.info.run_id,
+        decoding=params.get("decoding", "free"),
+        repeats=int(params.get("latency_repeats", 1)),
+        notes=[n for n in parent.data.tags.get("notes", "").split("\n") if n],
     )
 
 

@@ -18,12 +18,13 @@ import mlflow
 import yaml
 
 from pipeline import interrupts, tracking
-from pipeline.arms import Call, finetune, generate_calls, load_adapter
+from pipeline.arms import Call, LabelConstraint, finetune, generate_calls, load_adapter, stop_token_ids
 from pipeline.config import ExperimentConfig, flatten, project_root_for
 from pipeline.costing import break_even, cost_per_call, finetune_fixed_cost, ratio
-from pipeline.data import eval_rows, load_task
+from pipeline.data import eval_rows, hash_files, load_task
 from pipeline.evaluation import latency_stats, parse_label, score
-from pipeline.models import load_model, load_tokenizer, pick_dtype, resolve_source
+from pipeline.models import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINING_RECORD, check_adapter, load_model,
+                             load_tokenizer, pick_dtype, resolve_source)
 from pipeline.prompts import PromptRenderer, count_tokens, load_template, pick_examples
 from pipeline.report import Summary, plot_cost_vs_volume, print_table, summary_markdown
 from pipeline.stages import StageStore, stage_key
@@ -37,6 +38,8 @@ def run_experiment(cfg: ExperimentConfig, config_path: Path, raw_config: dict, c
     labels = task.label_names
     templates = {arm: load_template(getattr(cfg.prompts, arm)) for arm in cfg.arms}
     source = resolve_source(cfg.model)
+    given_adapter = cfg.finetune.adapter if "finetuned" in cfg.arms else None
+    adapter_record = check_adapter(given_adapter, source, cfg.model.trust_remote_code) if given_adapter else {}
     tracking.connect(cfg.experiment)
     tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
     examples = pick_examples(task.splits["train"]["text"], task.splits["train"]["label"], cfg.prompts.few_shot_k,
@@ -49,9 +52,17 @@ def run_experiment(cfg: ExperimentConfig, config_path: Path, raw_config: dict, c
     run_dir.mkdir(parents=True, exist_ok=True)
     store = StageStore(cfg.output_dir / "stages")
     model_id = {"model": cfg.model.name_or_path, "gguf": source.gguf_file, "dtype": str(dtype)}
-    finetune_key = stage_key("finetune", data=task.content_hash, prompt=templates.get("finetuned") and
-                             templates["finetuned"].sha, finetune=cfg.finetune.model_dump(),
-                             train_dtype=str(train_dtype), **model_id)
+    if given_adapter:
+        finetune_key = stage_key("adapter", files=hash_files([given_adapter / ADAPTER_CONFIG,
+                                                              given_adapter / ADAPTER_WEIGHTS]), **model_id)
+    else:
+        finetune_key = stage_key("finetune", data=task.content_hash, prompt=templates.get("finetuned") and
+                                 templates["finetuned"].sha, finetune=cfg.finetune.model_dump(),
+                                 train_dtype=str(train_dtype), **model_id)
+    notes = []
+    if given_adapter and "train_time_s" not in adapter_record:
+        notes.append(f"the given adapter {given_adapter.name} has no {TRAINING_RECORD}: its training cost is "
+                     "unknown and counted as $0")
     console.print(f"[bold]{cfg.experiment}[/bold]: {task.name} ({len(task.splits['train'])} train, "
                   f"{len(rows)} test rows), model {source.display_name} ({str(dtype).removeprefix('torch.')}), "
                   f"arms {', '.join(cfg.arms)}")
@@ -63,8 +74,11 @@ def run_experiment(cfg: ExperimentConfig, config_path: Path, raw_config: dict, c
         tracking.log_params({
             **flatten(raw_config), "dataset_hash": task.content_hash,
             "git_commit": tracking.git_commit(project_root_for(config_path)), "n_eval": len(rows),
-            "n_train": len(task.splits["train"]), "dtype": str(dtype),
+            "n_train": len(task.splits["train"]), "dtype": str(dtype), "decoding": cfg.eval.decoding,
+            "latency_repeats": cfg.eval.repeats,
         })
+        if notes:
+            mlflow.set_tag("notes", "\n".join(notes))
         mlflow.log_artifact(str(config_path), artifact_path="config")
         (run_dir / "resolved_config.yaml").write_text(yaml.safe_dump(raw_config, sort_keys=False))
         mlflow.log_artifact(str(run_dir / "resolved_config.yaml"), artifact_path="config")
@@ -92,14 +106,18 @@ def run_experiment(cfg: ExperimentConfig, config_path: Path, raw_config: dict, c
                     metrics = done["metrics"]
                     predictions = store.path(eval_key) / "predictions.jsonl"
                     mlflow.set_tags({"reused": "true", "reused_stage": eval_key})
-                    if arm == "finetuned" and store.load(finetune_key):
+                    if arm == "finetuned" and given_adapter:
+                        mlflow.log_artifacts(str(given_adapter), artifact_path="adapter")
+                    elif arm == "finetuned" and store.load(finetune_key):
                         mlflow.log_artifacts(str(store.path(finetune_key) / "adapter"), artifact_path="adapter")
                     console.print(f"{arm:<10} reused stored results ({eval_key})")
                 else:
                     model, extra = base.get(), {}
-                    if arm == "finetuned":
+                    if arm == "finetuned" and given_adapter:
+                        model, extra = _given_adapter_model(given_adapter, adapter_record, base, console)
+                    elif arm == "finetuned":
                         model, extra = _finetuned_model(cfg, task, renderer, tokenizer, base, train_dtype, store,
-                                                        finetune_key, force, console)
+                                                        finetune_key, force, console, source.display_name)
                     predictions = run_dir / arm / "predictions.jsonl"
                     metrics = _evaluate(arm, model, tokenizer, renderer, rows, labels, cfg, predictions, console)
                     metrics.update(extra)
@@ -125,6 +143,7 @@ def run_experiment(cfg: ExperimentConfig, config_path: Path, raw_config: dict, c
             arms={a: arm_metrics[a] for a in cfg.arms}, parent=parent_metrics,
             baseline_arm=cfg.pricing.baseline_arm, monthly_calls=cfg.pricing.monthly_calls,
             prompt_fixed_usd=cfg.pricing.prompt_fixed_usd, run_id=parent.info.run_id,
+            decoding=cfg.eval.decoding, repeats=cfg.eval.repeats, notes=notes,
         )
         (run_dir / "roi_summary.md").write_text(summary_markdown(summary), encoding="utf-8")
         plot_cost_vs_volume(summary, run_dir / "cost_vs_volume.png")
@@ -149,8 +168,18 @@ class _LazyModel:
         return self._model
 
 
+def _given_adapter_model(adapter_dir: Path, record: dict, base: _LazyModel, console) -> tuple[Any, dict[str, float]]:
+    """The base model with an adapter trained elsewhere, merged for serving; its training record, if any."""
+    console.print(f"using the given adapter {adapter_dir}")
+    mlflow.set_tags({"adapter_source": str(adapter_dir)})
+    model = load_adapter(base.get(), adapter_dir)
+    mlflow.log_artifacts(str(adapter_dir), artifact_path="adapter")
+    stats = {k: float(record.get(k, 0.0)) for k in ("train_time_s", "train_tokens", "train_loss")}
+    return model.merge_and_unload(), stats
+
+
 def _finetuned_model(cfg, task, renderer, tokenizer, base: _LazyModel, train_dtype, store: StageStore, key: str,
-                     force: bool, console) -> tuple[Any, dict[str, float]]:
+                     force: bool, console, base_name: str) -> tuple[Any, dict[str, float]]:
     """The fine-tuned model, merged for serving: trained now (resuming a killed run) or a stored adapter."""
     done = None if force else store.load(key)
     if done is not None:
@@ -172,6 +201,8 @@ def _finetuned_model(cfg, task, renderer, tokenizer, base: _LazyModel, train_dty
             mlflow.set_tag("resumed_from_checkpoint", Path(result.resumed_from).name)
         stats = {"train_time_s": result.train_time_s, "train_tokens": float(result.train_tokens),
                  "train_loss": result.train_loss}
+        # Travels with the adapter (and its MLflow artifact): reusing it elsewhere keeps its base and cost.
+        (result.adapter_dir / TRAINING_RECORD).write_text(json.dumps({"base_model": base_name, **stats}, indent=1))
         store.finish(key, {"train": stats})
         shutil.rmtree(store.path(key) / "trainer", ignore_errors=True)  # checkpoints are only for resuming
         console.print(f"trained in {result.train_time_s:.1f} s "
@@ -190,6 +221,8 @@ def _evaluate(arm: str, model, tokenizer, renderer: PromptRenderer, rows, labels
     texts, golds = rows["text"], rows["label"]
     prompts = [renderer.render(t) for t in texts]
     prefix = renderer.static_prefix() if cfg.eval.prefix_cache else ""
+    constraint = (LabelConstraint(tokenizer, labels, stop_token_ids(model, tokenizer))
+                  if cfg.eval.decoding == "constrained" else None)
     predictions.parent.mkdir(parents=True, exist_ok=True)
     predicted: list[int] = []
     with predictions.open("w", encoding="utf-8") as out, \
@@ -208,23 +241,25 @@ def _evaluate(arm: str, model, tokenizer, renderer: PromptRenderer, rows, labels
             bar.advance(job, len(batch))
 
         try:
-            calls, seconds = generate_calls(model, tokenizer, prompts, cfg.eval.batch_size, cfg.eval.max_new_tokens,
-                                            warmup=min(cfg.eval.warmup, len(prompts)), progress=on_batch,
-                                            prefix=prefix)
+            timed = generate_calls(model, tokenizer, prompts, cfg.eval.batch_size, cfg.eval.max_new_tokens,
+                                   warmup=min(cfg.eval.warmup, len(prompts)), progress=on_batch, prefix=prefix,
+                                   constraint=constraint, repeats=cfg.eval.repeats)
         except KeyboardInterrupt:
             out.flush()
             mlflow.log_artifact(str(predictions))  # the rows finished before the interrupt
             raise
+    calls = timed.calls
     metrics = score(predicted, [labels.index(g) for g in golds], len(labels))
-    metrics.update(latency_stats([c.latency_ms for c in calls]))
+    metrics.update(latency_stats([c.latency_ms for c in calls], timed.pass_p50_ms))
     metrics["prompt_tokens_mean"] = sum(c.prompt_tokens for c in calls) / len(calls)
     metrics["completion_tokens_mean"] = sum(c.completion_tokens for c in calls) / len(calls)
-    metrics["throughput_calls_per_s"] = len(calls) / seconds
+    metrics["throughput_calls_per_s"] = len(calls) / timed.seconds
     metrics["prefix_tokens"] = float(count_tokens(tokenizer, prefix)) if prefix else 0.0
     if prefix and cfg.eval.uncached_sample:
         # The same calls without the cache: what the prefix cache saves, and a check it changes nothing.
         sample = prompts[: cfg.eval.uncached_sample]
-        plain, _ = generate_calls(model, tokenizer, sample, cfg.eval.batch_size, cfg.eval.max_new_tokens)
+        plain = generate_calls(model, tokenizer, sample, cfg.eval.batch_size, cfg.eval.max_new_tokens,
+                               constraint=constraint, repeats=cfg.eval.repeats).calls
         metrics["latency_p50_ms_uncached"] = latency_stats([c.latency_ms for c in plain])["latency_p50_ms"]
         metrics["prefix_cache_agreement"] = sum(a.output == b.output for a, b in zip(plain, calls)) / len(plain)
     return metrics

@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import ROOT
-from pipeline.arms import generate_calls, shared_prefix_length
+from pipeline.arms import LabelConstraint, generate_calls, shared_prefix_length
 from pipeline.data import eval_rows, load_task, task_config_for_folder
 from pipeline.prompts import PromptRenderer, load_template, pick_examples
 
@@ -26,12 +26,12 @@ def test_shared_prefix_length():
 
 def test_prefix_cache_and_batching_give_the_plain_path_predictions(model_fp32, tokenizer, engineered):
     renderer, prompts = engineered
-    plain, _ = generate_calls(model_fp32, tokenizer, prompts, batch_size=1, max_new_tokens=6)
-    cached, _ = generate_calls(model_fp32, tokenizer, prompts, batch_size=1, max_new_tokens=6,
-                               prefix=renderer.static_prefix())
-    batched, _ = generate_calls(model_fp32, tokenizer, prompts, batch_size=3, max_new_tokens=6,
-                                prefix=renderer.static_prefix())
-    padded, _ = generate_calls(model_fp32, tokenizer, prompts, batch_size=3, max_new_tokens=6)
+    plain = generate_calls(model_fp32, tokenizer, prompts, batch_size=1, max_new_tokens=6).calls
+    cached = generate_calls(model_fp32, tokenizer, prompts, batch_size=1, max_new_tokens=6,
+                            prefix=renderer.static_prefix()).calls
+    batched = generate_calls(model_fp32, tokenizer, prompts, batch_size=3, max_new_tokens=6,
+                             prefix=renderer.static_prefix()).calls
+    padded = generate_calls(model_fp32, tokenizer, prompts, batch_size=3, max_new_tokens=6).calls
     outputs = [c.output for c in plain]
     assert any(outputs), "the model should answer something"
     assert [c.output for c in cached] == outputs
@@ -40,10 +40,66 @@ def test_prefix_cache_and_batching_give_the_plain_path_predictions(model_fp32, t
     assert [c.prompt_tokens for c in cached] == [c.prompt_tokens for c in plain]
 
 
+def test_label_trie_allows_exactly_the_label_sequences(tokenizer):
+    stop = [tokenizer.eos_token_id]
+    labels = ["card", "card_arrival", "refund"]
+    trie = LabelConstraint(tokenizer, labels, stop)
+    ids = {label: tokenizer(label, add_special_tokens=False)["input_ids"] for label in labels}
+    # Walk every path the trie allows; the finished answers are exactly the labels.
+    finished, frontier = set(), [[]]
+    while frontier:
+        seq = frontier.pop()
+        for token in trie.allowed(seq):
+            if token in stop:
+                finished.add(tokenizer.decode(seq))
+            else:
+                frontier.append(seq + [token])
+    assert finished == set(labels)
+    assert trie.longest == max(len(v) for v in ids.values())
+    # "card" is complete and a prefix of "card_arrival": both the stop token and the continuation are allowed.
+    after_card = trie.allowed(ids["card"])
+    assert stop[0] in after_card and ids["card_arrival"][len(ids["card"])] in after_card
+    assert trie.allowed(ids["refund"] + stop) == stop  # after the answer, only padding
+
+
+def test_constrained_decoding_answers_a_label_every_time(model_fp32, tokenizer, engineered):
+    from pipeline.arms import stop_token_ids
+    from pipeline.evaluation import INVALID, parse_label
+
+    renderer, prompts = engineered
+    labels = [label.name for label in renderer.labels]
+    constraint = LabelConstraint(tokenizer, labels, stop_token_ids(model_fp32, tokenizer))
+    # Raw text with no instruction at all: free decoding continues the text, constrained cannot.
+    bare = ["My card was charged twice for the same order", "The app crashes when I log in", "Where is my parcel"]
+    free = generate_calls(model_fp32, tokenizer, bare, batch_size=3, max_new_tokens=6).calls
+    assert any(parse_label(c.output, labels) == INVALID for c in free)
+    plain = generate_calls(model_fp32, tokenizer, prompts, batch_size=1, max_new_tokens=6,
+                           constraint=constraint).calls
+    cached = generate_calls(model_fp32, tokenizer, prompts, batch_size=3, max_new_tokens=6,
+                            prefix=renderer.static_prefix(), constraint=constraint).calls
+    for calls in (plain, cached, generate_calls(model_fp32, tokenizer, bare, 3, 6, constraint=constraint).calls):
+        assert all(c.output in labels for c in calls), [c.output for c in calls]
+        assert all(c.completion_tokens <= constraint.longest + 1 for c in calls)
+    assert [c.output for c in cached] == [c.output for c in plain]
+
+
+def test_repeated_passes_time_every_call_and_keep_the_first_answers(model_fp32, tokenizer, engineered):
+    _, prompts = engineered
+    seen = []
+    timed = generate_calls(model_fp32, tokenizer, prompts[:4], batch_size=2, max_new_tokens=4, repeats=3,
+                           progress=seen.extend)
+    assert len(timed.pass_p50_ms) == 3 and all(t > 0 for t in timed.pass_p50_ms)
+    assert len(seen) == 4 and len(timed.calls) == 4  # progress sees the first pass only
+    once = generate_calls(model_fp32, tokenizer, prompts[:4], batch_size=2, max_new_tokens=4).calls
+    assert [c.output for c in timed.calls] == [c.output for c in once]
+    assert min(timed.pass_p50_ms) <= timed.calls[0].latency_ms <= max(timed.pass_p50_ms) * 2
+
+
 def test_call_token_counts_match_the_tokenizer(model_fp32, tokenizer, engineered):
     _, prompts = engineered
-    calls, seconds = generate_calls(model_fp32, tokenizer, prompts[:2], batch_size=1, max_new_tokens=6, warmup=1)
-    assert seconds > 0
+    timed = generate_calls(model_fp32, tokenizer, prompts[:2], batch_size=1, max_new_tokens=6, warmup=1)
+    calls = timed.calls
+    assert timed.seconds > 0 and len(timed.pass_p50_ms) == 1
     for prompt, call in zip(prompts, calls):
         assert call.prompt_tokens == len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
         assert 1 <= call.completion_tokens <= 6

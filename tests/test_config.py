@@ -85,6 +85,9 @@ CASES = [
     (_set("task.format", "xlsx"), "task.format"),
     (_set("pricing.baseline_arm", "finetuned"), "pricing.baseline_arm"),
     (_set("model.trust_remote_code", "sometimes"), "model.trust_remote_code"),
+    (_set("eval.decoding", "beam"), "eval.decoding: 'beam' is not allowed (expected 'free' or 'constrained')"),
+    (_set("eval.repeats", 0), "eval.repeats"),
+    (_set("finetune.adapter", "adapters/nowhere"), "finetune.adapter: folder"),
 ]
 
 
@@ -149,3 +152,34 @@ def test_impossible_inputs_fail_before_any_work(tmp_path, capsys, override, expe
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and expected in err and "Traceback" not in err, err
     assert not (tmp_path / "stages").exists()  # nothing ran
+
+
+def _foreign_adapter(folder: Path) -> Path:
+    """A real LoRA adapter, saved by peft, for a small Llama of another width than the default model."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    other = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=1000))
+    get_peft_model(other, LoraConfig(r=4, target_modules="all-linear")).save_pretrained(str(folder))
+    return folder
+
+
+@pytest.mark.parametrize("spoil, expected", [
+    (lambda d: None, "features (an adapter for another base model)"),
+    (lambda d: (d / "adapter_model.safetensors").rename(d / "adapter_model.bin"),
+     "adapter_model.safetensors not found (adapters load only from safetensors)"),
+    (lambda d: (d / "adapter_config.json").unlink(), "adapter_config.json not found"),
+    (lambda d: (d / "training.json").write_text('{"base_model": "SmolLM2-360M-Instruct"}'),
+     "was trained on SmolLM2-360M-Instruct, not on SmolLM2-135M-Instruct"),
+])
+def test_adapter_for_another_base_model_fails_before_any_work(tmp_path, capsys, monkeypatch, spoil, expected):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    adapter = _foreign_adapter(tmp_path / "adapter")
+    spoil(adapter)
+    assert main(["run", str(DEFAULT), f"finetune.adapter={adapter}", f"output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err and "Traceback" not in err, err
+    assert not (tmp_path / "stages").exists() and not (tmp_path / "mlflow.db").exists()  # nothing ran

@@ -127,6 +127,50 @@ def test_terminal_table_and_roi_report(tiny_run):
     assert md.returncode == 0 and md.stdout == summary
 
 
+def test_an_exported_adapter_is_evaluated_with_its_training_cost(tiny_run, tmp_path):
+    env, tmp, _, _ = tiny_run
+    client = _client(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("support-triage").experiment_id])
+    trained = next(r for r in runs if r.data.tags.get("arm") == "finetuned")
+    # What a user gets from the MLflow UI: the run's `adapter` artifact folder.
+    adapter = Path(client.download_artifacts(trained.info.run_id, "adapter", str(tmp_path)))
+    record = json.loads((adapter / "training.json").read_text())
+    assert record["base_model"] == "SmolLM2-135M-Instruct"
+    env2 = dict(env, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    result = roi("run", str(ROOT / "experiments" / "default.yaml"), "eval.limit=6", "arms=[finetuned]",
+                 f"finetune.adapter={adapter}", f"output_dir={tmp_path / 'runs'}", env=env2)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "fine-tuning" not in result.stdout and "using the given adapter" in result.stdout
+    client2 = _client(env2["MLFLOW_TRACKING_URI"])
+    runs2 = client2.search_runs([client2.get_experiment_by_name("support-triage").experiment_id])
+    given = next(r for r in runs2 if r.data.tags.get("arm") == "finetuned")
+    assert given.data.tags["adapter_source"] == str(adapter)
+    assert given.data.metrics["train_time_s"] == pytest.approx(trained.data.metrics["train_time_s"])
+    # Same adapter, same rows: the same answers as the run that trained it.
+    assert given.data.metrics["accuracy"] == pytest.approx(trained.data.metrics["accuracy"])
+
+
+def test_constrained_decoding_and_repeated_timing_end_to_end(tmp_path, roi_env):
+    env = roi_env
+    result = roi("run", str(ROOT / "experiments" / "default.yaml"), "eval.limit=6", "arms=[naive]",
+                 "eval.decoding=constrained", "eval.repeats=2", "eval.warmup=1", f"output_dir={tmp_path / 'runs'}",
+                 env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client = _client(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("support-triage").experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("roi.role") == "parent")
+    naive = next(r for r in runs if r.data.tags.get("arm") == "naive").data.metrics
+    # The naive prompt's free answers are never a bare label (0% valid in the demo); constrained, all are.
+    assert naive["invalid_rate"] == 0.0
+    assert naive["latency_repeat_cv"] >= 0 and naive["latency_cv"] >= 0
+    assert parent.data.params["decoding"] == "constrained" and parent.data.params["latency_repeats"] == "2"
+    summary = next((tmp_path / "runs" / "support-triage").glob("*/roi_summary.md")).read_text()
+    assert "Decoding: constrained" in summary and "2 timed passes" in summary
+    assert "decoding constrained" in result.stdout and "across 2 passes" in result.stdout
+    report = roi("report", "--experiment", "support-triage", "--markdown", env=env)
+    assert report.returncode == 0 and report.stdout == summary
+
+
 def test_report_on_an_empty_store_is_one_line(roi_env):
     result = roi("report", "--experiment", "nothing-here", env=roi_env)
     assert result.returncode == 2 and "nothing-here" in result.stderr and "Traceback" not in result.stderr

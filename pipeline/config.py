@@ -80,7 +80,11 @@ class FinetuneConfig(_Strict):
     seed: int = 0
     group_by_length: bool = True
     checkpoint_steps: int = Field(default=25, ge=0, description="save a resumable checkpoint every N steps; 0: none")
-    adapter_fp32: bool = Field(default=False, description="keep LoRA weights in fp32 on a bf16 base (slower)")
+    adapter_fp32: bool = Field(
+        default=True,
+        description="LoRA weights and their updates in fp32 on a bf16 base: bf16 adapters train ~1.25x faster "
+        "but round small optimizer updates away (84.6% vs 81.6% on the default task)",
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig)
     adapter: Path | None = Field(
         default=None,

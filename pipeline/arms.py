@@ -275,6 +275,8 @@ def _generate_calls(model, tokenizer, prompts, batch_size, max_new_tokens, warmu
                 calls.extend(done)
                 if progress:
                     progress(done)
+            else:
+                interrupts.check()  # timing-only passes stop on Ctrl-C too
         pass_seconds.append(time.perf_counter() - started)
         pass_p50_ms.append(statistics.median(lat[repeat] for lat in latencies))
     for call, lat in zip(calls, latencies):

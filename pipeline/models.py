@@ -133,14 +133,11 @@ def check_adapter(adapter_dir: Path, source: ModelSource, trust_remote_code: boo
         raise ModelError(f"finetune.adapter: {config_file} not found (not a peft adapter folder)")
     if not weights.is_file():
         raise ModelError(f"finetune.adapter: {weights} not found (adapters load only from safetensors)")
-    try:
-        adapter_cfg = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{config_file}: not valid JSON ({exc})") from None
-    if not isinstance(adapter_cfg, dict) or adapter_cfg.get("peft_type") != "LORA":
+    adapter_cfg = _json_object(config_file)
+    if adapter_cfg.get("peft_type") != "LORA":
         raise ModelError(f"{config_file}: peft_type must be LORA")
     record_file = adapter_dir / TRAINING_RECORD
-    record = json.loads(record_file.read_text(encoding="utf-8")) if record_file.is_file() else {}
+    record = _json_object(record_file) if record_file.is_file() else {}
     if record.get("base_model") not in (None, source.display_name):
         raise ModelError(f"finetune.adapter: {adapter_dir} was trained on {record['base_model']}, "
                          f"not on {source.display_name} (model.name_or_path)")
@@ -162,6 +159,16 @@ def check_adapter(adapter_dir: Path, source: ModelSource, trust_remote_code: boo
                 raise ModelError(f"finetune.adapter: {key} has shape {list(shape)}, but {name} of "
                                  f"{source.display_name} has {expected} features (an adapter for another base model)")
     return record
+
+
+def _json_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: expected a JSON object")
+    return data
 
 
 def _skeleton(source: ModelSource, trust_remote_code: bool) -> Any:

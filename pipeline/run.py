@@ -61,7 +61,7 @@ def run_experiment(cfg: ExperimentConfig, config_path: Path, raw_config: dict, c
                                  train_dtype=str(train_dtype), **model_id)
     notes = []
     if given_adapter and "train_time_s" not in adapter_record:
-        notes.append(f"the given adapter {given_adapter.name} has no {TRAINING_RECORD}: its training cost is "
+        notes.append(f"the given adapter {given_adapter} has no {TRAINING_RECORD}: its training cost is "
                      "unknown and counted as $0")
     console.print(f"[bold]{cfg.experiment}[/bold]: {task.name} ({len(task.splits['train'])} train, "
                   f"{len(rows)} test rows), model {source.display_name} ({str(dtype).removeprefix('torch.')}), "

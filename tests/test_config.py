@@ -174,6 +174,8 @@ def _foreign_adapter(folder: Path) -> Path:
     (lambda d: (d / "adapter_config.json").unlink(), "adapter_config.json not found"),
     (lambda d: (d / "training.json").write_text('{"base_model": "SmolLM2-360M-Instruct"}'),
      "was trained on SmolLM2-360M-Instruct, not on SmolLM2-135M-Instruct"),
+    (lambda d: (d / "training.json").write_text('{"base_model": '), "training.json: not valid JSON"),
+    (lambda d: (d / "adapter_config.json").write_text('{"peft_type": "PREFIX_TUNING"}'), "peft_type must be LORA"),
 ])
 def test_adapter_for_another_base_model_fails_before_any_work(tmp_path, capsys, monkeypatch, spoil, expected):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")

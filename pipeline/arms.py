@@ -18,6 +18,7 @@ import torch
 
 from pipeline import interrupts
 from pipeline.config import FinetuneConfig
+from pipeline.models import ModelError
 
 Progress = Callable[[list["Call"]], None]
 
@@ -96,27 +97,6 @@ class LabelConstraint:
         return lambda _row, ids: self.allowed(ids[width:].tolist())
 
 
-def _constraint_kwargs(constraint: LabelConstraint | None, width: int) -> dict[str, Any]:
-    return {"prefix_allowed_tokens_fn": constraint.for_prompt_width(width)} if constraint else {}
-
-
-@torch.inference_mode()
-def _generate_batch(model: Any, tokenizer: Any, batch_ids: list[list[int]], max_new_tokens: int,
-                    stop_ids: list[int], constraint: LabelConstraint | None = None) -> list[tuple[str, int]]:
-    width = max(len(ids) for ids in batch_ids)
-    pad = tokenizer.pad_token_id
-    # Left padding keeps every prompt's last token at the same position for generation.
-    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch_ids])
-    attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch_ids])
-    device = model.device
-    out = model.generate(
-        input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=max_new_tokens,
-        do_sample=False, temperature=None, top_p=None, top_k=None, eos_token_id=stop_ids, pad_token_id=pad,
-        **_constraint_kwargs(constraint, width),
-    )
-    return _decode_new_tokens(tokenizer, out[:, width:], stop_ids)
-
-
 def shared_prefix_length(prefix_ids: list[int], encoded: list[list[int]]) -> int:
     """Tokens every prompt shares with the static prefix (tokens can merge across the boundary),
     leaving at least one token per prompt to run."""
@@ -159,29 +139,37 @@ class PrefixCache:
 
 
 @torch.inference_mode()
-def _generate_batch_cached(model: Any, tokenizer: Any, batch_ids: list[list[int]], max_new_tokens: int,
-                           stop_ids: list[int], prefix: PrefixCache,
-                           constraint: LabelConstraint | None = None) -> list[tuple[str, int]]:
-    """Like _generate_batch, but only the per-call suffix is run; the prefix comes from the cache.
+def _generate_batch(model: Any, tokenizer: Any, batch_ids: list[list[int]], max_new_tokens: int,
+                    stop_ids: list[int], constraint: LabelConstraint | None = None,
+                    prefix: PrefixCache | None = None) -> list[tuple[str, int]]:
+    """Greedy answers for one batch: each row's text and completion token count.
 
-    Padding goes between the prefix and the suffix, masked out; position ids follow the attention
-    mask, so each row sees the same positions as it would unpadded.
+    Rows are padded on the left of their own part, so every prompt's last token sits at the
+    same position. With a prefix cache, only the per-call suffixes run and the padding goes
+    between prefix and suffix, masked out; position ids follow the attention mask, so each
+    row sees the positions it would unpadded.
     """
-    suffixes = [ids[prefix.length :] for ids in batch_ids]
+    shared = prefix.length if prefix else 0
+    suffixes = [ids[shared:] for ids in batch_ids]
     width = max(len(s) for s in suffixes)
     pad = tokenizer.pad_token_id
-    prefix_row = batch_ids[0][: prefix.length]
-    input_ids = torch.tensor([prefix_row + [pad] * (width - len(s)) + s for s in suffixes])
-    attention = torch.tensor([[1] * prefix.length + [0] * (width - len(s)) + [1] * len(s) for s in suffixes])
-    cache = prefix.for_batch(len(batch_ids))
+    head = batch_ids[0][:shared]
+    input_ids = torch.tensor([head + [pad] * (width - len(s)) + s for s in suffixes])
+    attention = torch.tensor([[1] * shared + [0] * (width - len(s)) + [1] * len(s) for s in suffixes])
+    extra: dict[str, Any] = {}
+    if prefix:
+        extra["cache"] = prefix.for_batch(len(batch_ids))
+    if constraint:
+        extra["prefix_allowed_tokens_fn"] = constraint.for_prompt_width(input_ids.shape[1])
     try:
         out = model.generate(
             input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
-            cache=cache, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-            top_k=None, eos_token_id=stop_ids, pad_token_id=pad, **_constraint_kwargs(constraint, input_ids.shape[1]),
+            max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+            eos_token_id=stop_ids, pad_token_id=pad, **extra,
         )
     finally:
-        prefix.rollback()
+        if prefix:
+            prefix.rollback()
     return _decode_new_tokens(tokenizer, out[:, input_ids.shape[1] :], stop_ids)
 
 
@@ -252,9 +240,7 @@ def _generate_calls(model, tokenizer, prompts, batch_size, max_new_tokens, warmu
             cache = PrefixCache(model, prefix_ids[:shared])
 
     def run(batch: list[list[int]]) -> list[tuple[str, int]]:
-        if cache is None:
-            return _generate_batch(model, tokenizer, batch, max_new_tokens, stop_ids, constraint)
-        return _generate_batch_cached(model, tokenizer, batch, max_new_tokens, stop_ids, cache, constraint)
+        return _generate_batch(model, tokenizer, batch, max_new_tokens, stop_ids, constraint, cache)
 
     for ids in encoded[:warmup]:
         run([ids])
@@ -410,8 +396,4 @@ def load_adapter(model: Any, adapter_dir: Path) -> Any:
         return PeftModel.from_pretrained(model, str(adapter_dir)).eval()
     except (RuntimeError, ValueError, KeyError) as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-        raise AdapterError(f"{adapter_dir}: adapter does not fit this base model ({first})") from None
-
-
-class AdapterError(Exception):
-    """A stored adapter that cannot be applied; one line."""
+        raise ModelError(f"{adapter_dir}: adapter does not fit this base model ({first})") from None

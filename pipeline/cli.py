@@ -119,7 +119,6 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.data import DataError
     from pipeline.models import ModelError
     from pipeline.prompts import PromptError
-    from pipeline.arms import AdapterError
     from pipeline.tracking import TrackingError
 
     if not args.debug:
@@ -127,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"run": _cmd_run, "report": _cmd_report, "data": _cmd_data_check}
     try:
         return commands[args.command](args, console)
-    except (ConfigError, DataError, PromptError, ModelError, TrackingError, AdapterError) as exc:
+    except (ConfigError, DataError, PromptError, ModelError, TrackingError) as exc:
         if args.debug:
             raise
         print(f"roi: error: {exc}", file=sys.stderr)

@@ -106,10 +106,6 @@ def run_experiment(cfg: ExperimentConfig, config_path: Path, raw_config: dict, c
                     metrics = done["metrics"]
                     predictions = store.path(eval_key) / "predictions.jsonl"
                     mlflow.set_tags({"reused": "true", "reused_stage": eval_key})
-                    if arm == "finetuned" and given_adapter:
-                        mlflow.log_artifacts(str(given_adapter), artifact_path="adapter")
-                    elif arm == "finetuned" and store.load(finetune_key):
-                        mlflow.log_artifacts(str(store.path(finetune_key) / "adapter"), artifact_path="adapter")
                     console.print(f"{arm:<10} reused stored results ({eval_key})")
                 else:
                     model, extra = base.get(), {}
@@ -122,6 +118,10 @@ def run_experiment(cfg: ExperimentConfig, config_path: Path, raw_config: dict, c
                     metrics = _evaluate(arm, model, tokenizer, renderer, rows, labels, cfg, predictions, console)
                     metrics.update(extra)
                     store.finish(eval_key, {"metrics": metrics}, {"predictions.jsonl": predictions})
+                if arm == "finetuned":
+                    adapter_dir = given_adapter or store.path(finetune_key) / "adapter"
+                    if (adapter_dir / ADAPTER_WEIGHTS).is_file():
+                        mlflow.log_artifacts(str(adapter_dir), artifact_path="adapter")
                 # Prices are not part of a stage: a re-run with new prices re-prices stored measurements.
                 metrics["cost_per_call_usd"] = cost_per_call(
                     cfg.pricing.arms[arm], metrics["prompt_tokens_mean"], metrics["completion_tokens_mean"],
@@ -173,7 +173,6 @@ def _given_adapter_model(adapter_dir: Path, record: dict, base: _LazyModel, cons
     console.print(f"using the given adapter {adapter_dir}")
     mlflow.set_tags({"adapter_source": str(adapter_dir)})
     model = load_adapter(base.get(), adapter_dir)
-    mlflow.log_artifacts(str(adapter_dir), artifact_path="adapter")
     stats = {k: float(record.get(k, 0.0)) for k in ("train_time_s", "train_tokens", "train_loss")}
     return model.merge_and_unload(), stats
 
@@ -208,7 +207,6 @@ def _finetuned_model(cfg, task, renderer, tokenizer, base: _LazyModel, train_dty
         console.print(f"trained in {result.train_time_s:.1f} s "
                       f"({result.train_tokens / result.train_time_s:.0f} tokens/s)")
         model = result.model
-    mlflow.log_artifacts(str(store.path(key) / "adapter"), artifact_path="adapter")
     # Served as deployed: LoRA folded into the weights, so calls pay no adapter overhead.
     return model.merge_and_unload(), stats
 

@@ -66,13 +66,7 @@ class StageStore:
         """Copy result files into the stage, then mark it done (atomic rename of the record)."""
         path = self.work_dir(key)
         for name, source in (files or {}).items():
-            target = path / name
-            if source.resolve() == target.resolve():
-                continue
-            if source.is_dir():
-                shutil.copytree(source, target, dirs_exist_ok=True)
-            else:
-                shutil.copy2(source, target)
+            shutil.copy2(source, path / name)
         fd, tmp = tempfile.mkstemp(dir=path, suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(record, f, indent=1, default=str)

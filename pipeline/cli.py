@@ -53,6 +53,17 @@ def _parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", required=True)
     check = data_sub.add_parser("check", help="statistics and problems of a task folder or config")
     check.add_argument("target", type=Path, help="task folder (e.g. datasets/support_tickets) or experiment YAML")
+
+    serve = sub.add_parser("serve", help="serve a local model (+ LoRA adapter) as an OpenAI-compatible API")
+    serve.add_argument("--model", default="embedded", help="'embedded', a local folder or a hub id")
+    serve.add_argument("--gguf-file", help="a GGUF file inside the model folder")
+    serve.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+    serve.add_argument("--adapter", help="a LoRA adapter folder or runs:/RUN_ID/adapter, merged for serving")
+    serve.add_argument("--name", help="the model id clients use (default: the model's short name)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-batch", type=int, default=32, help="most requests generated together")
+    serve.add_argument("--batch-window-ms", type=float, default=10, help="how long a batch waits for more requests")
     return parser
 
 
@@ -109,6 +120,13 @@ def _cmd_data_check(args, console) -> int:
     return 0
 
 
+def _cmd_serve(args, console) -> int:
+    from pipeline.serve import serve
+
+    return serve(model=args.model, gguf_file=args.gguf_file, dtype=args.dtype, adapter=args.adapter, name=args.name,
+                 host=args.host, port=args.port, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms)
+
+
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
@@ -123,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.debug:
         _quiet_libraries()
-    commands = {"run": _cmd_run, "report": _cmd_report, "data": _cmd_data_check}
+    commands = {"run": _cmd_run, "report": _cmd_report, "data": _cmd_data_check, "serve": _cmd_serve}
     try:
         return commands[args.command](args, console)
     except (ConfigError, DataError, PromptError, ModelError, TrackingError) as exc:

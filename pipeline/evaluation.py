@@ -75,3 +75,23 @@ def latency_stats(latencies_ms: list[float], pass_p50_ms: list[float] | None = N
 def _cv(values: np.ndarray) -> float:
     mean = float(values.mean())
     return float(values.std() / mean) if mean > 0 else 0.0
+
+
+def call_metrics(timed, predicted: list[int], references: list[int], n_labels: int) -> dict[str, float]:
+    """An arm's contract metrics from its measured calls: quality, tokens, latency, throughput, failures.
+
+    A call that failed for good (an API error after its retries) counts as wrong and in `failed_rate`.
+    """
+    calls = timed.calls
+    metrics = score(predicted, references, n_labels)
+    metrics.update(latency_stats([c.latency_ms for c in calls], timed.pass_p50_ms))
+    n = len(calls)
+    metrics["prompt_tokens_mean"] = sum(c.prompt_tokens for c in calls) / n
+    metrics["completion_tokens_mean"] = sum(c.completion_tokens for c in calls) / n
+    metrics["cached_tokens_mean"] = sum(c.cached_tokens for c in calls) / n
+    metrics["throughput_calls_per_s"] = timed.throughput_calls_per_s
+    metrics["failed_rate"] = sum(c.error is not None for c in calls) / n
+    ttft = [c.ttft_ms for c in calls if c.ttft_ms is not None]
+    if ttft:
+        metrics["ttft_p50_ms"] = float(np.percentile(ttft, 50))
+    return metrics

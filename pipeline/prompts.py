@@ -23,7 +23,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pipeline.data import Label
 
 # A sentinel that cannot occur in user text; it marks where the per-call input begins.
-_INPUT_MARK = "\x00INPUT\x00"
+INPUT_MARK = "\x00INPUT\x00"
 
 
 class PromptError(Exception):
@@ -127,9 +127,30 @@ def pick_examples(train_texts: list[str], train_labels: list[str], k: int, seed:
     return [{"text": train_texts[i], "label": train_labels[i]} for i in chosen]
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """One call's input as the template renders it: a chat (`messages`) or plain `text`.
+
+    A local backend turns a chat into the model's own chat-template string; an HTTP backend
+    sends the messages as they are (chat completions) or the text as a completion prompt.
+    """
+
+    messages: tuple[tuple[str, str], ...] | None = None
+    text: str | None = None
+
+    def chat(self) -> list[dict[str, str]]:
+        return [{"role": role, "content": content} for role, content in self.messages or ()]
+
+    def to_string(self, tokenizer: Any) -> str:
+        """The exact string a local model sees."""
+        if self.messages is None:
+            return self.text or ""
+        return tokenizer.apply_chat_template(self.chat(), tokenize=False, add_generation_prompt=True)
+
+
 @dataclass
 class PromptRenderer:
-    """Turns an input text into the exact string sent to the model."""
+    """Turns an input text into a Prompt, and (with a tokenizer) into the exact string a local model sees."""
 
     template: PromptTemplate
     tokenizer: Any
@@ -141,10 +162,13 @@ class PromptRenderer:
         return {"text": text, "labels": labels, "examples": self.examples}
 
     def render(self, text: str) -> str:
+        return self.prompt(text).to_string(self.tokenizer)
+
+    def prompt(self, text: str) -> Prompt:
         variables = self._variables(text)
         try:
             if self.template.messages is None:
-                return _ENV.from_string(self.template.template).render(variables)
+                return Prompt(text=_ENV.from_string(self.template.template).render(variables))
             messages = []
             for m in self.template.messages:
                 if "few_shot" in m:
@@ -157,12 +181,25 @@ class PromptRenderer:
                     messages.append({"role": m["role"], "content": _ENV.from_string(m["content"]).render(variables)})
         except TemplateError as exc:
             raise PromptError(f"{self.template.path}: {type(exc).__name__}: {exc}") from None
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return Prompt(messages=tuple((m["role"], m["content"]) for m in messages))
+
+    def prefix_probe(self) -> Prompt:
+        """The prompt of an input that marks where the per-call part begins (see `static_prefix`)."""
+        return self.prompt(INPUT_MARK)
 
     def static_prefix(self) -> str:
         """The part of every rendered prompt that precedes the input (shared by all calls)."""
-        rendered = self.render(_INPUT_MARK)
-        return rendered.split(_INPUT_MARK, 1)[0]
+        return static_prefix(self.prefix_probe(), self.tokenizer)
+
+    def static_prefix_tokens(self) -> int:
+        """Tokens of the static prefix: what a provider's prompt cache could serve on every call."""
+        prefix = self.static_prefix()
+        return count_tokens(self.tokenizer, prefix) if prefix else 0
+
+
+def static_prefix(probe: Prompt, tokenizer: Any) -> str:
+    """The text before the input marker in a probe prompt: what every call shares."""
+    return probe.to_string(tokenizer).split(INPUT_MARK, 1)[0]
 
 
 def count_tokens(tokenizer: Any, text: str) -> int:

@@ -12,9 +12,6 @@ from pathlib import Path
 
 from pipeline.costing import total_cost
 
-ARM_TITLES = {"naive": "naive", "engineered": "engineered", "finetuned": "finetuned"}
-
-
 @dataclass
 class Summary:
     experiment: str
@@ -23,9 +20,9 @@ class Summary:
     n_eval: int
     arms: dict[str, dict[str, float]]
     parent: dict[str, float]
-    baseline_arm: str
+    baseline_arm: str | None
+    candidate_arm: str | None
     monthly_calls: float
-    prompt_fixed_usd: float
     run_id: str = ""
     decoding: str = "free"
     repeats: int = 1
@@ -35,8 +32,12 @@ class Summary:
     def break_even_calls(self) -> float | None:
         return self.parent.get("break_even_calls")
 
+    @property
+    def has_pair(self) -> bool:
+        return bool(self.baseline_arm and self.candidate_arm and {self.baseline_arm, self.candidate_arm} <= set(self.arms))
+
     def fixed_cost(self, arm: str) -> float:
-        return self.parent.get("finetune_fixed_cost_usd", 0.0) if arm == "finetuned" else self.prompt_fixed_usd
+        return self.arms[arm].get("fixed_cost_usd", 0.0)
 
 
 def _num(value: float | None, digits: int = 1) -> str:
@@ -63,7 +64,7 @@ def arm_rows(summary: Summary) -> list[list[str]]:
     rows = []
     for arm, m in summary.arms.items():
         rows.append([
-            ARM_TITLES.get(arm, arm),
+            arm,
             f"{100 * m['accuracy']:.1f}%",
             f"{100 * m['macro_f1']:.1f}",
             f"{100 * m['invalid_rate']:.1f}%",
@@ -83,21 +84,21 @@ HEADERS = ["arm", "accuracy", "macro-F1", "invalid", "prompt tok", "compl. tok",
 
 def verdict(summary: Summary) -> str:
     """One sentence a team lead can act on."""
-    if "finetuned" not in summary.arms or summary.baseline_arm not in summary.arms:
-        return "Break-even needs both the fine-tuned arm and the baseline prompt arm."
-    ft, base = summary.arms["finetuned"], summary.arms[summary.baseline_arm]
+    if not summary.has_pair:
+        return "Break-even needs a fine-tuned arm and a prompt arm to compare (compare.baseline, compare.candidate)."
+    ft, base = summary.arms[summary.candidate_arm], summary.arms[summary.baseline_arm]
     gain = 100 * (ft["accuracy"] - base["accuracy"])
     if summary.break_even_calls is None:
-        return (f"Fine-tuning never pays off on cost: it does not save per call against the {summary.baseline_arm} "
-                f"prompt (accuracy {gain:+.1f} pts).")
+        return (f"{summary.candidate_arm} never pays off on cost: it does not save per call against "
+                f"{summary.baseline_arm} (accuracy {gain:+.1f} pts).")
     months = summary.parent.get("payback_months")
-    return (f"Fine-tuning pays off after {_calls(summary.break_even_calls)} calls"
+    return (f"{summary.candidate_arm} pays off after {_calls(summary.break_even_calls)} calls"
             f" ({_num(months, 2)} months at {summary.monthly_calls:,.0f} calls/month),"
-            f" with accuracy {gain:+.1f} pts against the {summary.baseline_arm} prompt.")
+            f" with accuracy {gain:+.1f} pts against {summary.baseline_arm}.")
 
 
 def _break_even_text(summary: Summary) -> str:
-    if "finetuned" not in summary.arms or summary.baseline_arm not in summary.arms:
+    if not summary.has_pair:
         return "n/a"
     be = summary.break_even_calls
     return "never" if be is None else f"{_calls(be)} calls"
@@ -145,14 +146,16 @@ def summary_markdown(summary: Summary) -> str:
     p = summary.parent
     lines += [
         "",
-        f"- Break-even: {_break_even_text(summary)} against the {summary.baseline_arm} prompt"
+        f"- Break-even: {_break_even_text(summary)} of {summary.candidate_arm} against {summary.baseline_arm}"
         + (f"; payback {_num(p.get('payback_months'), 2)} months at {summary.monthly_calls:,.0f} calls/month."
            if summary.break_even_calls is not None else "."),
         f"- Fine-tuning fixed cost: {_usd(p.get('finetune_fixed_cost_usd'))}"
-        + (f" (training {_num(summary.arms['finetuned'].get('train_time_s'))} s,"
-           f" {summary.arms['finetuned'].get('train_tokens', 0):,.0f} tokens)" if "finetuned" in summary.arms else ""),
-        f"- Token reduction (engineered / fine-tuned prompt tokens): {_num(p.get('token_reduction_x'))}x",
-        f"- Prompt engineering gain (engineered - naive accuracy): {_num(p.get('prompt_gain_pts'))} pts",
+        + (f" (training {_num(summary.arms[summary.candidate_arm].get('train_time_s'))} s,"
+           f" {summary.arms[summary.candidate_arm].get('train_tokens', 0):,.0f} tokens)"
+           if summary.candidate_arm in summary.arms else ""),
+        f"- Token reduction ({summary.baseline_arm} / {summary.candidate_arm} prompt tokens):"
+        f" {_num(p.get('token_reduction_x'))}x",
+        f"- Prompt engineering gain ({summary.baseline_arm} - naive prompt accuracy): {_num(p.get('prompt_gain_pts'))} pts",
         "",
         f"Decoding: {summary.decoding}"
         + (" (answers restricted to the label set, so none is invalid)." if summary.decoding == "constrained"
@@ -169,7 +172,7 @@ def summary_markdown(summary: Summary) -> str:
         "|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {ARM_TITLES.get(arm, arm)} | {_num(m['latency_p50_ms'], 0)} | {_num(m['latency_p95_ms'], 0)}"
+        f"| {arm} | {_num(m['latency_p50_ms'], 0)} | {_num(m['latency_p95_ms'], 0)}"
         f" | {_num(m.get('latency_cv'), 2)} | {_num(m.get('latency_repeat_cv'), 3)}"
         f" | {_num(m.get('latency_p50_ms_uncached'), 0)} |"
         for arm, m in summary.arms.items()
@@ -196,7 +199,7 @@ def plot_cost_vs_volume(summary: Summary, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     for arm, m in summary.arms.items():
         costs = [total_cost(summary.fixed_cost(arm), m["cost_per_call_usd"], v) for v in volumes]
-        ax.plot(volumes, costs, label=ARM_TITLES.get(arm, arm))
+        ax.plot(volumes, costs, label=arm)
     if be is not None and be > 0:
         ax.axvline(be, color="grey", linestyle="--", linewidth=1)
         ax.annotate(f"break-even\n{_calls(be)} calls", (be, ax.get_ylim()[1] * 0.5), fontsize=8, ha="left")
@@ -216,11 +219,9 @@ def plot_cost_vs_volume(summary: Summary, path: Path) -> None:
 def summary_from_runs(parent, children) -> Summary:
     """Rebuild a Summary from MLflow Run objects (a parent and its arm runs)."""
     params = parent.data.params
-    arms = {}
-    for child in sorted(children, key=lambda r: list(ARM_TITLES).index(r.data.tags.get("arm", "naive"))):
-        arm = child.data.tags.get("arm")
-        if arm:
-            arms[arm] = dict(child.data.metrics)
+    by_name = {child.data.tags["arm"]: child for child in children if child.data.tags.get("arm")}
+    order = [a for a in params.get("arms", "").split(",") if a in by_name]  # as configured
+    arms = {name: dict(by_name[name].data.metrics) for name in order + sorted(set(by_name) - set(order))}
     return Summary(
         experiment=params.get("experiment", ""),
         task=parent.data.tags.get("task", ""),
@@ -228,9 +229,9 @@ def summary_from_runs(parent, children) -> Summary:
         n_eval=int(params.get("n_eval", 0)),
         arms=arms,
         parent=dict(parent.data.metrics),
-        baseline_arm=params.get("pricing.baseline_arm") or "engineered",
+        baseline_arm=params.get("compare.baseline") or None,
+        candidate_arm=params.get("compare.candidate") or None,
         monthly_calls=float(params.get("pricing.monthly_calls") or 100_000),
-        prompt_fixed_usd=float(params.get("pricing.prompt_fixed_usd") or 0.0),
         run_id=parent.info.run_id,
         decoding=params.get("decoding", "free"),
         repeats=int(params.get("latency_repeats", 1)),

@@ -15,7 +15,44 @@ def test_default_config_loads_and_resolves_paths():
     cfg = load_config(DEFAULT)
     assert cfg.arms == ["naive", "engineered", "finetuned"]
     assert cfg.task.path == ROOT / "datasets" / "support_tickets"
-    assert cfg.prompts.engineered.is_file()
+    assert [a.name for a in cfg.resolved_arms] == ["naive", "engineered", "finetuned"]
+    assert all(a.prompt.is_file() for a in cfg.resolved_arms)
+    assert [a.kind for a in cfg.resolved_arms] == ["prompt", "prompt", "finetuned"]
+    assert (cfg.pair.baseline, cfg.pair.candidate, cfg.pair.naive) == ("engineered", "finetuned", "naive")
+
+
+def test_a_minimal_config_anywhere_needs_only_experiment_task_and_arms(tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    path = tmp_path / "elsewhere" / "mine.yaml"
+    path.write_text(yaml.safe_dump({"experiment": "mine", "task": {"path": str(ROOT / "datasets" / "support_tickets"),
+                                    "labels": "labels.json"}, "arms": ["naive", "engineered", "finetuned"]}))
+    cfg = load_config(path)
+    arms = {a.name: a for a in cfg.resolved_arms}
+    assert arms["engineered"].prompt.read_text() == (ROOT / "prompts" / "engineered.yaml").read_text()
+    assert arms["finetuned"].trains and not arms["naive"].trains
+    assert all(a.price.kind == "per_hour" and a.price.usd_per_hour == 0.10 for a in cfg.resolved_arms)
+
+
+def test_arm_specs_inherit_the_top_level_sections_and_override_keys(tmp_path, monkeypatch):
+    monkeypatch.setenv("ROI_TEST_KEY", "marker")
+    path = _write(tmp_path, lambda d: d.update({
+        "models": {"small": {"source": "embedded"},
+                   "api": {"backend": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "gpt-4o-mini",
+                           "api_key_env": "ROI_TEST_KEY"}},
+        "arms": ["naive",
+                 {"name": "engineered-4o-mini", "model": "api", "prompt": "engineered",
+                  "price": {"kind": "per_token", "input_usd_per_mtok": 0.15, "output_usd_per_mtok": 0.6}},
+                 {"name": "ft", "model": "small", "prompt": "finetuned", "finetune": {"lora": {"r": 4}},
+                  "eval": {"max_new_tokens": 3}}],
+        "compare": {"baseline": "engineered-4o-mini", "candidate": "ft"}}))
+    cfg = load_config(path, ["finetune.epochs=1"])
+    arms = {a.name: a for a in cfg.resolved_arms}
+    ft = arms["ft"]
+    assert ft.finetune.lora.r == 4 and ft.finetune.lora.alpha == 32 and ft.finetune.epochs == 1.0
+    assert ft.eval.max_new_tokens == 3 and ft.eval.batch_size == cfg.eval.batch_size
+    assert arms["engineered-4o-mini"].backend == "openai" and arms["engineered-4o-mini"].kind == "prompt"
+    assert arms["naive"].model_key == "model" and ft.model_key == "small"
+    assert (cfg.pair.baseline, cfg.pair.candidate) == ("engineered-4o-mini", "ft")
 
 
 def test_overrides_are_typed_and_dotted():
@@ -69,7 +106,7 @@ CASES = [
     (_set("finetune.epochs", "many"), "finetune.epochs"),
     (_set("finetune.lora.r", 0), "finetune.lora.r"),
     (_set("finetune.learning_rate", 0), "finetune.learning_rate"),
-    (_set("arms", ["naive", "zero_shot"]), "arms.1"),
+    (_set("arms", ["naive", "zero_shot"]), "arms[1]: 'zero_shot' is not a built-in arm"),
     (_set("arms", []), "at least one arm"),
     (_set("model.dtype", "float8"), "model.dtype"),
     (_set("eval.limit", 0), "eval.limit"),
@@ -77,13 +114,27 @@ CASES = [
     (_set("pricing.arms.naive", {"kind": "per_call", "usd": 1}), "pricing.arms.naive"),
     (_set("pricing.arms.naive", {"kind": "per_token", "input_usd_per_mtok": -1, "output_usd_per_mtok": 1}),
      "pricing.arms.naive.per_token.input_usd_per_mtok"),
-    (_delete("pricing.arms.finetuned"), "pricing.arms has no price for arm(s) finetuned"),
-    (_delete("pricing"), "pricing: required key is missing"),
+    (_set("arms", ["naive", {"name": "x", "model": "big", "prompt": "naive"}]),
+     "arms[1] (x).model: no model named 'big' in `models` (known: embedded)"),
+    (_set("arms", ["naive", {"name": "naive", "prompt": "engineered"}]), "arms[1] (naive): arm name 'naive' is used twice"),
+    (_set("arms", [{"name": "bad/name", "prompt": "naive"}]), "arms[0].name"),
+    (_set("arms", [{"name": "x", "prompt": "naive", "temperature": 1}]), "arms[0].temperature: unknown key"),
+    (_set("arms", [{"name": "x", "prompt": "naive", "eval": {"batch_size": 0}}]), "arms[0] (x).eval.batch_size"),
+    (_set("arms", [{"name": "x", "prompt": "nowhere.yaml"}]), "arms[0] (x).prompt: prompt file"),
+    (lambda d: d.update(models={"api": {"backend": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m", "api_key_env": "ROI_UNSET_KEY_VAR"}}, arms=[{"name": "x", "model": "api", "prompt": "naive",
+                                                        "finetune": {}, "price": {"kind": "per_hour", "usd_per_hour": 1}}]),
+     "arms[0] (x).finetune: model 'api' is an openai model"),
+    (lambda d: d.update(models={"api": {"backend": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m", "api_key_env": "ROI_UNSET_KEY_VAR"}}, arms=[{"name": "x", "model": "api", "prompt": "naive"}]),
+     "arms[0] (x).price: an arm on an openai model needs a price"),
+    (lambda d: d.update(models={"api": {"backend": "grpc"}}), "models.api"),
+    (lambda d: d.update(models={"api": {"backend": "openai", "model": "m"}}), "models.api.openai.base_url: required key"),
+    (_set("compare", {"baseline": "nobody"}), "compare.baseline: no arm named 'nobody'"),
+    (_set("compare", {"candidate": "engineered", "baseline": "engineered"}), "compare: baseline and candidate are the same"),
     (_delete("experiment"), "experiment: required key is missing"),
-    (_set("prompts.engineered", "prompts/missing.yaml"), "prompts.engineered: prompt file"),
+    (_set("prompts.engineered", "prompts/missing.yaml"), "arms[1] (engineered).prompt: prompt file"),
     (_set("task.path", "datasets/nowhere"), "task.path: folder"),
     (_set("task.format", "xlsx"), "task.format"),
-    (_set("pricing.baseline_arm", "finetuned"), "pricing.baseline_arm"),
+    (_set("pricing.baseline_arm", "nobody"), "pricing.baseline_arm: no arm named 'nobody'"),
     (_set("model.trust_remote_code", "sometimes"), "model.trust_remote_code"),
     (_set("eval.decoding", "beam"), "eval.decoding: 'beam' is not allowed (expected 'free' or 'constrained')"),
     (_set("eval.repeats", 0), "eval.repeats"),
@@ -102,6 +153,21 @@ def test_bad_config_is_one_line_exit_2_naming_the_key(tmp_path, capsys, mutate, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("roi: error: ") and expected in err
     assert "Traceback" not in err
+
+
+def test_a_missing_api_key_variable_stops_the_run_before_any_work_and_its_name_is_all_it_says(
+        tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("ROI_UNSET_KEY_VAR", raising=False)
+    path = _write(tmp_path, lambda d: d.update(
+        models={"api": {"backend": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m",
+                        "api_key_env": "ROI_UNSET_KEY_VAR"}},
+        arms=[{"name": "x", "model": "api", "prompt": "naive", "price": {"kind": "per_hour", "usd_per_hour": 1}}],
+        output_dir=str(tmp_path / "runs")))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == "roi: error: models.api.api_key_env: environment variable ROI_UNSET_KEY_VAR is not set\n"
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()  # nothing ran
 
 
 @pytest.mark.parametrize("override, expected", [

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from conftest import ROOT
-from pipeline.arms import LabelConstraint, generate_calls, stop_token_ids
 from pipeline.config import ModelConfig
 from pipeline.data import eval_rows, load_task, task_config_for_folder
 from pipeline.models import load_model, load_tokenizer, resolve_source
 from pipeline.prompts import PromptRenderer, load_template, pick_examples
+from test_local_backend import generate_calls
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -31,7 +31,7 @@ def tiny_source(tmp_path_factory, tokenizer):
     model.generation_config = GenerationConfig(eos_token_id=eos, bos_token_id=tokenizer.bos_token_id)
     model.save_pretrained(str(folder), safe_serialization=True)
     tokenizer.save_pretrained(str(folder))
-    return resolve_source(ModelConfig(name_or_path=str(folder)))
+    return resolve_source(ModelConfig(source=str(folder)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -40,18 +40,18 @@ def test_cuda_prefix_cache_batching_and_constraint_agree_with_the_plain_path(tin
     task = load_task(task_config_for_folder(ROOT / "datasets" / "support_tickets"))
     examples = pick_examples(task.splits["train"]["text"], task.splits["train"]["label"], 12, seed=0)
     renderer = PromptRenderer(load_template(ROOT / "prompts" / "engineered.yaml"), tok, task.labels, examples)
-    prompts = [renderer.render(t) for t in eval_rows(task, 24, seed=0)["text"]]
+    prompts = [renderer.prompt(t) for t in eval_rows(task, 24, seed=0)["text"]]
     model = load_model(tiny_source, dtype)
     assert model.device.type == "cuda"
     plain = [c.output for c in generate_calls(model, tok, prompts, 1, 8).calls]
-    cached = [c.output for c in generate_calls(model, tok, prompts, 8, 8, prefix=renderer.static_prefix()).calls]
+    cached = [c.output for c in generate_calls(model, tok, prompts, 8, 8, prefix=renderer).calls]
     padded = [c.output for c in generate_calls(model, tok, prompts, 8, 8).calls]
     if dtype == torch.float32:
         assert cached == plain and padded == plain
     else:  # bf16 rounds differently with batch shape; on an H100 all 24 agreed
         assert sum(a == b for a, b in zip(cached, plain)) >= 0.9 * len(plain)
-    constraint = LabelConstraint(tok, task.label_names, stop_token_ids(model, tok))
-    constrained = generate_calls(model, tok, prompts, 8, 8, prefix=renderer.static_prefix(), constraint=constraint)
+    constraint = task.label_names
+    constrained = generate_calls(model, tok, prompts, 8, 8, prefix=renderer, constraint=constraint)
     constrained_plain = generate_calls(model, tok, prompts, 1, 8, constraint=constraint)
     assert all(c.output in task.label_names for c in constrained.calls)
     if dtype == torch.float32:

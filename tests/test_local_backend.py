@@ -1,11 +1,12 @@
-"""Generation on the real default model: prefix-cache reuse and batching change no prediction."""
+"""The local backend on the real default model: prefix-cache reuse and batching change no prediction."""
 
 import pytest
 
 from conftest import ROOT
-from pipeline.arms import LabelConstraint, generate_calls, shared_prefix_length
+from pipeline.backends.local import LabelConstraint, LocalBackend, LocalSettings, shared_prefix_length, stop_token_ids
 from pipeline.data import eval_rows, load_task, task_config_for_folder
-from pipeline.prompts import PromptRenderer, load_template, pick_examples
+from pipeline.measure import measure
+from pipeline.prompts import Prompt, PromptRenderer, load_template, pick_examples
 
 
 @pytest.fixture(scope="module")
@@ -14,7 +15,25 @@ def engineered(tokenizer):
     examples = pick_examples(task.splits["train"]["text"], task.splits["train"]["label"], 6, seed=0)
     r = PromptRenderer(load_template(ROOT / "prompts" / "engineered.yaml"), tokenizer, task.labels, examples)
     texts = eval_rows(task, 6, seed=0)["text"]
-    return r, [r.render(t) for t in texts]
+    return r, [r.prompt(t) for t in texts]
+
+
+def generate_calls(model, tokenizer, prompts, batch_size, max_new_tokens, prefix=None, constraint=None,
+                   repeats=1, warmup=0, progress=None):
+    """Measure `prompts` (Prompts or strings) on a LocalBackend; `prefix` is the renderer whose static
+    prefix is cached, `constraint` the labels answers are restricted to."""
+    prompts = [p if isinstance(p, Prompt) else Prompt(text=p) for p in prompts]
+    settings = LocalSettings(batch_size, max_new_tokens, prefix_cache=prefix is not None, labels=constraint)
+    backend = LocalBackend(model, tokenizer, settings, prefix_probe=prefix.prefix_probe() if prefix else None)
+    return measure(backend, prompts, warmup=warmup, repeats=repeats, on_calls=progress)
+
+
+def _prefill_widths(model):
+    """Record the sequence width of every forward pass (the first one of each batch is its prefill)."""
+    widths = []
+    handle = model.register_forward_pre_hook(
+        lambda _m, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    return widths, handle
 
 
 def test_shared_prefix_length():
@@ -27,10 +46,8 @@ def test_shared_prefix_length():
 def test_prefix_cache_and_batching_give_the_plain_path_predictions(model_fp32, tokenizer, engineered):
     renderer, prompts = engineered
     plain = generate_calls(model_fp32, tokenizer, prompts, batch_size=1, max_new_tokens=6).calls
-    cached = generate_calls(model_fp32, tokenizer, prompts, batch_size=1, max_new_tokens=6,
-                            prefix=renderer.static_prefix()).calls
-    batched = generate_calls(model_fp32, tokenizer, prompts, batch_size=3, max_new_tokens=6,
-                             prefix=renderer.static_prefix()).calls
+    cached = generate_calls(model_fp32, tokenizer, prompts, batch_size=1, max_new_tokens=6, prefix=renderer).calls
+    batched = generate_calls(model_fp32, tokenizer, prompts, batch_size=3, max_new_tokens=6, prefix=renderer).calls
     padded = generate_calls(model_fp32, tokenizer, prompts, batch_size=3, max_new_tokens=6).calls
     outputs = [c.output for c in plain]
     assert any(outputs), "the model should answer something"
@@ -38,6 +55,25 @@ def test_prefix_cache_and_batching_give_the_plain_path_predictions(model_fp32, t
     assert [c.output for c in batched] == outputs
     assert [c.output for c in padded] == outputs
     assert [c.prompt_tokens for c in cached] == [c.prompt_tokens for c in plain]
+
+
+def test_with_the_prefix_cache_only_the_suffix_tokens_run(model_fp32, tokenizer, engineered):
+    renderer, prompts = engineered
+    prefix_tokens = renderer.static_prefix_tokens()
+    assert prefix_tokens > 100
+    settings = LocalSettings(batch_size=3, max_new_tokens=2)
+    backend = LocalBackend(model_fp32, tokenizer, settings, prefix_probe=renderer.prefix_probe())
+    backend.run(prompts[:1])  # the prefix runs once, here
+    widths, handle = _prefill_widths(model_fp32)
+    try:
+        calls = backend.run(prompts[:3])
+    finally:
+        handle.remove()
+    suffixes = [c.prompt_tokens - c.cached_tokens for c in calls]
+    assert all(c.cached_tokens >= prefix_tokens - 2 for c in calls)  # tokens may merge across the boundary
+    # The batch's first forward pass (its prefill) is as wide as its longest suffix, not its prompts.
+    assert widths[0] == max(suffixes) < min(c.prompt_tokens for c in calls) - 100
+    assert all(w == 1 for w in widths[1:])  # then one token per decoding step
 
 
 def test_label_trie_allows_exactly_the_label_sequences(tokenizer):
@@ -63,7 +99,6 @@ def test_label_trie_allows_exactly_the_label_sequences(tokenizer):
 
 
 def test_constrained_decoding_answers_a_label_every_time(model_fp32, tokenizer, engineered):
-    from pipeline.arms import stop_token_ids
     from pipeline.evaluation import INVALID, parse_label
 
     renderer, prompts = engineered
@@ -73,26 +108,15 @@ def test_constrained_decoding_answers_a_label_every_time(model_fp32, tokenizer, 
     bare = ["My card was charged twice for the same order", "The app crashes when I log in", "Where is my parcel"]
     free = generate_calls(model_fp32, tokenizer, bare, batch_size=3, max_new_tokens=6).calls
     assert any(parse_label(c.output, labels) == INVALID for c in free)
-    plain = generate_calls(model_fp32, tokenizer, prompts, batch_size=1, max_new_tokens=6,
-                           constraint=constraint).calls
-    cached = generate_calls(model_fp32, tokenizer, prompts, batch_size=3, max_new_tokens=6,
-                            prefix=renderer.static_prefix(), constraint=constraint).calls
-    for calls in (plain, cached, generate_calls(model_fp32, tokenizer, bare, 3, 6, constraint=constraint).calls):
+    plain = generate_calls(model_fp32, tokenizer, prompts, batch_size=1, max_new_tokens=6, constraint=labels).calls
+    cached = generate_calls(model_fp32, tokenizer, prompts, batch_size=3, max_new_tokens=6, prefix=renderer,
+                            constraint=labels).calls
+    for calls in (plain, cached, generate_calls(model_fp32, tokenizer, bare, 3, 6, constraint=labels).calls):
         assert all(c.output in labels for c in calls), [c.output for c in calls]
         assert all(c.completion_tokens <= constraint.longest + 1 for c in calls)
     assert [c.output for c in cached] == [c.output for c in plain]
 
 
-def test_repeated_passes_time_every_call_and_keep_the_first_answers(model_fp32, tokenizer, engineered):
-    _, prompts = engineered
-    seen = []
-    timed = generate_calls(model_fp32, tokenizer, prompts[:4], batch_size=2, max_new_tokens=4, repeats=3,
-                           progress=seen.extend)
-    assert len(timed.pass_p50_ms) == 3 and all(t > 0 for t in timed.pass_p50_ms)
-    assert len(seen) == 4 and len(timed.calls) == 4  # progress sees the first pass only
-    once = generate_calls(model_fp32, tokenizer, prompts[:4], batch_size=2, max_new_tokens=4).calls
-    assert [c.output for c in timed.calls] == [c.output for c in once]
-    assert all(c.latency_ms > 0 for c in timed.calls) and timed.seconds > 0
 
 
 def test_call_token_counts_match_the_tokenizer(model_fp32, tokenizer, engineered):
@@ -101,7 +125,7 @@ def test_call_token_counts_match_the_tokenizer(model_fp32, tokenizer, engineered
     calls = timed.calls
     assert timed.seconds > 0 and len(timed.pass_p50_ms) == 1
     for prompt, call in zip(prompts, calls):
-        assert call.prompt_tokens == len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        assert call.prompt_tokens == len(tokenizer(prompt.to_string(tokenizer), add_special_tokens=False)["input_ids"])
         assert 1 <= call.completion_tokens <= 6
         # the decoded answer re-tokenizes to at most the tokens generated (the stop token is counted, not shown)
         assert len(tokenizer(call.output, add_special_tokens=False)["input_ids"]) <= call.completion_tokens

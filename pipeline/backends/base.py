@@ -1,0 +1,52 @@
+"""The one small interface every backend implements, and the call record they all return.
+
+A backend answers a list of prompts (one timed pass) and reports each call as its caller
+saw it. Everything else (warm-up, repeated passes, statistics, pricing) is the same for
+every backend and lives in `measure.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+from pipeline.prompts import Prompt
+
+
+@dataclass
+class Call:
+    """One model call as a caller sees it.
+
+    `error` is set when the call failed for good (after the retry budget): its output is
+    empty and it is scored as wrong, never dropped. `cached_tokens` is what the server
+    reported as read from its prompt cache (0 where it reports nothing).
+    """
+
+    output: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: float
+    cached_tokens: int = 0
+    error: str | None = None
+    retries: int = 0
+    ttft_ms: float | None = None
+
+
+OnCalls = Callable[[list[Call]], None]
+
+
+class Backend(Protocol):
+    """Answers prompts. `kind` is the MLflow `backend` tag; `tokens_estimated` is true where
+    token counts come from a local tokenizer rather than the server's own `usage`."""
+
+    kind: str
+    tokens_estimated: bool
+
+    def run(self, prompts: list[Prompt], on_calls: OnCalls | None = None) -> list[Call]:
+        """One pass: a Call per prompt, in prompt order. `on_calls` sees finished calls as they
+        come, in prompt order (a backend that finishes calls out of order holds them back)."""
+        ...
+
+    def close(self) -> None:
+        """Release connections or memory; the backend is not used again."""
+        ...

@@ -1,0 +1,284 @@
+"""The local backend: a model in this process, batched greedy generation with a prefix KV cache.
+
+Prompt arms and fine-tuned arms differ only in the text they send and in the weights
+(base vs base + merged adapter); both go through `LocalBackend`.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from pipeline.backends.base import Call, OnCalls
+from pipeline.prompts import Prompt, static_prefix
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Token ids that end an answer: the model's end-of-turn ids and the tokenizer's eos."""
+    ids = model.generation_config.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def _completion_length(new_tokens: list[int], stop_ids: list[int]) -> int:
+    """Generated tokens up to and including the first stop token (later ones are padding)."""
+    for i, token in enumerate(new_tokens):
+        if token in stop_ids:
+            return i + 1
+    return len(new_tokens)
+
+
+def _decode_new_tokens(tokenizer: Any, new_tokens: torch.Tensor, stop_ids: list[int]) -> list[tuple[str, int]]:
+    """Each row's answer text and its completion token count (through the first stop token)."""
+    results = []
+    for row in new_tokens.tolist():
+        n = _completion_length(row, stop_ids)
+        results.append((tokenizer.decode(row[:n], skip_special_tokens=True), n))
+    return results
+
+
+class LabelConstraint:
+    """Greedy decoding restricted to one label of the set, then a stop token (a trie over label tokens).
+
+    Each label is tokenized as the answer alone, the way the fine-tuned arm learns it and the
+    prompt arms' chat turns present it; an output can then only be a label, so none is invalid.
+    """
+
+    _END = -1
+
+    def __init__(self, tokenizer: Any, labels: list[str], stop_ids: list[int]):
+        self.stop_ids = list(stop_ids)
+        self.trie: dict[int, dict] = {}
+        self.longest = 0
+        for label in labels:
+            ids = tokenizer(label, add_special_tokens=False)["input_ids"]
+            node = self.trie
+            for token in ids:
+                node = node.setdefault(token, {})
+            node[self._END] = {}
+            self.longest = max(self.longest, len(ids))
+
+    def allowed(self, generated: list[int]) -> list[int]:
+        """Tokens that may follow `generated` (the answer so far)."""
+        node = self.trie
+        for token in generated:
+            if token in self.stop_ids:
+                return self.stop_ids  # the answer is finished; what follows is padding
+            node = node.get(token)
+            if node is None:
+                return self.stop_ids
+        tokens = [t for t in node if t != self._END]
+        return tokens + self.stop_ids if self._END in node else tokens
+
+    def for_prompt_width(self, width: int) -> Callable[[int, torch.Tensor], list[int]]:
+        """The `prefix_allowed_tokens_fn` for a batch whose prompts are `width` tokens wide."""
+        return lambda _row, ids: self.allowed(ids[width:].tolist())
+
+
+def shared_prefix_length(prefix_ids: list[int], encoded: list[list[int]]) -> int:
+    """Tokens every prompt shares with the static prefix (tokens can merge across the boundary),
+    leaving at least one token per prompt to run."""
+    length = len(prefix_ids)
+    for ids in encoded:
+        n = 0
+        limit = min(length, len(ids) - 1)
+        while n < limit and ids[n] == prefix_ids[n]:
+            n += 1
+        length = n
+    return max(length, 0)
+
+
+class PrefixCache:
+    """The KV cache of a shared prompt prefix, computed once and rolled back after each call."""
+
+    def __init__(self, model: Any, prefix_ids: list[int]):
+        from transformers import DynamicCache
+
+        self.length = len(prefix_ids)
+        self.cache = DynamicCache(config=model.config)
+        with torch.inference_mode():
+            model(input_ids=torch.tensor([prefix_ids], device=model.device), cache=self.cache,
+                  use_cache=True)
+        self._batch = 1
+
+    def for_batch(self, size: int) -> Any:
+        if size != self._batch:
+            # Rebuild the batch dimension from the first row: every row holds the same prefix.
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[:1].repeat(size, 1, 1, 1)
+                layer.values = layer.values[:1].repeat(size, 1, 1, 1)
+            self._batch = size
+        return self.cache
+
+    def rollback(self) -> None:
+        extra = self.cache.get_seq_length() - self.length
+        if extra > 0:
+            self.cache.crop(-extra)
+
+
+@torch.inference_mode()
+def _generate_batch(model: Any, tokenizer: Any, batch_ids: list[list[int]], max_new_tokens: int,
+                    stop_ids: list[int], constraint: LabelConstraint | None = None,
+                    prefix: PrefixCache | None = None) -> list[tuple[str, int]]:
+    """Greedy answers for one batch: each row's text and completion token count.
+
+    Rows are padded on the left of their own part, so every prompt's last token sits at the
+    same position. With a prefix cache, only the per-call suffixes run and the padding goes
+    between prefix and suffix, masked out; position ids follow the attention mask, so each
+    row sees the positions it would unpadded.
+    """
+    shared = prefix.length if prefix else 0
+    suffixes = [ids[shared:] for ids in batch_ids]
+    width = max(len(s) for s in suffixes)
+    pad = tokenizer.pad_token_id
+    head = batch_ids[0][:shared]
+    input_ids = torch.tensor([head + [pad] * (width - len(s)) + s for s in suffixes])
+    attention = torch.tensor([[1] * shared + [0] * (width - len(s)) + [1] * len(s) for s in suffixes])
+    extra: dict[str, Any] = {}
+    if prefix:
+        extra["cache"] = prefix.for_batch(len(batch_ids))
+    if constraint:
+        extra["prefix_allowed_tokens_fn"] = constraint.for_prompt_width(input_ids.shape[1])
+    try:
+        out = model.generate(
+            input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
+            max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+            eos_token_id=stop_ids, pad_token_id=pad, **extra,
+        )
+    finally:
+        if prefix:
+            prefix.rollback()
+    return _decode_new_tokens(tokenizer, out[:, input_ids.shape[1] :], stop_ids)
+
+
+@contextmanager
+def _foldable_output_projection(model: Any):
+    """Let torch fold the last-token projection into a single matmul.
+
+    torch.matmul folds a [batch, 1, hidden] slice into one [batch, hidden] matmul only when the
+    weight requires grad; for a frozen weight (peft freezes everything) it takes a batched path
+    that copies the vocabulary matrix once per row, which halves decoding speed on CPU. Under
+    inference_mode the flag records nothing, so it is set for the duration of generation only.
+    """
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    frozen = weight is not None and not weight.requires_grad
+    if frozen:
+        weight.requires_grad_(True)
+    try:
+        yield
+    finally:
+        if frozen:
+            weight.requires_grad_(False)
+
+
+
+@dataclass
+class LocalSettings:
+    """How a local arm generates: batch size, answer length, prefix cache and label constraint."""
+
+    batch_size: int
+    max_new_tokens: int
+    prefix_cache: bool = True
+    labels: list[str] | None = None  # constrained decoding: every answer is one of these
+    min_prefix_tokens: int = 16
+    # Without a template's static prefix (a server sees only requests), cache what a pass's prompts share.
+    auto_prefix: bool = False
+
+
+class LocalBackend:
+    """Answers prompts with a model in this process.
+
+    With a prefix shared by all prompts (system text, label list, few-shot examples), its KV
+    cache is computed once and each call runs only its own suffix. With `labels`, every
+    answer is one of them. Each call's latency is the wall time of the batch it was sent in:
+    what its caller waits.
+    """
+
+    kind = "local"
+    tokens_estimated = False
+
+    def __init__(self, model: Any, tokenizer: Any, settings: LocalSettings, prefix_probe: Prompt | None = None):
+        self.model, self.tokenizer, self.settings = model, tokenizer, settings
+        self.stop_ids = stop_token_ids(model, tokenizer)
+        self.constraint = LabelConstraint(tokenizer, settings.labels, self.stop_ids) if settings.labels else None
+        # A constrained answer is the longest label and its stop token: never more.
+        self.max_new_tokens = self.constraint.longest + 1 if self.constraint else settings.max_new_tokens
+        self.prefix = static_prefix(prefix_probe, tokenizer) if prefix_probe and settings.prefix_cache else ""
+        self._encoded: dict[Prompt, list[int]] = {}
+        self._cache: PrefixCache | None = None
+        self._cache_for: tuple[int, ...] | None = None
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """The prompt's token ids, as the model sees them (special tokens come from the chat template)."""
+        ids = self._encoded.get(prompt)
+        if ids is None:
+            ids = self._encoded[prompt] = self.tokenizer(prompt.to_string(self.tokenizer),
+                                                         add_special_tokens=False)["input_ids"]
+        return ids
+
+    @property
+    def prefix_tokens(self) -> int:
+        """Tokens served from the prefix cache on each call (0 without one)."""
+        return self._cache.length if self._cache else 0
+
+    def run(self, prompts: list[Prompt], on_calls: OnCalls | None = None,
+            max_new_tokens: int | None = None) -> list[Call]:
+        encoded = [self.encode(p) for p in prompts]
+        cache = self._prefix_cache(encoded)
+        max_new_tokens = self.max_new_tokens if self.constraint or max_new_tokens is None else max_new_tokens
+        calls: list[Call] = []
+        with _foldable_output_projection(self.model):
+            for start in range(0, len(encoded), self.settings.batch_size):
+                batch = encoded[start : start + self.settings.batch_size]
+                t0 = time.perf_counter()
+                results = _generate_batch(self.model, self.tokenizer, batch, max_new_tokens, self.stop_ids,
+                                          self.constraint, cache)
+                latency_ms = (time.perf_counter() - t0) * 1000
+                done = [Call(text, len(ids), n_new, latency_ms, cached_tokens=cache.length if cache else 0)
+                        for ids, (text, n_new) in zip(batch, results)]
+                calls.extend(done)
+                if on_calls:
+                    on_calls(done)
+        return calls
+
+    def _prefix_cache(self, encoded: list[list[int]]) -> PrefixCache | None:
+        """The cache of what these prompts share with the static prefix; built once, reused by later passes.
+
+        In `auto_prefix` mode the prefix is what the prompts share with each other (and with the
+        cached prefix, once there is one), so a server's stream of requests with one system
+        prompt settles on caching exactly that.
+        """
+        if not encoded or not (self.prefix or self.settings.auto_prefix):
+            return None
+        cached = list(self._cache_for or ())
+        if self.prefix:
+            prefix_ids = self.tokenizer(self.prefix, add_special_tokens=False)["input_ids"]
+        elif cached and all(len(ids) > len(cached) and ids[: len(cached)] == cached for ids in encoded):
+            return self._cache
+        else:
+            prefix_ids = cached or encoded[0]
+        shared = tuple(prefix_ids[: shared_prefix_length(prefix_ids, encoded)])
+        if len(shared) < self.settings.min_prefix_tokens:
+            return None
+        if shared != self._cache_for:
+            self._cache, self._cache_for = PrefixCache(self.model, list(shared)), shared
+        return self._cache
+
+    def uncached(self) -> "LocalBackend | None":
+        """The same model and settings without the prefix cache (None when there is no cache to compare)."""
+        if not self.prefix:
+            return None
+        plain = LocalBackend(self.model, self.tokenizer, self.settings)
+        plain._encoded = self._encoded
+        return plain
+
+    def close(self) -> None:
+        self._cache = None
+        self._encoded.clear()

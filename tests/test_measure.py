@@ -1,0 +1,56 @@
+"""The measurement protocol, whatever the backend: warm-up untimed, answers from the first pass,
+each call's latency its median over the passes, throughput over the median pass."""
+
+import itertools
+
+import pytest
+
+from pipeline import measure as measure_module
+from pipeline.backends.base import Call
+from pipeline.measure import measure
+from pipeline.prompts import Prompt
+
+
+class ScriptedBackend:
+    """Answers with the pass number and reports scripted latencies, one list per pass."""
+
+    kind, tokens_estimated = "scripted", False
+
+    def __init__(self, latencies_per_pass):
+        self.latencies = list(latencies_per_pass)
+        self.passes: list[int] = []
+
+    def run(self, prompts, on_calls=None):
+        self.passes.append(len(prompts))
+        latencies = self.latencies.pop(0)
+        calls = [Call(f"pass{len(self.passes)}-{p.text}", 1, 1, latency) for p, latency in zip(prompts, latencies)]
+        if on_calls:
+            on_calls(calls)
+        return calls
+
+    def close(self):
+        pass
+
+
+def test_each_call_gets_its_median_over_the_passes_and_answers_come_from_the_first(monkeypatch):
+    prompts = [Prompt(text=str(i)) for i in range(3)]
+    # warm-up, then three timed passes whose latencies differ per call
+    backend = ScriptedBackend([[999.0], [10.0, 50.0, 7.0], [30.0, 20.0, 9.0], [20.0, 40.0, 1000.0]])
+    # perf_counter: each pass's start and end, so passes last 6 s, 2 s and 4 s.
+    clock = itertools.chain([0.0, 6.0, 10.0, 12.0, 20.0, 24.0])
+    monkeypatch.setattr(measure_module.time, "perf_counter", lambda: next(clock))
+    seen = []
+    result = measure(backend, prompts, warmup=1, repeats=3, on_calls=seen.extend)
+    assert backend.passes == [1, 3, 3, 3]  # one warm-up call, then every prompt per pass
+    assert [c.latency_ms for c in result.calls] == [20.0, 40.0, 9.0]  # medians, not means (9 not 338.7)
+    assert [c.output for c in result.calls] == ["pass2-0", "pass2-1", "pass2-2"]
+    assert [c.output for c in seen] == ["pass2-0", "pass2-1", "pass2-2"]  # on_calls sees the first timed pass
+    assert result.seconds == 4.0  # the median pass
+    assert result.throughput_calls_per_s == pytest.approx(3 / 4.0)
+    assert result.pass_p50_ms == [10.0, 20.0, 40.0]
+
+
+def test_one_pass_keeps_the_measured_latencies():
+    backend = ScriptedBackend([[5.0, 6.0]])
+    result = measure(backend, [Prompt(text="a"), Prompt(text="b")])
+    assert [c.latency_ms for c in result.calls] == [5.0, 6.0] and len(result.pass_p50_ms) == 1

@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="also profile both paths with torch.profiler")
     args = parser.parse_args()
 
-    from pipeline.arms import generate_calls
+    from pipeline.backends.local import measure_local
     from pipeline.config import load_config
     from pipeline.data import eval_rows, load_task
     from pipeline.models import load_model, load_tokenizer, pick_dtype, resolve_source
@@ -45,21 +45,22 @@ def main() -> None:
     model = load_model(source, dtype)
     examples = pick_examples(task.splits["train"]["text"], task.splits["train"]["label"], cfg.prompts.few_shot_k,
                              cfg.data.seed)
-    renderer = PromptRenderer(load_template(cfg.prompts.engineered), tokenizer, task.labels, examples)
+    arm = next(a for a in cfg.resolved_arms if a.name == "engineered")
+    renderer = PromptRenderer(load_template(arm.prompt), tokenizer, task.labels, examples)
     prompts = [renderer.render(t) for t in texts]
     n_tokens = sum(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts) / len(prompts)
     print(f"{len(prompts)} engineered prompts, {n_tokens:.0f} tokens each on average, {dtype}, "
           f"{os.cpu_count()} CPUs")
 
     # Baseline: one model.generate per example on the full rendered prompt.
-    generate_calls(model, tokenizer, prompts[:2], 1, cfg.eval.max_new_tokens)  # warm-up
+    measure_local(model, tokenizer, prompts[:2], 1, cfg.eval.max_new_tokens)  # warm-up
     t0 = time.perf_counter()
-    base = generate_calls(model, tokenizer, prompts, 1, cfg.eval.max_new_tokens).calls
+    base = measure_local(model, tokenizer, prompts, 1, cfg.eval.max_new_tokens).calls
     base_s = time.perf_counter() - t0
     # New path: the static prefix's KV cache computed once, suffixes batched.
     t0 = time.perf_counter()
-    new = generate_calls(model, tokenizer, prompts, args.batch_size, cfg.eval.max_new_tokens,
-                         prefix=renderer.static_prefix()).calls
+    new = measure_local(model, tokenizer, prompts, args.batch_size, cfg.eval.max_new_tokens,
+                         prefix_probe=renderer.prefix_probe()).calls
     new_s = time.perf_counter() - t0
     same = sum(a.output == b.output for a, b in zip(base, new)) / len(prompts)
     print(f"baseline  per-example generate     {len(prompts) / base_s:7.2f} calls/s")
@@ -72,9 +73,9 @@ def main() -> None:
         print(f"this machine's dense {str(dtype).removeprefix('torch.')} matmul rate: {peak:.3f} TFLOP/s "
               "(2048x2048 products)")
         sample = prompts[: 2 * args.batch_size]
-        profile("baseline", lambda: generate_calls(model, tokenizer, sample, 1, cfg.eval.max_new_tokens), peak)
-        profile("new", lambda: generate_calls(model, tokenizer, sample, args.batch_size, cfg.eval.max_new_tokens,
-                                              prefix=renderer.static_prefix()), peak)
+        profile("baseline", lambda: measure_local(model, tokenizer, sample, 1, cfg.eval.max_new_tokens), peak)
+        profile("new", lambda: measure_local(model, tokenizer, sample, args.batch_size, cfg.eval.max_new_tokens,
+                                              prefix_probe=renderer.prefix_probe()), peak)
         del torch
     print(f"RATIO {base_s / new_s:.2f}")
 

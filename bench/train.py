@@ -22,10 +22,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _accuracy(model, tokenizer, renderer, rows, labels, max_new_tokens) -> float:
-    from pipeline.arms import generate_calls
+    from pipeline.backends.local import measure_local
     from pipeline.evaluation import parse_label
 
-    calls = generate_calls(model, tokenizer, [renderer.render(t) for t in rows["text"]], 8, max_new_tokens).calls
+    calls = measure_local(model, tokenizer, [renderer.render(t) for t in rows["text"]], 8, max_new_tokens).calls
     return sum(labels[p] == g if p >= 0 else False
                for p, g in zip((parse_label(c.output, labels) for c in calls), rows["label"])) / len(calls)
 
@@ -44,7 +44,7 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
     from trl import SFTConfig, SFTTrainer
 
-    from pipeline.arms import finetune
+    from pipeline.training import finetune
     from pipeline.config import load_config
     from pipeline.data import eval_rows, load_task
     from pipeline.models import load_model, load_tokenizer, pick_dtype, resolve_source
@@ -56,7 +56,8 @@ def main() -> None:
     train, test = task.splits["train"], eval_rows(task, args.eval_rows, cfg.data.seed)
     source = resolve_source(cfg.model)
     tokenizer = load_tokenizer(source)
-    renderer = PromptRenderer(load_template(cfg.prompts.finetuned), tokenizer, task.labels, [])
+    arm = next(a for a in cfg.resolved_arms if a.trains)
+    renderer = PromptRenderer(load_template(arm.prompt), tokenizer, task.labels, [])
     prompts, completions = [renderer.render(t) for t in train["text"]], list(train["label"])
     f = cfg.finetune
     out = Path(tempfile.mkdtemp(prefix="bench-train-"))

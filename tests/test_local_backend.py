@@ -3,10 +3,10 @@
 import pytest
 
 from conftest import ROOT
-from pipeline.backends.local import LabelConstraint, LocalBackend, LocalSettings, shared_prefix_length, stop_token_ids
+from pipeline.backends.local import (LabelConstraint, LocalBackend, LocalSettings, measure_local, shared_prefix_length,
+                                     stop_token_ids)
 from pipeline.data import eval_rows, load_task, task_config_for_folder
-from pipeline.measure import measure
-from pipeline.prompts import Prompt, PromptRenderer, load_template, pick_examples
+from pipeline.prompts import PromptRenderer, load_template, pick_examples
 
 
 @pytest.fixture(scope="module")
@@ -20,12 +20,10 @@ def engineered(tokenizer):
 
 def generate_calls(model, tokenizer, prompts, batch_size, max_new_tokens, prefix=None, constraint=None,
                    repeats=1, warmup=0, progress=None):
-    """Measure `prompts` (Prompts or strings) on a LocalBackend; `prefix` is the renderer whose static
-    prefix is cached, `constraint` the labels answers are restricted to."""
-    prompts = [p if isinstance(p, Prompt) else Prompt(text=p) for p in prompts]
-    settings = LocalSettings(batch_size, max_new_tokens, prefix_cache=prefix is not None, labels=constraint)
-    backend = LocalBackend(model, tokenizer, settings, prefix_probe=prefix.prefix_probe() if prefix else None)
-    return measure(backend, prompts, warmup=warmup, repeats=repeats, on_calls=progress)
+    """`prefix`: the renderer whose static prefix is cached; `constraint`: the labels answers are restricted to."""
+    return measure_local(model, tokenizer, prompts, batch_size, max_new_tokens,
+                         prefix_probe=prefix.prefix_probe() if prefix else None, labels=constraint,
+                         warmup=warmup, repeats=repeats, on_calls=progress)
 
 
 def _prefill_widths(model):

@@ -282,3 +282,19 @@ class LocalBackend:
     def close(self) -> None:
         self._cache = None
         self._encoded.clear()
+
+
+def measure_local(model: Any, tokenizer: Any, prompts: list[Prompt | str], batch_size: int, max_new_tokens: int,
+                  prefix_probe: Prompt | None = None, labels: list[str] | None = None, warmup: int = 0,
+                  repeats: int = 1, on_calls: OnCalls | None = None):
+    """Measure prompts (or already rendered strings) on a model in one call: the benches' and tests' entry.
+
+    With `prefix_probe` (a renderer's `prefix_probe()`), the static prefix's KV cache is used;
+    with `labels`, answers are constrained to them.
+    """
+    from pipeline.measure import measure
+
+    prompts = [p if isinstance(p, Prompt) else Prompt(text=p) for p in prompts]
+    settings = LocalSettings(batch_size, max_new_tokens, prefix_cache=prefix_probe is not None, labels=labels)
+    backend = LocalBackend(model, tokenizer, settings, prefix_probe=prefix_probe)
+    return measure(backend, prompts, warmup=warmup, repeats=repeats, on_calls=on_calls)

@@ -1,17 +1,14 @@
-"""`roi serve`: an OpenAI-compatible API (FastAPI + uvicorn) for a local model, with an optional
-LoRA adapter merged into its weights.
+"""`roi serve`: an OpenAI-compatible API (FastAPI + uvicorn) for a local model, with an optional LoRA
+adapter merged into its weights. Routes: GET /health, /v1/models, /v1/stats; POST /v1/chat/completions,
+/v1/completions. Greedy decoding only; vLLM's `guided_choice: [labels]` and `structured_outputs:
+{"choice": [labels]}` constrain each answer to one of the labels.
 
-Routes: GET /health, GET /v1/models, GET /v1/stats, POST /v1/chat/completions, POST /v1/completions.
-Decoding is greedy only (temperature absent or 0). vLLM's `guided_choice: [labels]` and
-`structured_outputs: {"choice": [labels]}` constrain every answer to one of the labels.
-
-Batching: requests that arrive within `batch_window_ms` of the first waiting one, up to
-`max_batch`, run as one `LocalBackend.run` call in the single generation thread, grouped by label
-set, prompt kind (chat or text) and max_tokens, so each answer is the one the request gets alone.
-Every answer carries the header `x-roi-batch-size` (the rows of the generation call that answered
-it); GET /v1/stats counts requests, generation calls (`batches`) and the rows they ran (`rows`).
-One `LocalBackend` per label set and prompt kind stays alive, so its prefix cache keeps serving
-the system prompt that requests share (`usage.prompt_tokens_details.cached_tokens`).
+Batching: requests that arrive within `batch_window_ms` of the first waiting one, up to `max_batch`,
+run as one `LocalBackend.run` call on the single generation thread, grouped by label set, prompt kind
+(chat or text) and max_tokens, so each answer is the one the request gets alone. Each answer has the
+header `x-roi-batch-size` (rows of the generation call that answered it); GET /v1/stats counts
+`requests`, generation calls (`batches`) and the `rows` they ran. One `LocalBackend` per label set
+and prompt kind stays alive, so its prefix cache serves the system prompt requests share.
 """
 
 from __future__ import annotations
@@ -43,13 +40,12 @@ from pipeline.config import ConfigError, ModelConfig
 from pipeline.models import ModelError, load_model, load_tokenizer, pick_dtype, resolve_source
 from pipeline.prompts import Prompt
 
-DEFAULT_MAX_TOKENS = 16
-MAX_TOKENS_CAP = 512
+DEFAULT_MAX_TOKENS, MAX_TOKENS_CAP = 16, 512
 MAX_BACKENDS = 8  # label sets come from clients: bound how many prefix caches stay alive
 
 
 class _Strict(BaseModel):
-    # Extra fields (top_p, seed, user, ...) are ignored, but the known ones must have their JSON types.
+    # Unknown fields (top_p, seed, user, ...) are ignored; known ones must have their JSON types.
     model_config = ConfigDict(extra="allow", strict=True)
 
 
@@ -77,7 +73,7 @@ class ChatRequest(_Generation):
 
 
 class CompletionRequest(_Generation):
-    prompt: str
+    prompt: str = Field(min_length=1)
 
 
 class APIError(HTTPException):
@@ -86,10 +82,6 @@ class APIError(HTTPException):
     def __init__(self, status: int, message: str, code: str | None = None):
         super().__init__(status, message)
         self.code = code
-
-
-def _error(status: int, message: str, code: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status_code=status)
 
 
 @dataclass
@@ -110,7 +102,7 @@ class _Job:
 
 
 class Batcher:
-    """Queues requests from the event loop and answers them in batches on one generation thread
+    """Queues requests from the event loop; one generation thread answers them in batches
     (torch is never called concurrently)."""
 
     def __init__(self, model: Any, tokenizer: Any, max_batch: int, window_s: float):
@@ -120,10 +112,6 @@ class Batcher:
         self.stats = {"requests": 0, "batches": 0, "rows": 0}
         self.thread = threading.Thread(target=self._loop, name="roi-generate", daemon=True)
 
-    def stop(self) -> None:
-        self.queue.put(None)
-        self.thread.join(timeout=30)
-
     async def submit(self, prompt: Prompt, labels: tuple[str, ...] | None, max_tokens: int) -> Result:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
@@ -131,69 +119,59 @@ class Batcher:
         self.queue.put(_Job(prompt, labels, max_tokens, future, loop))
         return await future
 
+    def stop(self) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout=30)
+
     def _collect(self) -> list[_Job] | None:
-        """The next batch: the first waiting job and whatever arrives within the window after it."""
+        """The first waiting job and what arrives within the window after it (None: stop)."""
         first = self.queue.get()
-        if first is None:
-            return None
-        batch, deadline = [first], first.arrived + self.window_s
-        while len(batch) < self.max_batch:
+        batch, deadline = [first], (first.arrived + self.window_s if first else 0)
+        while first is not None and len(batch) < self.max_batch:
             remaining = deadline - time.monotonic()
-            try:
-                # Past the window (the thread was busy) take only what is already waiting.
+            try:  # past the window (the thread was busy), take only what already waits
                 job = self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait()
             except queue.Empty:
                 break
             if job is None:
-                self.queue.put(None)  # finish this batch, then stop
+                self.queue.put(None)  # answer this batch, then stop
                 break
             batch.append(job)
-        return batch
+        return batch if first is not None else None
 
     def _loop(self) -> None:
         while (batch := self._collect()) is not None:
             groups: dict[tuple, list[_Job]] = {}
             for job in batch:
-                # A label constraint fixes the answer length, so max_tokens does not split those groups.
+                # A label constraint fixes the answer length, so max_tokens does not split those.
                 key = (job.labels, job.prompt.messages is not None, 0 if job.labels else job.max_tokens)
                 groups.setdefault(key, []).append(job)
-            for key, jobs in groups.items():
-                self._run_group(key, jobs)
+            for (labels, chat, max_tokens), jobs in groups.items():
+                try:
+                    results: list[Any] = self._run(labels, chat, max_tokens, [job.prompt for job in jobs])
+                except Exception as exc:  # noqa: BLE001 - the waiting requests get the failure; the thread lives on
+                    results = [exc] * len(jobs)
+                for job, result in zip(jobs, results):
+                    job.loop.call_soon_threadsafe(_settle, job.future, result)
 
-    def _run_group(self, key: tuple, jobs: list[_Job]) -> None:
-        labels, chat, max_tokens = key
-        try:
-            backend = self._backend(labels, chat)
-            calls = backend.run([job.prompt for job in jobs], max_new_tokens=max_tokens or None)
-            # LocalBackend memoizes each prompt's tokens (right for a fixed eval set); a server's never repeat.
-            encoded = getattr(backend, "_encoded", None)
-            if isinstance(encoded, dict):
-                encoded.clear()
-            # An auto prefix never moves off a prefix the new prompts do not share: start a fresh
-            # cache, so the next batch caches the new system prompt.
-            if backend.prefix_tokens and not any(c.cached_tokens for c in calls):
-                self.backends.pop((labels, chat), None)
-            self.stats["batches"] += 1
-            self.stats["rows"] += len(jobs)
-            results = [Result(c, len(jobs), self._finish_reason(c, labels, max_tokens)) for c in calls]
-        except Exception as exc:  # noqa: BLE001 - every waiting request gets the failure, the thread lives on
-            results = [exc] * len(jobs)
-        for job, result in zip(jobs, results):
-            job.loop.call_soon_threadsafe(_settle, job.future, result)
-
-    def _backend(self, labels: tuple[str, ...] | None, chat: bool) -> LocalBackend:
+    def _run(self, labels: tuple[str, ...] | None, chat: bool, max_tokens: int, prompts: list[Prompt]) -> list[Result]:
         key = (labels, chat)
         if key not in self.backends:
             if len(self.backends) >= MAX_BACKENDS:
                 self.backends.pop(next(k for k in self.backends if k[0] is not None))
             settings = LocalSettings(batch_size=self.max_batch, max_new_tokens=DEFAULT_MAX_TOKENS,
-                                     labels=list(labels) if labels else None, auto_prefix=True)
+                                     labels=list(labels) if labels else None, auto_prefix=True,
+                                     remember_prompts=False)
             self.backends[key] = LocalBackend(self.model, self.tokenizer, settings)
-        return self.backends[key]
+        backend = self.backends[key]
+        calls = backend.run(prompts, max_new_tokens=max_tokens or None)
+        self.stats["batches"] += 1
+        self.stats["rows"] += len(prompts)
+        return [Result(c, len(prompts), self._finish_reason(c, labels, max_tokens)) for c in calls]
 
     def _finish_reason(self, call: Call, labels: Any, max_tokens: int) -> str:
-        """'length' when the answer was cut at max_tokens. A Call counts its stop token but does not
-        say whether it has one, so a full-length answer is checked by re-encoding its text."""
+        """'length' when cut at max_tokens. A Call counts its stop token without saying whether it
+        has one, so a full-length answer is re-encoded: one token fewer means a stop token ended it."""
         if labels or call.completion_tokens < max_tokens:
             return "stop"
         text_tokens = len(self.tokenizer(call.output, add_special_tokens=False)["input_ids"])
@@ -202,14 +180,11 @@ class Batcher:
 
 def _settle(future: asyncio.Future, result: Any) -> None:
     if not future.done():  # the client may have gone away
-        if isinstance(result, BaseException):
-            future.set_exception(result)
-        else:
-            future.set_result(result)
+        (future.set_exception if isinstance(result, BaseException) else future.set_result)(result)
 
 
 def _check(req: _Generation, name: str) -> tuple[tuple[str, ...] | None, int]:
-    """The label set and max_tokens of a valid request; refuses what this server cannot honour."""
+    """The label set and max_tokens of a request; refuses what this server cannot honour."""
     if req.model is not None and req.model != name:
         raise APIError(404, f"model {req.model!r} is not served here (this server serves {name!r})", "model_not_found")
     refusals = {"only greedy decoding is served: set temperature to 0 or leave it out": req.temperature,
@@ -224,44 +199,38 @@ def _check(req: _Generation, name: str) -> tuple[tuple[str, ...] | None, int]:
         if set(req.structured_outputs) != {"choice"}:
             raise APIError(400, "structured_outputs: only 'choice' is supported")
         labels = req.structured_outputs["choice"]
-    if labels is not None and (not isinstance(labels, list) or not labels
-                               or not all(isinstance(l, str) and l for l in labels)):
+    if labels is not None and not (isinstance(labels, list) and labels
+                                   and all(isinstance(x, str) and x for x in labels)):
         raise APIError(400, "guided_choice: expected a non-empty list of non-empty strings")
     max_tokens = req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS
     return (tuple(labels) if labels else None), min(max_tokens, MAX_TOKENS_CAP)
 
 
-def _usage(call: Call) -> dict[str, Any]:
-    return {"prompt_tokens": call.prompt_tokens, "completion_tokens": call.completion_tokens,
-            "total_tokens": call.prompt_tokens + call.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": call.cached_tokens}}
-
-
 def _answer(req: _Generation, name: str, result: Result, chat: bool) -> Any:
     """The response in OpenAI's format: one JSON object, or SSE chunks ending in `data: [DONE]`."""
+    call, finish, headers = result.call, result.finish_reason, {"x-roi-batch-size": str(result.rows)}
+    usage = {"prompt_tokens": call.prompt_tokens, "completion_tokens": call.completion_tokens,
+             "total_tokens": call.prompt_tokens + call.completion_tokens,
+             "prompt_tokens_details": {"cached_tokens": call.cached_tokens}}
     base = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
-            "model": name}
-    headers = {"x-roi-batch-size": str(result.rows)}
-    text, finish = result.call.output, result.finish_reason
+            "model": name, "object": "chat.completion" if chat else "text_completion"}
     if not req.stream:
-        choice = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
-        body = {**base, "object": "chat.completion" if chat else "text_completion",
-                "choices": [{"index": 0, **choice, "logprobs": None, "finish_reason": finish}],
-                "usage": _usage(result.call)}
-        return JSONResponse(body, headers=headers)
+        choice = {"message": {"role": "assistant", "content": call.output}} if chat else {"text": call.output}
+        return JSONResponse({**base, "choices": [{"index": 0, **choice, "logprobs": None, "finish_reason": finish}],
+                             "usage": usage}, headers=headers)
     include_usage = bool((req.stream_options or {}).get("include_usage"))
-    chunk = {**base, "object": "chat.completion.chunk" if chat else "text_completion"}
-    if chat:
-        pieces = [({"delta": {"role": "assistant", "content": ""}}, None), ({"delta": {"content": text}}, None),
-                  ({"delta": {}}, finish)]
-    else:
-        pieces = [({"text": text}, None), ({"text": ""}, finish)]
-    events = [{**chunk, "choices": [{"index": 0, **fields, "logprobs": None, "finish_reason": reason}],
+    base["object"] += ".chunk" if chat else ""
+    pieces = ([({"delta": {"role": "assistant", "content": ""}}, None), ({"delta": {"content": call.output}}, None),
+               ({"delta": {}}, finish)] if chat else [({"text": call.output}, None), ({"text": ""}, finish)])
+    events = [{**base, "choices": [{"index": 0, **fields, "logprobs": None, "finish_reason": reason}],
                **({"usage": None} if include_usage else {})} for fields, reason in pieces]
-    if include_usage:
-        events.append({**chunk, "choices": [], "usage": _usage(result.call)})
+    events += [{**base, "choices": [], "usage": usage}] if include_usage else []
     lines = [f"data: {json.dumps(event)}\n\n" for event in events] + ["data: [DONE]\n\n"]
     return StreamingResponse(iter(lines), media_type="text/event-stream", headers=headers)
+
+
+def _error(status: int, message: str, code: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status_code=status)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -298,18 +267,10 @@ def create_app(model: Any, tokenizer: Any, name: str, max_batch: int = 32, batch
 
     app = FastAPI(title="roi serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     _install_error_handlers(app)
-
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok"}
-
-    @app.get("/v1/models")
-    async def models() -> dict:
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "roi"}]}
-
-    @app.get("/v1/stats")
-    async def stats() -> dict:
-        return dict(batcher.stats)
+    app.get("/health")(lambda: {"status": "ok"})
+    app.get("/v1/stats")(lambda: dict(batcher.stats))
+    app.get("/v1/models")(lambda: {"object": "list", "data": [{"id": name, "object": "model", "created": 0,
+                                                                "owned_by": "roi"}]})
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest) -> Any:
@@ -333,6 +294,7 @@ def _adapter_dir(spec: str, tmp: Path) -> Path:
     """The adapter folder: the given path, or `runs:/RUN_ID/adapter` downloaded from MLflow into `tmp`."""
     path = Path(spec)
     if spec.startswith("runs:/"):
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         import mlflow
 
         uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
@@ -352,9 +314,8 @@ def load_served_model(model: str, gguf_file: str | None, dtype: str, adapter: st
     source = resolve_source(ModelConfig(source=model, gguf_file=gguf_file, dtype=dtype))
     name = source.display_name.rstrip("/").rsplit("/", 1)[-1]
     with tempfile.TemporaryDirectory(prefix="roi-serve-") as tmp:
-        adapter_dir = _adapter_dir(adapter, Path(tmp)) if adapter else None  # before the slow model load
-        tokenizer = load_tokenizer(source)
-        lm = load_model(source, pick_dtype(dtype))
+        adapter_dir = _adapter_dir(adapter, Path(tmp)) if adapter else None  # fail before the slow model load
+        tokenizer, lm = load_tokenizer(source), load_model(source, pick_dtype(dtype))
         if adapter_dir is not None:
             try:
                 lm = load_adapter(lm, adapter_dir).merge_and_unload().eval()
@@ -367,7 +328,7 @@ def load_served_model(model: str, gguf_file: str | None, dtype: str, adapter: st
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    """Listen ourselves, so a busy port is a one-line error rather than uvicorn's exit."""
+    """Bind ourselves, before the slow load, so a busy port is a one-line error at once."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -383,20 +344,20 @@ class _Server(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
-        if not self.should_exit:
+        if not self.should_exit:  # listening now
             print(self.ready_line, flush=True)
 
 
 def serve(model: str = "embedded", gguf_file: str | None = None, dtype: str = "auto", adapter: str | None = None,
           name: str | None = None, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 32,
           batch_window_ms: float = 10) -> int:
-    """`roi serve`: load, bind, print `serving NAME on http://HOST:PORT/v1`, serve until stopped."""
+    """`roi serve`: load, print `serving NAME on http://HOST:PORT/v1` once listening, serve until stopped."""
     if max_batch < 1 or batch_window_ms < 0 or not 0 <= port <= 65535:
         raise ConfigError("roi serve: --max-batch must be >= 1, --batch-window-ms >= 0, --port 0..65535")
-    lm, tokenizer, served = load_served_model(model, gguf_file, dtype, adapter)
     sock = _bind(host, port)
-    app = create_app(lm, tokenizer, name or served, max_batch, batch_window_ms)
-    server = _Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+    lm, tokenizer, served = load_served_model(model, gguf_file, dtype, adapter)
+    server = _Server(uvicorn.Config(create_app(lm, tokenizer, name or served, max_batch, batch_window_ms),
+                                    log_level="warning", access_log=False, lifespan="on"))
     shown = f"[{host}]" if ":" in host else host
     server.ready_line = f"serving {name or served} on http://{shown}:{sock.getsockname()[1]}/v1"
     server.run(sockets=[sock])

@@ -47,3 +47,54 @@ def roi(*args: str, env=None, cwd=None, timeout=900):
 
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
                           env=env, cwd=cwd or ROOT, timeout=timeout)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served:
+    """`roi serve ARGS` as a subprocess on a free loopback port; a context manager that waits for
+    /health and always stops the server."""
+
+    def __init__(self, *args: str, env=None, log_dir=None, timeout: float = 240):
+        self.port = free_port()
+        self.args, self.env, self.timeout = args, env, timeout
+        self.log_dir = Path(log_dir or ROOT)
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+
+    def __enter__(self) -> "Served":
+        import subprocess
+        import time
+        import urllib.request
+
+        self.stderr = self.log_dir / f"serve-{self.port}.err"
+        with open(self.stderr, "w") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", *self.args, "--host",
+                                          "127.0.0.1", "--port", str(self.port)], cwd=ROOT,
+                                         stdout=subprocess.DEVNULL, stderr=err, env=self.env)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise AssertionError(f"roi serve did not start: {self.stderr.read_text()[-2000:]}")
+            time.sleep(0.5)
+
+    def __exit__(self, *exc) -> None:
+        import subprocess
+
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()

@@ -190,6 +190,8 @@ class LocalSettings:
     min_prefix_tokens: int = 16
     # Without a template's static prefix (a server sees only requests), cache what a pass's prompts share.
     auto_prefix: bool = False
+    # Keep each prompt's token ids for the next pass (an eval set repeats; a server's requests do not).
+    remember_prompts: bool = True
 
 
 class LocalBackend:
@@ -219,8 +221,9 @@ class LocalBackend:
         """The prompt's token ids, as the model sees them (special tokens come from the chat template)."""
         ids = self._encoded.get(prompt)
         if ids is None:
-            ids = self._encoded[prompt] = self.tokenizer(prompt.to_string(self.tokenizer),
-                                                         add_special_tokens=False)["input_ids"]
+            ids = self.tokenizer(prompt.to_string(self.tokenizer), add_special_tokens=False)["input_ids"]
+            if self.settings.remember_prompts:
+                self._encoded[prompt] = ids
         return ids
 
     @property
@@ -265,6 +268,9 @@ class LocalBackend:
         else:
             prefix_ids = cached or encoded[0]
         shared = tuple(prefix_ids[: shared_prefix_length(prefix_ids, encoded)])
+        if len(shared) < self.settings.min_prefix_tokens and not self.prefix and cached:
+            # The system prompt changed: start again from what this batch shares.
+            shared = tuple(encoded[0][: shared_prefix_length(encoded[0], encoded)])
         if len(shared) < self.settings.min_prefix_tokens:
             return None
         if shared != self._cache_for:

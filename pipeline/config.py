@@ -130,7 +130,11 @@ class FinetuneConfig(_Strict):
 class EvalConfig(_Strict):
     limit: int | None = Field(default=None, gt=0)
     batch_size: int = Field(default=1, gt=0)
-    max_new_tokens: int = Field(default=12, gt=0)
+    max_new_tokens: int = Field(default=32, gt=0, description="room for a sentence: a verbose answer is not cut "
+                                "before it names its label")
+    parser: Literal["exact", "search"] = Field(
+        default="search", description="exact: the first line is a label; search: the one label the answer names "
+        "(both are logged as accuracy_exact / accuracy_search)")
     warmup: int = Field(default=2, ge=0, description="untimed calls before timing starts")
     repeats: int = Field(default=1, ge=1, description="timed passes over the rows; latency is each call's median")
     decoding: Literal["free", "constrained"] = Field(

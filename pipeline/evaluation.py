@@ -37,6 +37,32 @@ def parse_label(output: str, labels: list[str]) -> int:
     return INVALID
 
 
+@lru_cache(maxsize=64)
+def _label_pattern(labels: tuple[str, ...]) -> re.Pattern:
+    """Every label as a whole phrase, case-insensitive, with spaces, underscores and hyphens
+    interchangeable; longer labels first, so at any position the longest label wins."""
+    def phrase(name: str) -> str:
+        words = [re.escape(w) for w in re.split(r"[\s_\-]+", name.strip()) if w]
+        return r"[\s_\-]*".join(words)
+
+    ordered = sorted(range(len(labels)), key=lambda i: -len(labels[i]))
+    alternatives = "|".join(f"(?P<l{i}>{phrase(labels[i])})" for i in ordered)
+    return re.compile(rf"(?<![0-9a-z])(?:{alternatives})(?![0-9a-z])", re.IGNORECASE)
+
+
+def search_label(output: str, labels: list[str]) -> int:
+    """Index of the one label the output names anywhere (e.g. "This message is about billing."), or INVALID.
+
+    Matches are whole phrases, longest label first at each position (so `card_arrival` is not read
+    as `card`); an output that names no label, or two different ones, is invalid: it did not choose.
+    """
+    found = {int(m.lastgroup[1:]) for m in _label_pattern(tuple(labels)).finditer(output)}
+    return found.pop() if len(found) == 1 else INVALID
+
+
+PARSERS = {"exact": parse_label, "search": search_label}
+
+
 @lru_cache(maxsize=None)
 def _metric(name: str):
     import evaluate
@@ -77,13 +103,17 @@ def _cv(values: np.ndarray) -> float:
     return float(values.std() / mean) if mean > 0 else 0.0
 
 
-def call_metrics(timed, predicted: list[int], references: list[int], n_labels: int) -> dict[str, float]:
+def call_metrics(timed, predicted: list[int], references: list[int], labels: list[str]) -> dict[str, float]:
     """An arm's contract metrics from its measured calls: quality, tokens, latency, throughput, failures.
 
-    A call that failed for good (an API error after its retries) counts as wrong and in `failed_rate`.
+    `predicted` comes from the configured parser; `accuracy_exact` and `accuracy_search` score the
+    same answers with each parser, so a verbose arm's loss to the strict one shows. A call that
+    failed for good (an API error after its retries) counts as wrong and in `failed_rate`.
     """
     calls = timed.calls
-    metrics = score(predicted, references, n_labels)
+    metrics = score(predicted, references, len(labels))
+    for name, parse in PARSERS.items():
+        metrics[f"accuracy_{name}"] = sum(parse(c.output, labels) == r for c, r in zip(calls, references)) / len(calls)
     metrics.update(latency_stats([c.latency_ms for c in calls], timed.pass_p50_ms))
     n = len(calls)
     metrics["prompt_tokens_mean"] = sum(c.prompt_tokens for c in calls) / n

@@ -25,6 +25,7 @@ class Summary:
     monthly_calls: float
     run_id: str = ""
     decoding: str = "free"
+    parser: str = "search"
     repeats: int = 1
     notes: list[str] = field(default_factory=list)
 
@@ -104,6 +105,17 @@ def _break_even_text(summary: Summary) -> str:
     return "never" if be is None else f"{_calls(be)} calls"
 
 
+def parser_line(summary: Summary) -> str:
+    """Each arm's accuracy under both parsers: how much of a prompt arm's score is its answer's format."""
+    return (f"accuracy by parser (exact first line / label named anywhere; `{summary.parser}` is used above): "
+            + ", ".join(f"{arm} {_pct(m.get('accuracy_exact'))} / {_pct(m.get('accuracy_search'))}"
+                        for arm, m in summary.arms.items()))
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
 def print_table(summary: Summary, console) -> None:
     from rich.table import Table
 
@@ -125,6 +137,7 @@ def print_table(summary: Summary, console) -> None:
             f"{arm} {_num(m.get('latency_repeat_cv'), 3)}" for arm, m in summary.arms.items())
            if summary.repeats > 1 else "")
         + f" | decoding {summary.decoding}")
+    console.print(parser_line(summary))
     console.print(f"[bold]break-even: {_break_even_text(summary)}[/bold]. {verdict(summary)}")
     for note in summary.notes:
         console.print(f"note: {note}")
@@ -156,6 +169,7 @@ def summary_markdown(summary: Summary) -> str:
         f"- Token reduction ({summary.baseline_arm} / {summary.candidate_arm} prompt tokens):"
         f" {_num(p.get('token_reduction_x'))}x",
         f"- Prompt engineering gain ({summary.baseline_arm} - naive prompt accuracy): {_num(p.get('prompt_gain_pts'))} pts",
+        f"- {parser_line(summary)[0].upper()}{parser_line(summary)[1:]}.",
         "",
         f"Decoding: {summary.decoding}"
         + (" (answers restricted to the label set, so none is invalid)." if summary.decoding == "constrained"
@@ -234,6 +248,7 @@ def summary_from_runs(parent, children) -> Summary:
         monthly_calls=float(params.get("pricing.monthly_calls") or 100_000),
         run_id=parent.info.run_id,
         decoding=params.get("decoding", "free"),
+        parser=params.get("eval.parser", "exact"),
         repeats=int(params.get("latency_repeats", 1)),
         notes=[n for n in parent.data.tags.get("notes", "").split("\n") if n],
     )

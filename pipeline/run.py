@@ -23,7 +23,7 @@ from pipeline.arm_models import ArmModels
 from pipeline.config import Arm, ExperimentConfig, project_root_for, resolved_config, resolved_params
 from pipeline.costing import break_even, cost_per_call, finetune_fixed_cost, ratio
 from pipeline.data import TaskData, eval_rows, load_task
-from pipeline.evaluation import call_metrics, parse_label
+from pipeline.evaluation import PARSERS, call_metrics
 from pipeline.measure import Measurement, measure
 from pipeline.prompts import PromptRenderer, PromptTemplate, load_template, pick_examples
 from pipeline.report import Summary, plot_cost_vs_volume, print_table, summary_markdown
@@ -160,7 +160,7 @@ def evaluate(exp: Experiment, arm: Arm, backend, template: PromptTemplate, predi
     texts, golds = exp.rows["text"], exp.rows["label"]
     prompts = [renderer.prompt(t) for t in texts]
     predictions.parent.mkdir(parents=True, exist_ok=True)
-    predicted: list[int] = []
+    parse, predicted = PARSERS[arm.eval.parser], []
     with predictions.open("w", encoding="utf-8") as out, \
             Progress(TextColumn(f"evaluating {arm.name:<12}"), BarColumn(), MofNCompleteColumn(),
                      TimeRemainingColumn(), console=exp.console, transient=True) as bar:
@@ -170,7 +170,7 @@ def evaluate(exp: Experiment, arm: Arm, backend, template: PromptTemplate, predi
             interrupts.check()
             for call in calls:
                 i = len(predicted)
-                predicted.append(parse_label(call.output, exp.labels))
+                predicted.append(parse(call.output, exp.labels))
                 out.write(json.dumps(prediction_row(i, texts[i], golds[i], call, predicted[i], exp.labels),
                                      ensure_ascii=False) + "\n")
             out.flush()
@@ -183,7 +183,7 @@ def evaluate(exp: Experiment, arm: Arm, backend, template: PromptTemplate, predi
             out.flush()
             mlflow.log_artifact(str(predictions))  # the rows finished before the interrupt
             raise
-    metrics = call_metrics(timed, predicted, [exp.labels.index(g) for g in golds], len(exp.labels))
+    metrics = call_metrics(timed, predicted, [exp.labels.index(g) for g in golds], exp.labels)
     metrics["prefix_tokens"] = float(renderer.static_prefix_tokens()) if renderer.tokenizer else 0.0
     if backend.tokens_estimated:
         metrics["tokens_estimated"] = 1.0
@@ -270,7 +270,7 @@ def summarise(exp: Experiment, arms: dict[str, dict[str, float]], parent: dict[s
         model=", ".join(dict.fromkeys(exp.models.display_name(a) for a in cfg.resolved_arms)),
         n_eval=len(exp.rows), arms=arms, parent=parent, baseline_arm=cfg.pair.baseline,
         candidate_arm=cfg.pair.candidate, monthly_calls=cfg.pricing.monthly_calls, run_id=run_id,
-        decoding=cfg.eval.decoding, repeats=cfg.eval.repeats, notes=exp.notes,
+        decoding=cfg.eval.decoding, parser=cfg.eval.parser, repeats=cfg.eval.repeats, notes=exp.notes,
     )
 
 

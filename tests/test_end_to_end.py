@@ -2,12 +2,14 @@
 
 import json
 import math
+import statistics
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, roi
@@ -61,7 +63,6 @@ def test_one_parent_three_arms_with_every_contract_metric(tiny_run):
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert set(CONTRACT) <= set(m), (arm, set(CONTRACT) - set(m))
         assert 0 <= m["accuracy"] <= 1 and 0 <= m["macro_f1"] <= 1 and 0 <= m["invalid_rate"] <= 1
-        assert m["latency_p50_ms"] <= m["latency_p95_ms"] <= m["latency_p99_ms"]
         assert m["throughput_calls_per_s"] > 0 and m["cost_per_call_usd"] > 0
         assert 1 <= m["completion_tokens_mean"] <= 8
         assert run.info.status == "FINISHED"
@@ -100,7 +101,12 @@ def test_artifacts_predictions_summary_plot_adapter_and_prompts(tiny_run):
         assert "predictions.jsonl" in _artifacts(client, run.info.run_id)
         local = Path(client.download_artifacts(run.info.run_id, "predictions.jsonl", str(tmp)))
         rows = [json.loads(line) for line in local.read_text().splitlines()]
-        assert len(rows) == 6
+        assert len(rows) == 6 and [r["row_id"] for r in rows] == list(range(6))
+        # The logged percentiles are those of the calls as recorded, row by row.
+        latencies = [r["latency_ms"] for r in rows]
+        assert run.data.metrics["latency_p50_ms"] == pytest.approx(statistics.median(latencies), abs=1e-3)
+        assert run.data.metrics["latency_p99_ms"] == pytest.approx(np.percentile(latencies, 99), abs=1e-3)
+        assert run.data.metrics["accuracy"] == pytest.approx(sum(r["correct"] for r in rows) / 6)
         for row in rows:
             assert {"input", "gold", "raw_output", "parsed_label", "prompt_tokens", "completion_tokens",
                     "latency_ms"} <= set(row)
@@ -162,7 +168,7 @@ def test_constrained_decoding_and_repeated_timing_end_to_end(tmp_path, roi_env):
     naive = next(r for r in runs if r.data.tags.get("arm") == "naive").data.metrics
     # The naive prompt's free answers are never a bare label (0% valid in the demo); constrained, all are.
     assert naive["invalid_rate"] == 0.0
-    assert naive["latency_repeat_cv"] >= 0 and naive["latency_cv"] >= 0
+    assert "latency_repeat_cv" in naive  # logged only when two timed passes ran
     assert parent.data.params["decoding"] == "constrained" and parent.data.params["latency_repeats"] == "2"
     summary = next((tmp_path / "runs" / "support-triage").glob("*/roi_summary.md")).read_text()
     assert "Decoding: constrained" in summary and "2 timed passes" in summary
@@ -234,3 +240,20 @@ def test_credentials_in_the_tracking_uri_never_reach_the_output(roi_env):
     result = roi("run", "experiments/default.yaml", "eval.limit=2", env=roi_env)
     assert result.returncode == 2 and "s3cret" not in result.stderr + result.stdout
     assert "ana:***@127.0.0.1" in result.stderr
+
+
+def test_arm_order_changes_no_figure(tiny_run, tmp_path):
+    """Each arm gets its own model state: the fine-tune trains on a fresh copy of the base, so running
+    it first (before the prompt arms on the shared base) changes no answer."""
+    env, tmp, _, _ = tiny_run
+    env2 = dict(env, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    result = roi("run", str(ROOT / "experiments" / "default.yaml"), *TINY, "arms=[finetuned,engineered,naive]",
+                 f"output_dir={tmp_path / 'runs'}", env=env2, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    def answers(folder: Path) -> dict[str, list[str]]:
+        run_dir = next((folder / "runs" / "support-triage").glob("*"))
+        return {arm: [json.loads(line)["raw_output"] for line in (run_dir / arm / "predictions.jsonl").open()]
+                for arm in ("naive", "engineered", "finetuned")}
+
+    assert answers(tmp_path) == answers(tmp)

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.evaluation import INVALID, latency_stats, parse_label, score
+from pipeline.evaluation import INVALID, call_metrics, latency_stats, parse_label, score, search_label
 
 LABELS = ["billing", "account_access", "data_privacy", "bug_report"]
 
@@ -91,3 +91,48 @@ def test_latency_repeat_cv_is_the_spread_of_the_passes():
     stats = latency_stats([10.0, 12.0], pass_p50_ms=[9.0, 11.0])
     assert stats["latency_repeat_cv"] == pytest.approx(0.1)  # std 1 / mean 10
     assert latency_stats([1.0], pass_p50_ms=[4.0, 4.0, 4.0])["latency_repeat_cv"] == 0.0
+
+
+@pytest.mark.parametrize("output, expected", [
+    ("billing", 0),
+    ('This message fits the category of "billing".', 0),
+    ("The answer is Account Access, because the user is locked out", 1),
+    ("category: data-privacy", 2),
+    ("billing and refunds", 0),
+    ("It is either billing or bug_report", INVALID),      # two labels named: it did not choose
+    ("This message fits the category of \"B", INVALID),  # cut before the label: nothing named
+    ("billings are weird", INVALID),                     # whole phrases only
+    ("rebilling", INVALID),
+    ("", INVALID),
+])
+def test_search_reads_the_one_label_an_answer_names(output, expected):
+    assert search_label(output, LABELS) == expected
+
+
+def test_search_prefers_the_longest_label_at_a_position():
+    labels = ["card", "card_arrival", "card arrival delay?", "refund"]
+    assert search_label("Your card arrival is late", labels) == 1     # not "card"
+    assert search_label("card arrival delay? yes", labels) == 2       # labels ending in punctuation too
+    assert search_label("my card, then a refund", labels) == INVALID  # two different labels
+    assert search_label("card card", labels) == 0                     # the same label twice is one answer
+
+
+@given(st.text())
+def test_search_never_crashes_and_agrees_with_exact_on_bare_labels(output):
+    assert search_label(output, LABELS) in {INVALID, *range(len(LABELS))}
+    for i, label in enumerate(LABELS):
+        assert search_label(label, LABELS) == parse_label(label, LABELS) == i
+
+
+def test_accuracy_under_both_parsers_is_logged_beside_the_configured_one():
+    from pipeline.backends.base import Call
+    from pipeline.measure import Measurement
+
+    outputs = ["billing", "The category is bug_report.", "no idea", "data privacy"]
+    refs = [0, 3, 1, 2]
+    calls = [Call(o, 10, 2, 5.0) for o in outputs]
+    predicted = [search_label(o, LABELS) for o in outputs]
+    m = call_metrics(Measurement(calls, 1.0, [5.0]), predicted, refs, LABELS)
+    assert m["accuracy"] == m["accuracy_search"] == 0.75  # billing, bug_report, data privacy
+    assert m["accuracy_exact"] == 0.5                     # the sentence does not count as an exact answer
+    assert m["invalid_rate"] == 0.25 and m["failed_rate"] == 0.0

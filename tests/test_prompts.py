@@ -32,13 +32,23 @@ def test_finetuned_prompt_is_the_input_alone(tokenizer):
     assert renderer(tokenizer, "finetuned").render("Where is my invoice?") == "Where is my invoice?\n"
 
 
-@pytest.mark.parametrize("name", ["naive", "engineered", "finetuned"])
-def test_token_count_equals_the_tokenizers_count_of_the_rendered_prompt(tokenizer, name):
-    text = renderer(tokenizer, name).render("I was charged twice for March, please check.")
-    expected = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-    assert count_tokens(tokenizer, text) == expected
+@pytest.mark.parametrize("name", ["naive", "engineered"])
+def test_token_count_is_what_the_chat_template_feeds_the_model(tokenizer, name):
+    r = renderer(tokenizer, name)
+    prompt = r.prompt("I was charged twice for March, please check.")
+    # The tokenizer's own chat-template tokenization is an independent path to the model's input ids.
+    ids = tokenizer.apply_chat_template(prompt.chat(), tokenize=True, add_generation_prompt=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    assert count_tokens(tokenizer, r.render("I was charged twice for March, please check.")) == len(ids)
     # special tokens written by the chat template count once, as the single tokens the model reads
     assert count_tokens(tokenizer, "<|im_start|>") == 1
+
+
+def test_plain_prompt_tokens_add_no_special_tokens(tokenizer):
+    text = renderer(tokenizer, "finetuned").render("Where is my invoice?")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert count_tokens(tokenizer, text) == len(ids) and tokenizer.decode(ids) == text
+    assert tokenizer.bos_token_id not in ids
 
 
 def test_static_prefix_is_shared_and_excludes_the_input(tokenizer):

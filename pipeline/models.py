@@ -43,14 +43,28 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
         ggufs = sorted(folder.glob("*.gguf"))
         if not ggufs:
             raise ModelError(f"model.name_or_path=embedded: no .gguf file in {folder}")
+        if cfg.gguf_file:
+            _check_gguf(folder, cfg.gguf_file)
         return ModelSource(str(folder), cfg.gguf_file or ggufs[0].name, EMBEDDED_NAME)
     path = Path(cfg.name_or_path)
-    if cfg.gguf_file and not (path / cfg.gguf_file).is_file():
-        raise ModelError(f"model.gguf_file: {path / cfg.gguf_file} not found")
     looks_local = path.is_absolute() or cfg.name_or_path.startswith(".") or path.exists()
     if looks_local and not path.is_dir():
         raise ModelError(f"model.name_or_path: folder {path} not found")
+    if cfg.gguf_file:
+        _check_gguf(path, cfg.gguf_file)
     return ModelSource(cfg.name_or_path, cfg.gguf_file, cfg.name_or_path)
+
+
+def _check_gguf(folder: Path, gguf_file: str) -> None:
+    """One line, before transformers turns a missing local file into a hub URL: the folder, the file
+    asked for and the .gguf files that are there."""
+    if (folder / gguf_file).is_file():
+        return
+    if not folder.is_dir():
+        raise ModelError(f"model.gguf_file: {gguf_file} not found: {folder} is not a local folder "
+                         "(GGUF weights load from a folder)")
+    there = ", ".join(sorted(p.name for p in folder.glob("*.gguf"))) or "none"
+    raise ModelError(f"model.gguf_file: {gguf_file} not found in {folder} (.gguf files there: {there})")
 
 
 def cpu_supports_bf16() -> bool:

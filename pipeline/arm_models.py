@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import mlflow
 
 from pipeline.backends.local import LocalBackend, LocalSettings
-from pipeline.config import Arm, ExperimentConfig, ModelConfig
+from pipeline.arms import Arm
+from pipeline.config import ExperimentConfig, ModelConfig
 from pipeline.data import hash_files
 from pipeline.models import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINING_RECORD, check_adapter, load_model,
                              load_tokenizer, pick_dtype, resolve_source)
@@ -176,6 +177,7 @@ class ArmModels:
             self._load(arm).to(dtype), self.tokenizer_for(arm), [renderer.render(t) for t in train["text"]],
             list(train["label"]), arm.finetune, dtype, exp.store.work_dir(key), report_to=["mlflow"],
             on_resume=lambda checkpoint: self.console.print(f"resuming training from {checkpoint}"),
+            console=self.console,
         )
         if result.resumed_from:
             mlflow.set_tag("resumed_from_checkpoint", Path(result.resumed_from).name)

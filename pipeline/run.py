@@ -20,7 +20,8 @@ import yaml
 
 from pipeline import interrupts, tracking
 from pipeline.arm_models import ArmModels
-from pipeline.config import Arm, ExperimentConfig, project_root_for, resolved_config, resolved_params
+from pipeline.arms import Arm, resolved_config, resolved_params
+from pipeline.config import ExperimentConfig, project_root_for
 from pipeline.costing import break_even, cost_per_call, finetune_fixed_cost, ratio
 from pipeline.data import TaskData, eval_rows, load_task
 from pipeline.evaluation import PARSERS, call_metrics

@@ -3,7 +3,8 @@
 import yaml
 
 from conftest import ROOT
-from pipeline.config import load_config, resolved_config, resolved_params
+from pipeline.arms import resolved_config, resolved_params
+from pipeline.config import load_config
 from pipeline.run import prepare
 
 

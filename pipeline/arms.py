@@ -1,0 +1,185 @@
+"""Arms resolved from the config: each arm's model, prompt file, eval and finetune settings (the
+top-level sections with the arm's own keys laid over them) and price; the compare pair; and the
+config as resolved, for the record. The built-in arm names mean something only in `BUILTIN_ARMS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from pipeline.config import (BUILTIN_ARMS, ArmSpec, ConfigError, EvalConfig, ExperimentConfig, FinetuneConfig,
+                             ModelConfig, OpenAIModelConfig, PerHourPrice, PerTokenPrice, _describe, flatten)
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+EMBEDDED_MODEL = "embedded"
+DEFAULT_MODEL = "model"  # the key arms without `model:` use: the top-level `model` section
+
+
+@dataclass
+class Arm:
+    """One arm, resolved: everything needed to get its model, measure it and price it."""
+
+    name: str
+    kind: str  # "prompt" | "finetuned"
+    model_key: str
+    model: ModelConfig | OpenAIModelConfig
+    prompt: Path
+    eval: EvalConfig
+    price: PerTokenPrice | PerHourPrice
+    finetune: FinetuneConfig | None = None  # set: this arm trains (or loads `finetune.adapter`) a LoRA adapter
+    fixed_cost_usd: float | None = None
+
+    @property
+    def backend(self) -> str:
+        return self.model.backend
+
+    @property
+    def trains(self) -> bool:
+        return self.finetune is not None
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _section(cls: type[BaseModel], base: BaseModel, override: dict, where: str) -> Any:
+    """A top-level section with an arm's keys laid over it, validated; errors name the arm's key."""
+    try:
+        return cls.model_validate(_deep_merge(base.model_dump(), override))
+    except ValidationError as exc:
+        raise ConfigError(f"{where}.{_describe(exc.errors()[0])}") from None
+
+
+def _arm_spec(entry: Any, where: str) -> ArmSpec:
+    if isinstance(entry, str):
+        if entry not in BUILTIN_ARMS:
+            raise ConfigError(f"{where}: {entry!r} is not a built-in arm ({', '.join(BUILTIN_ARMS)}); "
+                              "write {name, model, prompt} for an arm of your own")
+        entry = {"name": entry}
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: expected a built-in arm name or a mapping with name, model and prompt")
+    entry = {**BUILTIN_ARMS.get(entry.get("name"), {}), **entry}  # a built-in name brings its defaults
+    try:
+        return ArmSpec.model_validate(entry)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}.{_describe(exc.errors()[0])}") from None
+
+
+def _prompt_file(cfg: ExperimentConfig, name: str, base: Path) -> Path:
+    """A shipped template by name (or the `prompts:` file given for that name), else a path."""
+    if name in BUILTIN_ARMS:
+        given = getattr(cfg.prompts, name)
+        return (given if given.is_absolute() else base / given) if given else TEMPLATES / f"{name}.yaml"
+    path = Path(name)
+    return path if path.is_absolute() else base / path
+
+
+def _arm_model(cfg: ExperimentConfig, spec: ArmSpec, where: str) -> tuple[str, ModelConfig | OpenAIModelConfig]:
+    if spec.model is None:
+        return DEFAULT_MODEL, cfg.model
+    if spec.model in cfg.models:
+        return spec.model, cfg.models[spec.model]
+    if spec.model == EMBEDDED_MODEL:
+        return EMBEDDED_MODEL, ModelConfig(source=EMBEDDED_MODEL, dtype=cfg.model.dtype)
+    known = ", ".join([EMBEDDED_MODEL, *cfg.models])
+    raise ConfigError(f"{where}.model: no model named {spec.model!r} in `models` (known: {known})")
+
+
+def resolve_arms(cfg: ExperimentConfig, base: Path) -> list[Arm]:
+    """Every arm with its model, prompt file, eval and finetune settings and price, checked."""
+    arms: list[Arm] = []
+    for i, entry in enumerate(cfg.arms):
+        where = f"arms[{i}]"
+        spec = _arm_spec(entry, where)
+        where = f"arms[{i}] ({spec.name})"
+        if any(a.name == spec.name for a in arms):
+            raise ConfigError(f"{where}: arm name {spec.name!r} is used twice")
+        model_key, model = _arm_model(cfg, spec, where)
+        finetune = None
+        if spec.finetune is not None:
+            if model.backend != "local":
+                raise ConfigError(f"{where}.finetune: model {model_key!r} is an {model.backend} model; only local "
+                                  "models are fine-tuned here (serve the adapter and set kind: finetuned instead)")
+            finetune = _section(FinetuneConfig, cfg.finetune, spec.finetune, f"{where}.finetune")
+            if finetune.adapter is not None and not finetune.adapter.is_absolute():
+                finetune.adapter = base / finetune.adapter
+            if finetune.adapter is not None and not finetune.adapter.is_dir():
+                raise ConfigError(f"{where}.finetune.adapter: folder {finetune.adapter} not found")
+        prompt = _prompt_file(cfg, spec.prompt, base)
+        if not prompt.is_file():
+            raise ConfigError(f"{where}.prompt: prompt file {prompt} not found")
+        price = spec.price or cfg.pricing.arms.get(spec.name)
+        if price is None and model.backend != "local":
+            raise ConfigError(f"{where}.price: an arm on an {model.backend} model needs a price, e.g. "
+                              "{kind: per_token, input_usd_per_mtok: 0.15, output_usd_per_mtok: 0.60}")
+        arms.append(Arm(
+            name=spec.name, kind=spec.kind or ("finetuned" if finetune else "prompt"), model_key=model_key,
+            model=model, prompt=prompt, eval=_section(EvalConfig, cfg.eval, spec.eval, f"{where}.eval"),
+            price=price or PerHourPrice(kind="per_hour", usd_per_hour=cfg.pricing.default_usd_per_hour),
+            finetune=finetune, fixed_cost_usd=spec.fixed_cost_usd,
+        ))
+    if not arms:
+        raise ConfigError("arms: at least one arm is needed")
+    return arms
+
+
+@dataclass(frozen=True)
+class ComparePair:
+    baseline: str | None
+    candidate: str | None
+    naive: str | None = None
+
+
+def resolve_compare(cfg: ExperimentConfig, arms: list[Arm], base: Path) -> ComparePair:
+    """The two arms the break-even is between: given, or the engineered prompt and the first fine-tune."""
+    names = [a.name for a in arms]
+    for key, given in (("compare.baseline", cfg.compare.baseline), ("pricing.baseline_arm", cfg.pricing.baseline_arm),
+                       ("compare.candidate", cfg.compare.candidate), ("compare.naive", cfg.compare.naive)):
+        if given is not None and given not in names:
+            raise ConfigError(f"{key}: no arm named {given!r} (arms: {', '.join(names)})")
+    baseline = cfg.compare.baseline or cfg.pricing.baseline_arm
+    if baseline is None:
+        prompt_arms = [a.name for a in arms if a.kind == "prompt"]
+        baseline = "engineered" if "engineered" in prompt_arms else (prompt_arms[-1] if prompt_arms else None)
+    candidate = cfg.compare.candidate or next((a.name for a in arms if a.kind == "finetuned"), None)
+    if baseline is not None and baseline == candidate:
+        raise ConfigError(f"compare: baseline and candidate are the same arm {baseline!r}")
+    naive_prompt = _prompt_file(cfg, "naive", base)
+    naive = cfg.compare.naive or next((a.name for a in arms if a.kind == "prompt" and a.prompt == naive_prompt), None)
+    return ComparePair(baseline, candidate, naive)
+
+
+def resolved_config(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The validated config with every default filled in and each arm resolved (what a run used)."""
+    data = cfg.model_dump(mode="json", exclude={"arms"})
+    data["arms"] = [{
+        "name": a.name, "kind": a.kind, "model": a.model_key, "backend": a.backend, "prompt": str(a.prompt),
+        "price": a.price.model_dump(mode="json"), "fixed_cost_usd": a.fixed_cost_usd,
+        "eval": a.eval.model_dump(mode="json"),
+        "finetune": a.finetune.model_dump(mode="json") if a.finetune else None,
+    } for a in cfg.resolved_arms]
+    data["compare"] = {"baseline": cfg.pair.baseline, "candidate": cfg.pair.candidate, "naive": cfg.pair.naive}
+    return data
+
+
+def resolved_params(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The resolved config as flat MLflow params: sections as dotted keys, arms as `arm.NAME.key`."""
+    data = resolved_config(cfg)
+    arms = data.pop("arms")
+    params = flatten(data)
+    params["arms"] = ",".join(a["name"] for a in arms)
+    for arm in arms:
+        name = arm.pop("name")
+        # An arm's eval and finetune keys equal the top-level ones unless overridden: log only what differs.
+        for section in ("eval", "finetune"):
+            own, shared = flatten(arm.pop(section) or {}), flatten(data.get(section) or {})
+            params.update({f"arm.{name}.{section}.{k}": v for k, v in own.items() if shared.get(k) != v})
+        params.update({f"arm.{name}.{k}": v for k, v in flatten(arm).items()})
+    return params

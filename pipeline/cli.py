@@ -12,6 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+# Library tqdm bars (the GGUF loader's among them) would draw between roi's own rich output; tqdm reads
+# this when it is imported, so it is set before any library is.
+os.environ.setdefault("TQDM_DISABLE", "1")
 
 EXIT_USAGE = 2
 
@@ -28,6 +31,9 @@ def _quiet_libraries() -> None:
     import datasets
     import transformers
 
+    import logging
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     transformers.logging.set_verbosity_error()

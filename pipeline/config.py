@@ -116,6 +116,7 @@ class FinetuneConfig(_Strict):
     seed: int = 0
     group_by_length: bool = True
     checkpoint_steps: int = Field(default=25, ge=0, description="save a resumable checkpoint every N steps; 0: none")
+    logging_steps: int = Field(default=5, gt=0, description="log the training loss to MLflow every N steps")
     adapter_fp32: bool = Field(
         default=True,
         description="LoRA weights and their updates in fp32 on a bf16 base: bf16 adapters train ~1.25x faster "

@@ -116,8 +116,9 @@ def load_model(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool 
                                   "quantization_config": GgufConfig(dequantize=True)}
     else:
         kwargs = {"use_safetensors": True}
-    previous = hf_logging.get_verbosity()
+    previous, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # the GGUF loader warns about dtype choices we make on purpose
+    hf_logging.disable_progress_bar()  # and draws tqdm bars between ours
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source.folder, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
@@ -126,6 +127,8 @@ def load_model(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool 
         raise ModelError(f"model {source.display_name}: cannot load weights ({str(exc).splitlines()[0]})") from None
     finally:
         hf_logging.set_verbosity(previous)
+        if bars:
+            hf_logging.enable_progress_bar()
     logging.getLogger(__name__).debug("loaded %s as %s", source.display_name, dtype)
     return model.to(device()).eval()
 

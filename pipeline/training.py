@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +15,12 @@ import torch
 from pipeline import interrupts
 from pipeline.config import FinetuneConfig
 from pipeline.models import ModelError
+
+# What the Trainer reads back on resume besides trainer_state.json (`_load_from_checkpoint`,
+# `_load_optimizer_and_scheduler`, `_load_rng_state`). A missing optimizer, scheduler or RNG state
+# (or state file: step 0) is skipped there without an error, resuming into a different run.
+RESUME_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth")
+STATE_FILE = "trainer_state.json"
 
 
 @dataclass
@@ -26,61 +34,131 @@ class FinetuneResult:
 
 
 class _TrainClock:
-    """Training wall time that survives a resume: saved beside each checkpoint, added on restart."""
+    """Training wall time that survives a resume: recorded in each checkpoint, added on restart.
 
-    FILE = "train_time.json"
+    The time goes into the checkpoint's trainer_state.json, as the state of an `ExportableState`
+    callback: the Trainer writes that file in one write, last, after the weights, optimizer,
+    scheduler and RNG state. So a checkpoint has its time exactly when it is complete; a kill
+    mid-save leaves a checkpoint without a (valid) state file, which resuming skips.
+    """
+
+    NAME = "TrainClock"  # the callback's class name: its key in the state's `stateful_callbacks`
 
     def __init__(self):
         self.started = time.perf_counter()
         self.before = 0.0
-
-    def resume_from(self, checkpoint: str | None) -> None:
-        path = Path(checkpoint) / self.FILE if checkpoint else None
-        self.before = json.loads(path.read_text())["seconds"] if path and path.is_file() else 0.0
 
     def seconds(self) -> float:
         return self.before + time.perf_counter() - self.started
 
     def callback(self) -> Any:
         from transformers import TrainerCallback
+        from transformers.trainer_callback import ExportableState
 
         clock = self
 
-        class CheckpointHooks(TrainerCallback):
+        class TrainClock(TrainerCallback, ExportableState):
+            def state(self) -> dict:
+                # Called inside Trainer._save_checkpoint right before it writes trainer_state.json.
+                return {"args": {}, "attributes": {"seconds": clock.seconds()}}
+
             def on_step_end(self, args, state, control, **kwargs):
                 interrupts.check()  # a Ctrl-C swallowed inside the step still stops training here
 
-            def on_save(self, args, state, control, **kwargs):
-                checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                if checkpoint.is_dir():
-                    (checkpoint / clock.FILE).write_text(json.dumps({"seconds": clock.seconds()}))
+        return TrainClock()
 
-        return CheckpointHooks()
+    @classmethod
+    def recorded(cls, checkpoint: Path) -> float | None:
+        """The time a checkpoint recorded; None when it is incomplete (a kill while it was saved)."""
+        if not all((checkpoint / name).is_file() for name in RESUME_FILES):
+            return None
+        try:
+            state = json.loads((checkpoint / STATE_FILE).read_text())
+            seconds = float(state["stateful_callbacks"][cls.NAME]["attributes"]["seconds"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
-def finetune(model: Any, tokenizer: Any, prompts: list[str], completions: list[str], cfg: FinetuneConfig,
-             dtype: torch.dtype, out_dir: Path, report_to: list[str],
-             on_resume: Callable[[str], None] | None = None) -> FinetuneResult:
-    """Train a LoRA adapter with trl's SFTTrainer, loss on the completion only; save it as safetensors.
+def last_complete_checkpoint(trainer_dir: Path) -> tuple[str | None, float]:
+    """The newest complete checkpoint and its recorded training time (None, 0 when there is none).
 
-    Checkpoints go to `out_dir/trainer` every `cfg.checkpoint_steps` steps; when one is there
-    (a run was killed), training resumes from the latest with its optimizer, scheduler, RNG
-    state and data order, and the reported training time includes the time before the kill.
+    Newer incomplete ones are deleted: the Trainer would otherwise save into them again and rotate
+    checkpoints by modification time around their leftovers.
     """
-    from datasets import Dataset
-    from peft import LoraConfig, get_peft_model
-    from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
-    from trl import SFTConfig, SFTTrainer
+    numbered = [p for p in trainer_dir.glob("checkpoint-*") if p.is_dir() and p.name[len("checkpoint-"):].isdigit()]
+    for checkpoint in sorted(numbered, key=lambda p: int(p.name[len("checkpoint-"):]), reverse=True):
+        seconds = _TrainClock.recorded(checkpoint)
+        if seconds is not None:
+            return str(checkpoint), seconds
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    return None, 0.0
 
-    train = Dataset.from_dict({"prompt": prompts, "completion": completions})
-    lora = LoraConfig(
-        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-        target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM",
-    )
+
+class _ProgressBar:
+    """Training progress on the tool's rich console: step/total, loss, tokens/s and time left.
+
+    Transient, so the tool's own output stays as it was; the log itself goes to MLflow.
+    """
+
+    def __init__(self, console: Any):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[loss_text]}"), TextColumn("{task.fields[speed]}"),
+                                 TimeRemainingColumn(), console=console, transient=True, refresh_per_second=4)
+        self.task: Any = None
+        self.started, self.tokens_before = 0.0, 0
+
+    def begin(self, state: Any) -> None:
+        # A resumed run starts at its checkpoint's step; tokens/s counts this session's tokens only.
+        self.started, self.tokens_before = time.perf_counter(), state.num_input_tokens_seen
+        self.task = self.progress.add_task("", total=state.max_steps, completed=state.global_step,
+                                           loss=math.nan, loss_text="loss –", speed="– tokens/s")
+        # Not drawn on a file or pipe (it would leave only a blank line there), but still kept up to date.
+        if self.progress.console.is_interactive:
+            self.progress.start()
+
+    def step(self, state: Any) -> None:
+        tokens_per_s = (state.num_input_tokens_seen - self.tokens_before) / (time.perf_counter() - self.started)
+        self.progress.update(self.task, completed=state.global_step, speed=f"{tokens_per_s:,.0f} tokens/s")
+
+    def log(self, logs: dict) -> None:
+        loss = logs.get("loss")  # the running training loss, logged every `logging_steps`
+        if isinstance(loss, (int, float)) and self.task is not None:
+            self.progress.update(self.task, loss=float(loss), loss_text=f"loss {loss:.3f}")
+
+    def close(self) -> None:
+        """Stop drawing; called at the end of training and again if training raised."""
+        if self.progress.live.is_started:  # rich prints a newline on every stop
+            self.progress.stop()
+
+    def callback(self) -> Any:
+        from transformers import TrainerCallback
+
+        bar = self
+
+        class ProgressBar(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                bar.begin(state)
+
+            def on_step_end(self, args, state, control, **kwargs):
+                bar.step(state)
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                bar.log(logs or {})
+
+            def on_train_end(self, args, state, control, **kwargs):
+                bar.close()
+
+        return ProgressBar()
+
+
+def _sft_args(cfg: FinetuneConfig, dtype: torch.dtype, trainer_dir: Path, report_to: list[str]) -> Any:
+    from trl import SFTConfig
+
     use_cuda = torch.cuda.is_available()
-    trainer_dir = out_dir / "trainer"
-    args = SFTConfig(
+    return SFTConfig(
         output_dir=str(trainer_dir),
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
@@ -93,14 +171,18 @@ def finetune(model: Any, tokenizer: Any, prompts: list[str], completions: list[s
         # On CPU the base weights are already bf16 (see load_model); autocast would only add casts.
         bf16=use_cuda and dtype == torch.bfloat16,
         fp16=use_cuda and dtype == torch.float16,
-        logging_steps=5,
+        logging_steps=cfg.logging_steps,
         save_strategy="steps" if cfg.checkpoint_steps else "no",
         save_steps=cfg.checkpoint_steps or 500,
         save_total_limit=2,
         save_only_model=False,
         report_to=report_to,
+        # The log goes to `report_to`; progress is our rich bar (finetune), not tqdm or printed dicts.
+        disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
+        # Pinned memory only helps copies to a GPU; without one torch warns on every epoch.
+        dataloader_pin_memory=use_cuda,
         # Rows of similar length share a batch, so little compute goes to padding.
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         warmup_steps=0.05,
@@ -108,8 +190,32 @@ def finetune(model: Any, tokenizer: Any, prompts: list[str], completions: list[s
         gradient_checkpointing=False,
         lr_scheduler_type="linear",
     )
+
+
+def finetune(model: Any, tokenizer: Any, prompts: list[str], completions: list[str], cfg: FinetuneConfig,
+             dtype: torch.dtype, out_dir: Path, report_to: list[str],
+             on_resume: Callable[[str], None] | None = None, console: Any = None) -> FinetuneResult:
+    """Train a LoRA adapter with trl's SFTTrainer, loss on the completion only; save it as safetensors.
+
+    Checkpoints go to `out_dir/trainer` every `cfg.checkpoint_steps` steps; when one is there
+    (a run was killed), training resumes from the latest complete one with its optimizer, scheduler,
+    RNG state and data order, and the reported training time includes the time before the kill.
+    With a rich `console`, a transient progress bar shows on it.
+    """
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from trl import SFTTrainer
+
+    train = Dataset.from_dict({"prompt": prompts, "completion": completions})
+    lora = LoraConfig(
+        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM",
+    )
+    trainer_dir = out_dir / "trainer"
     serving_attention = model.config._attn_implementation
-    if not use_cuda:
+    if not torch.cuda.is_available():
         # Training rows are short (tens of tokens): on CPU eager attention beats SDPA's kernels there.
         model.set_attn_implementation("eager")
     # The adapter's random init comes from the seed too, not from whatever ran before.
@@ -118,13 +224,19 @@ def finetune(model: Any, tokenizer: Any, prompts: list[str], completions: list[s
     # small updates round away: 3 points of accuracy on the default task (bench/train.py).
     peft_model = get_peft_model(model, lora, autocast_adapter_dtype=dtype == torch.float32 or cfg.adapter_fp32)
     clock = _TrainClock()
-    trainer = SFTTrainer(model=peft_model, args=args, train_dataset=train, processing_class=tokenizer,
-                         callbacks=[clock.callback()])
-    checkpoint = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
-    clock.resume_from(checkpoint)
+    bar = _ProgressBar(console) if console is not None else None
+    trainer = SFTTrainer(model=peft_model, args=_sft_args(cfg, dtype, trainer_dir, report_to), train_dataset=train,
+                         processing_class=tokenizer, callbacks=[clock.callback()] + ([bar.callback()] if bar else []))
+    for printer in (PrinterCallback, ProgressCallback):  # they print raw log dicts between our output
+        trainer.remove_callback(printer)
+    checkpoint, clock.before = last_complete_checkpoint(trainer_dir) if trainer_dir.is_dir() else (None, 0.0)
     if checkpoint and on_resume:
         on_resume(checkpoint)
-    output = trainer.train(resume_from_checkpoint=checkpoint)
+    try:
+        output = trainer.train(resume_from_checkpoint=checkpoint)
+    finally:
+        if bar:
+            bar.close()
     train_time_s = clock.seconds()
     adapter_dir = out_dir / "adapter"
     trainer.model.save_pretrained(str(adapter_dir), safe_serialization=True)

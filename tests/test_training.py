@@ -1,0 +1,130 @@
+"""Fine-tuning itself, on the real default model for a few steps: a resume never lies about the time
+before the kill, and training shows a rich progress bar instead of printing the Trainer's log."""
+
+import io
+import json
+import math
+import shutil
+import time
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from rich.console import Console
+
+from conftest import ROOT
+from pipeline import training
+from pipeline.config import FinetuneConfig, ModelConfig
+from pipeline.models import load_model, pick_dtype, resolve_source
+
+# Tiny: 12 short rows, 2 per step; checkpoints at steps 2, 4 and 6 (the Trainer keeps the last two).
+CFG = FinetuneConfig(max_steps=6, batch_size=2, max_length=64, checkpoint_steps=2)
+EARLIER_S = 1000.0  # added to the first run's clock, so a resume that drops the earlier time is plainly short
+
+
+def _finetune(out: Path, tokenizer, cfg: FinetuneConfig = CFG, **kwargs) -> training.FinetuneResult:
+    lines = (ROOT / "datasets" / "support_tickets" / "train.jsonl").read_text().splitlines()[:12]
+    rows = [json.loads(line) for line in lines]
+    dtype = pick_dtype("auto")
+    model = load_model(resolve_source(ModelConfig()), dtype)  # a fresh one: training puts LoRA layers in it
+    return training.finetune(model, tokenizer, [r["text"] for r in rows], [r["label"] for r in rows], cfg, dtype,
+                             out, report_to=[], **kwargs)
+
+
+def _adapter(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, tokenizer):
+    """A whole run with its checkpoints; its clock reads EARLIER_S more than the real time."""
+    out = tmp_path_factory.mktemp("first")
+    seconds = training._TrainClock.seconds
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training._TrainClock, "seconds", lambda clock: seconds(clock) + EARLIER_S)
+        started = time.perf_counter()
+        result = _finetune(out, tokenizer)
+    return SimpleNamespace(out=out, result=result, wall_s=time.perf_counter() - started)
+
+
+def _kill_while_saving(checkpoint: Path, damage: str) -> None:
+    """Leave `checkpoint` as a SIGKILL during its save would."""
+    (checkpoint / "train_time.json").unlink(missing_ok=True)  # where the time was kept before it moved to the state
+    state = checkpoint / "trainer_state.json"
+    if damage == "state_missing":  # killed after the weights, optimizer and RNG state, before the state file
+        state.unlink()
+    elif damage == "state_truncated":  # killed while the state file was being written
+        state.write_text(state.read_text()[: state.stat().st_size // 2])
+    else:  # the Trainer's files all there, the training time not recorded
+        data = json.loads(state.read_text())
+        data["stateful_callbacks"].pop("TrainClock", None)
+        state.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("damage", ["state_missing", "state_truncated", "time_missing"])
+def test_resume_skips_a_checkpoint_killed_while_saving(first_run, damage, tmp_path, tokenizer):
+    out = tmp_path / "out"
+    shutil.copytree(first_run.out, out)
+    newest, complete = out / "trainer" / "checkpoint-6", out / "trainer" / "checkpoint-4"
+    assert newest.is_dir() and complete.is_dir()
+    _kill_while_saving(newest, damage)
+
+    seen = []
+    started = time.perf_counter()
+    result = _finetune(out, tokenizer, on_resume=lambda checkpoint: seen.append((checkpoint, newest.exists())))
+    wall_s = time.perf_counter() - started
+
+    # It resumed from the last complete checkpoint, the incomplete one deleted first ...
+    assert result.resumed_from == str(complete) and seen == [(str(complete), False)]
+    # ... with the time recorded there (EARLIER_S + the first run's seconds to step 4), not 0.
+    assert EARLIER_S < result.train_time_s < EARLIER_S + first_run.wall_s + wall_s
+    # Steps 5-6 again from step 4's optimizer, RNG and data order: the same adapter up to bf16 rounding.
+    a, b = _adapter(first_run.out), _adapter(out)
+    assert a.keys() == b.keys()
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert worst <= 0.02 * max(float(a[k].float().abs().max()) for k in a), worst
+
+
+def test_training_shows_a_progress_bar_and_prints_no_raw_logs(tmp_path, tokenizer, capfd, monkeypatch):
+    bars = []
+
+    class Spy(training._ProgressBar):
+        def __init__(self, console):
+            super().__init__(console)
+            bars.append(self)
+
+    monkeypatch.setattr(training, "_ProgressBar", Spy)
+    console = Console(file=io.StringIO(), force_terminal=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # 5 steps: the loss is logged every 5
+        _finetune(tmp_path, tokenizer, CFG.model_copy(update={"max_steps": 5, "checkpoint_steps": 0}),
+                  console=console)
+    printed = "".join(capfd.readouterr())
+    assert "{'train_runtime'" not in printed and "{'loss'" not in printed, printed[-2000:]
+    assert "pin_memory" not in printed and not [w for w in caught if "pin_memory" in str(w.message)]
+    (bar,) = bars
+    (task,) = bar.progress.tasks
+    assert task.completed == task.total == 5 and task.finished
+    assert math.isfinite(task.fields["loss"]) and task.fields["speed"].endswith("tokens/s")
+    assert console.file.getvalue() == ""  # not a terminal: the bar draws nothing there, not even a blank line
+
+
+def test_progress_bar_draws_on_a_terminal_and_clears_itself():
+    console = Console(file=io.StringIO(), force_terminal=True, width=120)
+    bar = training._ProgressBar(console)
+    state = SimpleNamespace(max_steps=4, global_step=2, num_input_tokens_seen=100)  # as resumed at step 2
+    bar.begin(state)
+    state.global_step, state.num_input_tokens_seen = 3, 160
+    bar.step(state)
+    bar.log({"loss": 1.2345, "learning_rate": 1e-3})
+    bar.progress.refresh()
+    bar.close()
+    bar.close()  # again, as when training raised: no second stop
+    drawn = console.file.getvalue()
+    assert "3/4" in drawn and "loss 1.234" in drawn and "tokens/s" in drawn
+    assert not bar.progress.live.is_started
+    assert drawn.endswith("\x1b[1A\x1b[2K")  # transient: it ends by erasing its own line

@@ -63,7 +63,7 @@ def run_experiment(cfg: ExperimentConfig, config_path: Path, raw_config: dict, c
         log_parent_inputs(exp, config_path, raw_config)
         for arm in cfg.resolved_arms:
             results[arm.name] = run_arm(exp, arm)
-        parent_metrics = roi_metrics(cfg, results, len(exp.task.splits["train"]))
+        parent_metrics = roi_metrics(cfg, results)
         summary = summarise(exp, results, parent_metrics, parent.info.run_id)
         log_parent_results(exp, summary)
     print_table(summary, console)
@@ -142,7 +142,9 @@ def run_arm(exp: Experiment, arm: Arm) -> dict[str, float]:
         exp.models.log_adapter(arm, exp, template)
         if metrics.get("tokens_estimated"):
             mlflow.set_tag("tokens", "estimated")
-        metrics["cost_per_call_usd"] = price(arm, metrics)  # prices are not part of a stage: re-priced each run
+        # Prices are not part of a stage: stored measurements are re-priced on every run.
+        metrics["cost_per_call_usd"] = price(arm, metrics)
+        metrics["fixed_cost_usd"] = fixed_cost(exp.cfg, arm, metrics, len(exp.task.splits["train"]))
         mlflow.log_metrics(metrics)
         mlflow.log_artifact(str(predictions))
         exp.console.print(f"{arm.name:<12} accuracy {100 * metrics['accuracy']:.1f}%  "
@@ -239,11 +241,8 @@ def fixed_cost(cfg: ExperimentConfig, arm: Arm, metrics: dict[str, float], n_tra
                                cfg.pricing.finetune.labelling_usd_per_example)
 
 
-def roi_metrics(cfg: ExperimentConfig, arms: dict[str, dict[str, float]], n_train: int) -> dict[str, float]:
+def roi_metrics(cfg: ExperimentConfig, arms: dict[str, dict[str, float]]) -> dict[str, float]:
     """Parent-run metrics for the compare pair: fixed cost, break-even, payback, token reduction, prompt gain."""
-    by_name = {a.name: a for a in cfg.resolved_arms}
-    for name, metrics in arms.items():
-        metrics["fixed_cost_usd"] = fixed_cost(cfg, by_name[name], metrics, n_train)
     out: dict[str, float] = {}
     baseline, candidate, naive = cfg.pair.baseline, cfg.pair.candidate, cfg.pair.naive
     if baseline and naive and baseline != naive:

@@ -78,6 +78,8 @@ def test_one_parent_three_arms_with_every_contract_metric(tiny_run):
     acc = {arm: run.data.metrics["accuracy"] for arm, run in arms.items()}
     assert pm["prompt_gain_pts"] == pytest.approx(100 * (acc["engineered"] - acc["naive"]))
     assert pm["finetune_fixed_cost_usd"] == pytest.approx(ft["train_time_s"] / 3600 * 0.10)
+    assert ft["fixed_cost_usd"] == pm["finetune_fixed_cost_usd"]  # on the child too, where `roi report` reads it
+    assert arms["engineered"].data.metrics["fixed_cost_usd"] == 0.0
     saving = arms["engineered"].data.metrics["cost_per_call_usd"] - ft["cost_per_call_usd"]
     if saving > 0:
         assert pm["break_even_calls"] == pytest.approx(pm["finetune_fixed_cost_usd"] / saving)

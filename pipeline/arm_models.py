@@ -113,7 +113,7 @@ class ArmModels:
     def _load(self, arm: Arm) -> Any:
         t0 = time.perf_counter()
         model = load_model(self._source(arm), pick_dtype(arm.model.dtype), arm.model.trust_remote_code)
-        self.console.print(f"model {self.display_name(arm)} loaded in {time.perf_counter() - t0:.1f} s")
+        self.console.print(f"model loaded: {self.display_name(arm)} in {time.perf_counter() - t0:.1f} s")
         return model
 
     def _shared(self, arm: Arm) -> Any:

@@ -8,12 +8,16 @@ from pipeline.config import load_config
 from pipeline.run import prepare
 
 
-def test_two_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
+def test_two_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+    import pipeline.run
+
+    # Both runs start in the same second, however long preparing one takes here.
+    monkeypatch.setattr(pipeline.run.time, "strftime", lambda fmt: "20261127-120000")
     cfg = load_config(ROOT / "experiments" / "default.yaml", [f"output_dir={tmp_path}", "eval.limit=4"])
     first, second = prepare(cfg, console=None, force=False), prepare(cfg, console=None, force=False)
     assert first.run_dir != second.run_dir
-    assert first.run_dir.name[:15] == second.run_dir.name[:15]  # same second (YYYYmmdd-HHMMSS)...
-    assert first.run_dir.is_dir() and second.run_dir.is_dir()   # ...two folders
+    assert first.run_dir.name.startswith("20261127-120000") and second.run_dir.name.startswith("20261127-120000")
+    assert first.run_dir.is_dir() and second.run_dir.is_dir()
 
 
 def test_the_resolved_config_has_every_default_filled_in(tmp_path):

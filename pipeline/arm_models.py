@@ -88,7 +88,7 @@ class ArmModels:
             return stage_key("adapter", files=hash_files([arm.finetune.adapter / ADAPTER_CONFIG,
                                                           arm.finetune.adapter / ADAPTER_WEIGHTS]),
                              **self.identity(arm))
-        return stage_key("finetune", data=exp.task.content_hash, prompt=template.sha,
+        return stage_key("finetune", data=exp.task.content_hash, prompt=template.sha, examples=exp.examples,
                          finetune=arm.finetune.model_dump(), train_dtype=str(self._train_dtype(arm)),
                          **self.identity(arm))
 
@@ -100,10 +100,10 @@ class ArmModels:
     def tokenizer_for(self, arm: Arm) -> Any:
         """The arm's local tokenizer (for an API arm: the one configured to count tokens, or None)."""
         if arm.backend == "openai":
-            name = arm.model.tokenizer
-            if name is None:
-                return None
-            key, config = f"tokenizer:{name}", ModelConfig(source=name)
+            # Without a tokenizer of its own, the top-level model's counts: an estimate (tagged so),
+            # never a silent 0 tokens priced at $0.
+            config = ModelConfig(source=arm.model.tokenizer) if arm.model.tokenizer else self.cfg.model
+            key = f"tokenizer:{config.source}"
         else:
             key, config = arm.model_key, arm.model
         if key not in self._tokenizers:
@@ -190,7 +190,8 @@ class ArmModels:
         shutil.rmtree(exp.store.path(key) / "trainer", ignore_errors=True)  # checkpoints are only for resuming
         self.console.print(f"trained in {result.train_time_s:.1f} s "
                            f"({result.train_tokens / result.train_time_s:.0f} tokens/s)")
-        return result.model.merge_and_unload(), stats
+        # Served in the model's dtype, like a reused or given adapter (the stage key records that dtype).
+        return result.model.merge_and_unload().to(pick_dtype(arm.model.dtype)), stats
 
     def log_adapter(self, arm: Arm, exp: "Experiment", template: PromptTemplate) -> None:
         """The arm's adapter as the run's `adapter` artifact (what `roi serve --adapter runs:/...` loads)."""

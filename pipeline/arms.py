@@ -112,6 +112,9 @@ def resolve_arms(cfg: ExperimentConfig, base: Path) -> list[Arm]:
                 finetune.adapter = base / finetune.adapter
             if finetune.adapter is not None and not finetune.adapter.is_dir():
                 raise ConfigError(f"{where}.finetune.adapter: folder {finetune.adapter} not found")
+        if "limit" in spec.eval:
+            raise ConfigError(f"{where}.eval.limit: every arm is scored on the same test rows; set the top-level "
+                              "eval.limit instead")
         prompt = _prompt_file(cfg, spec.prompt, base)
         if not prompt.is_file():
             raise ConfigError(f"{where}.prompt: prompt file {prompt} not found")
@@ -146,8 +149,10 @@ def resolve_compare(cfg: ExperimentConfig, arms: list[Arm], base: Path) -> Compa
             raise ConfigError(f"{key}: no arm named {given!r} (arms: {', '.join(names)})")
     baseline = cfg.compare.baseline or cfg.pricing.baseline_arm
     if baseline is None:
-        prompt_arms = [a.name for a in arms if a.kind == "prompt"]
-        baseline = "engineered" if "engineered" in prompt_arms else (prompt_arms[-1] if prompt_arms else None)
+        engineered = _prompt_file(cfg, "engineered", base)
+        prompt_arms = [a for a in arms if a.kind == "prompt"]
+        baseline = next((a.name for a in prompt_arms if a.prompt == engineered),
+                        prompt_arms[-1].name if prompt_arms else None)
     candidate = cfg.compare.candidate or next((a.name for a in arms if a.kind == "finetuned"), None)
     if baseline is not None and baseline == candidate:
         raise ConfigError(f"compare: baseline and candidate are the same arm {baseline!r}")

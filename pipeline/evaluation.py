@@ -10,7 +10,7 @@ import numpy as np
 
 INVALID = -1
 _METRICS_DIR = Path(__file__).parent / "metrics"
-_LOOSE = re.compile(r"[\s_]+")
+_LOOSE = re.compile(r"[\s_\-]+")  # the search parser treats these alike too
 # Wrapping a model may put around an answer: quotes, backticks, markdown bold, a final period.
 _WRAPPING = " \t\"'`*.:;,!?()[]{}<>"
 _QUOTES = " \t\"'`*"

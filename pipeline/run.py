@@ -84,7 +84,7 @@ def prepare(cfg: ExperimentConfig, console, force: bool) -> Experiment:
     run_dir = cfg.output_dir / cfg.experiment / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     run_dir.mkdir(parents=True, exist_ok=True)
     return Experiment(cfg, task, rows, examples, templates, models, StageStore(cfg.output_dir / "stages"), run_dir,
-                      console, force, notes=models.notes)
+                      console, force, notes=task.notes + models.notes)
 
 
 def log_parent_inputs(exp: Experiment, config_path: Path, raw_config: dict) -> None:

@@ -289,11 +289,15 @@ def _adapter_dir(spec: str, tmp: Path) -> Path:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         import mlflow
 
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+        from pipeline.tracking import redact, tracking_uri
+
+        uri = tracking_uri()
         try:
             path = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=str(tmp), tracking_uri=uri))
         except Exception as exc:  # noqa: BLE001 - mlflow raises many kinds; each means "cannot get it"
-            raise ModelError(f"--adapter {spec}: cannot download it from {uri} ({_first_line(exc)})") from None
+            # A password in the URI (a postgres or http store) stays out of the message.
+            raise ModelError(f"--adapter {spec}: cannot download it from {redact(uri)} "
+                             f"({_first_line(exc).replace(uri, redact(uri))})") from None
     if not (path / "adapter_config.json").is_file():
         raise ModelError(f"--adapter {spec}: {path} is not a LoRA adapter folder (no adapter_config.json)")
     return path

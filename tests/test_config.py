@@ -129,6 +129,7 @@ CASES = [
     (lambda d: d.update(models={"api": {"backend": "grpc"}}), "models.api"),
     (lambda d: d.update(models={"api": {"backend": "openai", "model": "m"}}), "models.api.openai.base_url: required key"),
     (_set("compare", {"baseline": "nobody"}), "compare.baseline: no arm named 'nobody'"),
+    (_set("arms", [{"name": "x", "prompt": "naive", "eval": {"limit": 5}}]), "arms[0] (x).eval.limit: every arm is scored"),
     (_set("compare", {"candidate": "engineered", "baseline": "engineered"}), "compare: baseline and candidate are the same"),
     (_delete("experiment"), "experiment: required key is missing"),
     (_set("prompts.engineered", "prompts/missing.yaml"), "arms[1] (engineered).prompt: prompt file"),
@@ -278,3 +279,11 @@ def test_a_gguf_file_not_in_the_model_folder_is_one_line_naming_what_is_there(tm
     err = capsys.readouterr().err
     assert err == f"roi: error: {expected.format(folder=where)}\n", err
     assert "huggingface.co" not in err and not (tmp_path / "stages").exists()
+
+
+def test_the_default_baseline_is_the_arm_with_the_engineered_prompt_whatever_its_name(tmp_path):
+    path = _write(tmp_path, lambda d: d.update(arms=[{"name": "plain", "prompt": "naive"},
+                                                     {"name": "my-best-prompt", "prompt": "engineered"},
+                                                     {"name": "tuned", "prompt": "finetuned", "finetune": {}}]))
+    cfg = load_config(path)
+    assert (cfg.pair.baseline, cfg.pair.candidate, cfg.pair.naive) == ("my-best-prompt", "tuned", "plain")

@@ -136,3 +136,13 @@ def test_accuracy_under_both_parsers_is_logged_beside_the_configured_one():
     assert m["accuracy"] == m["accuracy_search"] == 0.75  # billing, bug_report, data privacy
     assert m["accuracy_exact"] == 0.5                     # the sentence does not count as an exact answer
     assert m["invalid_rate"] == 0.25 and m["failed_rate"] == 0.0
+
+
+def test_labels_the_parsers_cannot_tell_apart_are_refused_hyphens_included():
+    from pipeline.datachecks import DataError, check_label_set
+
+    for a, b in (("billing", "BILLING"), ("card_payment", "card payment"), ("e-mail", "email")):
+        with pytest.raises(DataError, match="look the same to the answer parser"):
+            check_label_set("labels.json", [a, "refund", b], ["entry 1", "entry 2", "entry 3"])
+        # ...because both parsers read either spelling as the first label
+        assert parse_label(b, [a, "refund"]) == 0 and search_label(b, [a, "refund"]) == 0

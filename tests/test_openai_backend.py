@@ -75,7 +75,10 @@ def test_text_goes_to_completions_and_chats_to_chat_completions():
     prompts = [Prompt(text="raw input ->"), chat("hello there")]
     with FakeOpenAI() as server:
         calls = OpenAIBackend(spec(server), max_new_tokens=7).run(prompts)
-    text_req, chat_req = server.requests
+    # The two requests are concurrent: their arrival order is not fixed.
+    by_path = {r["path"]: r for r in server.requests}
+    assert len(by_path) == 2
+    text_req, chat_req = by_path["/v1/completions"], by_path["/v1/chat/completions"]
     assert text_req["path"] == "/v1/completions" and text_req["body"]["prompt"] == "raw input ->"
     assert chat_req["path"] == "/v1/chat/completions"
     assert chat_req["body"]["messages"] == prompts[1].chat()

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench ui clean
+.PHONY: demo test test-slow bench ui browser clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +30,14 @@ bench: $(STAMP)
 	$(BIN)/python bench/prompt_arm.py
 	$(BIN)/python bench/train.py
 
+# The MLflow UI on the local store; prints a link per experiment that opens on the arms side by side.
 ui: $(STAMP)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+	$(BIN)/roi ui --port 5000
+
+# Debian's Chromium, for the tests that render the MLflow UI (tests/test_mlflow_ui.py); they skip without it.
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@chromium --version
 
 clean:
-	rm -rf $(VENV) runs mlruns mlartifacts mlflow.db
+	rm -rf $(VENV) runs mlruns mlartifacts mlflow.db test-artifacts

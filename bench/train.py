@@ -83,7 +83,7 @@ def main() -> None:
 
     # New path: what `roi run` does (bf16 where native, eager attention, no checkpointing, length grouping).
     dtype = pick_dtype(f.dtype if f.dtype != "auto" else cfg.model.dtype)
-    result = finetune(load_model(source, dtype), tokenizer, prompts, completions, f, dtype, out / "new", report_to=[])
+    result = finetune(load_model(source, dtype), tokenizer, prompts, completions, f, dtype, out / "new")
     new_acc = _accuracy(result.model, tokenizer, renderer, test, task.label_names, cfg.eval.max_new_tokens)
 
     base_rate, new_rate = base_tokens / base_s, result.train_tokens / result.train_time_s

@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 import mlflow
 
+from pipeline import tracking
 from pipeline.backends.local import LocalBackend, LocalSettings
 from pipeline.arms import Arm
 from pipeline.config import ExperimentConfig, ModelConfig
 from pipeline.data import hash_files
 from pipeline.models import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINING_RECORD, check_adapter, load_model,
-                             load_tokenizer, pick_dtype, resolve_source)
+                             load_tokenizer, model_bytes, pick_dtype, quantize_int8, resolve_source)
 from pipeline.prompts import PromptRenderer, PromptTemplate
 from pipeline.stages import stage_key
 
@@ -139,6 +140,9 @@ class ArmModels:
         tokenizer = self.tokenizer_for(arm)
         model, stats = (self._finetuned(arm, exp, template) if arm.finetune is not None
                         else (self._shared(arm), {}))
+        if arm.quantize == "int8":
+            model = quantize_int8(model)
+        stats = {**stats, "model_bytes": float(model_bytes(model))}
         renderer = PromptRenderer(template, tokenizer, exp.task.labels, exp.examples)
         settings = LocalSettings(batch_size=arm.eval.batch_size, max_new_tokens=arm.eval.max_new_tokens,
                                  prefix_cache=arm.eval.prefix_cache, labels=labels)
@@ -175,12 +179,13 @@ class ArmModels:
         dtype = self._train_dtype(arm)
         result = finetune(
             self._load(arm).to(dtype), self.tokenizer_for(arm), [renderer.render(t) for t in train["text"]],
-            list(train["label"]), arm.finetune, dtype, exp.store.work_dir(key), report_to=["mlflow"],
+            list(train["label"]), arm.finetune, dtype, exp.store.work_dir(key), on_log=tracking.log_training_step,
             on_resume=lambda checkpoint: self.console.print(f"resuming training from {checkpoint}"),
             console=self.console,
         )
         if result.resumed_from:
             mlflow.set_tag("resumed_from_checkpoint", Path(result.resumed_from).name)
+        mlflow.log_text(result.trainer_args, "trainer/training_args.json")
         stats = {"train_time_s": result.train_time_s, "train_tokens": float(result.train_tokens),
                  "train_loss": result.train_loss}
         # Travels with the adapter (and its MLflow artifact): reusing it elsewhere keeps its base and cost.

@@ -11,8 +11,10 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from pipeline.config import (BUILTIN_ARMS, ArmSpec, ConfigError, EvalConfig, ExperimentConfig, FinetuneConfig,
-                             ModelConfig, OpenAIModelConfig, PerHourPrice, PerTokenPrice, _describe, flatten)
+from pipeline.config import (BUILTIN_ARMS, PROMPT_TEMPLATES, ArmSpec, CatalogPrice, ConfigError, EvalConfig,
+                             ExperimentConfig, FinetuneConfig, ModelConfig, OpenAIModelConfig, PerHourPrice,
+                             PerTokenPrice, _describe, flatten)
+from pipeline.pricing.catalog import Catalog, CatalogError, load_catalog
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 EMBEDDED_MODEL = "embedded"
@@ -32,6 +34,7 @@ class Arm:
     price: PerTokenPrice | PerHourPrice
     finetune: FinetuneConfig | None = None  # set: this arm trains (or loads `finetune.adapter`) a LoRA adapter
     fixed_cost_usd: float | None = None
+    quantize: str | None = None  # "int8": served with int8 weights
 
     @property
     def backend(self) -> str:
@@ -74,7 +77,7 @@ def _arm_spec(entry: Any, where: str) -> ArmSpec:
 
 def _prompt_file(cfg: ExperimentConfig, name: str, base: Path) -> Path:
     """A shipped template by name (or the `prompts:` file given for that name), else a path."""
-    if name in BUILTIN_ARMS:
+    if name in PROMPT_TEMPLATES:
         given = getattr(cfg.prompts, name)
         return (given if given.is_absolute() else base / given) if given else TEMPLATES / f"{name}.yaml"
     path = Path(name)
@@ -95,6 +98,8 @@ def _arm_model(cfg: ExperimentConfig, spec: ArmSpec, where: str) -> tuple[str, M
 def resolve_arms(cfg: ExperimentConfig, base: Path) -> list[Arm]:
     """Every arm with its model, prompt file, eval and finetune settings and price, checked."""
     arms: list[Arm] = []
+    catalog = _catalog(cfg)
+    _price_finetuning(cfg, catalog)
     for i, entry in enumerate(cfg.arms):
         where = f"arms[{i}]"
         spec = _arm_spec(entry, where)
@@ -115,10 +120,15 @@ def resolve_arms(cfg: ExperimentConfig, base: Path) -> list[Arm]:
         if "limit" in spec.eval:
             raise ConfigError(f"{where}.eval.limit: every arm is scored on the same test rows; set the top-level "
                               "eval.limit instead")
+        if spec.quantize and model.backend != "local":
+            raise ConfigError(f"{where}.quantize: model {model_key!r} is an {model.backend} model; only local "
+                              "models are quantized here")
         prompt = _prompt_file(cfg, spec.prompt, base)
         if not prompt.is_file():
             raise ConfigError(f"{where}.prompt: prompt file {prompt} not found")
         price = spec.price or cfg.pricing.arms.get(spec.name)
+        if price is not None:
+            price = priced_from_catalog(price, catalog, f"{where}.price")
         if price is None and model.backend != "local":
             raise ConfigError(f"{where}.price: an arm on an {model.backend} model needs a price, e.g. "
                               "{kind: per_token, input_usd_per_mtok: 0.15, output_usd_per_mtok: 0.60}")
@@ -126,11 +136,57 @@ def resolve_arms(cfg: ExperimentConfig, base: Path) -> list[Arm]:
             name=spec.name, kind=spec.kind or ("finetuned" if finetune else "prompt"), model_key=model_key,
             model=model, prompt=prompt, eval=_section(EvalConfig, cfg.eval, spec.eval, f"{where}.eval"),
             price=price or PerHourPrice(kind="per_hour", usd_per_hour=cfg.pricing.default_usd_per_hour),
-            finetune=finetune, fixed_cost_usd=spec.fixed_cost_usd,
+            finetune=finetune, fixed_cost_usd=spec.fixed_cost_usd, quantize=spec.quantize,
         ))
     if not arms:
         raise ConfigError("arms: at least one arm is needed")
     return arms
+
+
+def _catalog(cfg: ExperimentConfig) -> Catalog:
+    try:
+        return load_catalog(cfg.pricing.catalog)
+    except CatalogError as exc:
+        raise ConfigError(f"pricing.catalog: {exc}") from None
+
+
+def _price_finetuning(cfg: ExperimentConfig, catalog: Catalog) -> None:
+    """Fill the fine-tune's rates from the catalog: a hardware preset's USD per hour, a provider's training price."""
+    rates = cfg.pricing.finetune
+    try:
+        if rates.hardware is not None:
+            rates.usd_per_hour = catalog.hardware(rates.hardware).usd_per_hour
+        if rates.catalog is not None:
+            training = catalog.tokens(rates.catalog).training_usd_per_mtok
+            if training is None:
+                raise ConfigError(f"pricing.finetune.catalog: {rates.catalog} has no training price in the catalog; "
+                                  "set pricing.finetune.training_usd_per_mtok")
+            rates.training_usd_per_mtok = training
+    except CatalogError as exc:
+        raise ConfigError(f"pricing.finetune: {exc}") from None
+
+
+def priced_from_catalog(price: Any, catalog: Catalog, where: str) -> PerTokenPrice | PerHourPrice:
+    """A price with its catalog references filled in: `{catalog: NAME}` becomes that row's per-token prices
+    (with its source and date), a `hardware` preset gets its USD per hour."""
+    try:
+        if isinstance(price, CatalogPrice):
+            row = catalog.tokens(price.catalog)
+            return PerTokenPrice(
+                kind="per_token", input_usd_per_mtok=row.input_usd_per_mtok, output_usd_per_mtok=row.output_usd_per_mtok,
+                cached_input_usd_per_mtok=row.cached_input_usd_per_mtok,
+                cache_write_usd_per_mtok=row.cache_write_usd_per_mtok,
+                batch_input_usd_per_mtok=row.batch_input_usd_per_mtok,
+                batch_output_usd_per_mtok=row.batch_output_usd_per_mtok,
+                cache_min_prefix_tokens=row.cache_min_prefix_tokens, cache_hit_rate=price.cache_hit_rate,
+                source=f"catalog {price.catalog}: {row.source}", date=row.date)
+        if isinstance(price, PerHourPrice) and price.hardware is not None:
+            row = catalog.hardware(price.hardware)
+            return price.model_copy(update={"usd_per_hour": row.usd_per_hour, "source": price.source or row.source,
+                                            "date": price.date or row.date})
+    except CatalogError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return price
 
 
 @dataclass(frozen=True)
@@ -166,7 +222,7 @@ def resolved_config(cfg: ExperimentConfig) -> dict[str, Any]:
     data = cfg.model_dump(mode="json", exclude={"arms"})
     data["arms"] = [{
         "name": a.name, "kind": a.kind, "model": a.model_key, "backend": a.backend, "prompt": str(a.prompt),
-        "price": a.price.model_dump(mode="json"), "fixed_cost_usd": a.fixed_cost_usd,
+        "price": a.price.model_dump(mode="json"), "fixed_cost_usd": a.fixed_cost_usd, "quantize": a.quantize,
         "eval": a.eval.model_dump(mode="json"),
         "finetune": a.finetune.model_dump(mode="json") if a.finetune else None,
     } for a in cfg.resolved_arms]

@@ -1,8 +1,9 @@
-"""The `roi` command line: `roi run`, `roi report`, `roi data check`."""
+"""The `roi` command line: `roi run`, `roi report`, `roi compare`, `roi data check`, `roi serve`, `roi ui`."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -15,6 +16,9 @@ os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 # Library tqdm bars (the GGUF loader's among them) would draw between roi's own rich output; tqdm reads
 # this when it is imported, so it is set before any library is.
 os.environ.setdefault("TQDM_DISABLE", "1")
+# torchao (which peft and transformers import when it is installed) registers enums with torch's pytree,
+# and torch logs a deprecation line for each on every start; set before anything imports torch.
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 EXIT_USAGE = 2
 
@@ -54,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--experiment", help="experiment name (instead of a config)")
     report.add_argument("--run-id", help="a parent run id (default: the latest finished run)")
     report.add_argument("--markdown", action="store_true", help="print roi_summary.md instead of the table")
+    report.add_argument("--out", type=Path, help="write roi_report.html (self-contained) and roi_report.md here")
+
+    compare = sub.add_parser("compare", help="several runs side by side (parent runs, or each experiment's latest)")
+    compare.add_argument("run_ids", nargs="*", help="parent run ids")
+    compare.add_argument("--experiment", action="append", default=[], help="an experiment (its latest run); repeatable")
+    compare.add_argument("--out", type=Path, default=Path("."), help="folder for roi_compare.md and roi_compare.csv")
 
     data = sub.add_parser("data", help="task data tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -70,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-batch", type=int, default=32, help="most requests generated together")
     serve.add_argument("--batch-window-ms", type=float, default=10, help="how long a batch waits for more requests")
+
+    ui = sub.add_parser("ui", help="the MLflow UI on the local store, with a link to each experiment's arms view")
+    ui.add_argument("--port", type=int, default=5000)
     return parser
 
 
@@ -80,15 +93,14 @@ def _cmd_run(args, console) -> int:
 
     cfg, raw = load_config_with_data(args.config, args.overrides)
     interrupts.install()
-    run_experiment(cfg, args.config, raw, console, force=args.force)
+    run_experiment(cfg, args.config, raw, console, force=args.force, overrides=args.overrides)
     return 0
 
 
 def _cmd_report(args, console) -> int:
     from pipeline import tracking
     from pipeline.config import ConfigError, load_config
-    from pipeline.report import print_table, summary_markdown
-    from pipeline.report import summary_from_runs
+    from pipeline.report import print_table, summary_from_runs, summary_markdown
 
     if args.config is None and not args.experiment and not args.run_id:
         raise ConfigError("roi report: give a config, --experiment NAME or --run-id ID")
@@ -97,11 +109,24 @@ def _cmd_report(args, console) -> int:
 
     mlflow.set_tracking_uri(tracking.tracking_uri())
     parent, children = tracking.find_parent_run(experiment, args.run_id)
+    if args.out:
+        from pipeline.report_facts import rerender
+
+        for path in rerender(parent.info.run_id, args.out):
+            console.print(f"wrote {path}")
+        return 0
     summary = summary_from_runs(parent, children)
     if args.markdown:
         print(summary_markdown(summary), end="")
     else:
         print_table(summary, console)
+    return 0
+
+
+def _cmd_compare(args, console) -> int:
+    from pipeline.compare import compare_runs
+
+    compare_runs(args.run_ids, args.experiment, args.out, console)
     return 0
 
 
@@ -133,6 +158,12 @@ def _cmd_serve(args, console) -> int:
                  host=args.host, port=args.port, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms)
 
 
+def _cmd_ui(args, console) -> int:
+    from pipeline.tracking import ui_server
+
+    return ui_server(args.port, console)
+
+
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
@@ -147,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.debug:
         _quiet_libraries()
-    commands = {"run": _cmd_run, "report": _cmd_report, "data": _cmd_data_check, "serve": _cmd_serve}
+    commands = {"run": _cmd_run, "report": _cmd_report, "data": _cmd_data_check, "serve": _cmd_serve, "ui": _cmd_ui,
+                "compare": _cmd_compare}
     try:
         return commands[args.command](args, console)
     except (ConfigError, DataError, PromptError, ModelError, TrackingError) as exc:

@@ -138,6 +138,27 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TRAINING_RECORD = "training.json"  # written beside adapters this tool trains: base model and training cost
 
 
+def quantize_int8(model: Any) -> Any:
+    """A copy of the model with int8 weights in every linear layer (torchao's weight-only int8; activations
+    stay in the model's dtype). The copy: the model given may be shared with other arms."""
+    import copy
+
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    quantized = copy.deepcopy(model)
+    quantize_(quantized, Int8WeightOnlyConfig())
+    return quantized
+
+
+def model_bytes(model: Any) -> int:
+    """The model's weights as serialised (what a deployment loads and holds): its memory footprint."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell()
+
+
 def check_adapter(adapter_dir: Path, source: ModelSource, trust_remote_code: bool = False) -> dict:
     """Fail with one line, before any work, unless `adapter_dir` is a safetensors LoRA adapter that fits
     the base model; returns its training record (empty for an adapter trained elsewhere).

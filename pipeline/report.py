@@ -31,7 +31,13 @@ class Summary:
 
     @property
     def break_even_calls(self) -> float | None:
-        return self.parent.get("break_even_calls")
+        """One-off break-even (calls until the fine-tune's fixed cost is paid back); None: never."""
+        return _finite(self.parent.get("break_even_calls"))
+
+    @property
+    def break_even_monthly_calls(self) -> float | None:
+        """Monthly volume above which the candidate's deployment costs less a month; None: none found."""
+        return _finite(self.parent.get("break_even_monthly_calls"))
 
     @property
     def has_pair(self) -> bool:
@@ -39,6 +45,18 @@ class Summary:
 
     def fixed_cost(self, arm: str) -> float:
         return self.arms[arm].get("fixed_cost_usd", 0.0)
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _ci(metrics: dict[str, float], name: str, fmt) -> str:
+    """ ` [low–high]` of a logged interval (`never` for an infinite end), or nothing when there is none."""
+    low, high = metrics.get(f"{name}_ci_low"), metrics.get(f"{name}_ci_high")
+    if low is None or high is None:
+        return ""
+    return f" [{fmt(_finite(low))}–{fmt(_finite(high))}]"
 
 
 def _num(value: float | None, digits: int = 1) -> str:
@@ -66,7 +84,7 @@ def arm_rows(summary: Summary) -> list[list[str]]:
     for arm, m in summary.arms.items():
         rows.append([
             arm,
-            f"{100 * m['accuracy']:.1f}%",
+            f"{100 * m['accuracy']:.1f}%" + _ci(m, "accuracy", lambda v: "-" if v is None else f"{100 * v:.1f}"),
             f"{100 * m['macro_f1']:.1f}",
             f"{100 * m['invalid_rate']:.1f}%",
             _num(m["prompt_tokens_mean"]),
@@ -74,35 +92,48 @@ def arm_rows(summary: Summary) -> list[list[str]]:
             _num(m["latency_p50_ms"], 0),
             _num(m["latency_p95_ms"], 0),
             _num(m["throughput_calls_per_s"], 2),
-            _usd(m["cost_per_call_usd"]),
+            _usd(m.get("cost_per_1k_calls_usd", 1000 * m["cost_per_call_usd"])),
+            _usd(m.get("monthly_cost_usd")),
         ])
     return rows
 
 
-HEADERS = ["arm", "accuracy", "macro-F1", "invalid", "prompt tok", "compl. tok", "p50 ms", "p95 ms", "calls/s",
-           "$/call"]
+HEADERS = ["arm", "accuracy [95% CI]", "macro-F1", "invalid", "prompt tok", "compl. tok", "p50 ms", "p95 ms",
+           "calls/s", "$/1k calls", "$/month"]
 
 
 def verdict(summary: Summary) -> str:
-    """One sentence a team lead can act on."""
+    """One sentence a team lead can act on: what each route costs a month at the configured volume (hosting
+    counted), whether and when the fine-tune pays back, from which volume it is cheaper, and the quality."""
     if not summary.has_pair:
         return "Break-even needs a fine-tuned arm and a prompt arm to compare (compare.baseline, compare.candidate)."
-    ft, base = summary.arms[summary.candidate_arm], summary.arms[summary.baseline_arm]
+    cand_name, base_name = summary.candidate_arm, summary.baseline_arm
+    ft, base, p = summary.arms[cand_name], summary.arms[base_name], summary.parent
     gain = 100 * (ft["accuracy"] - base["accuracy"])
-    if summary.break_even_calls is None:
-        return (f"{summary.candidate_arm} never pays off on cost: it does not save per call against "
-                f"{summary.baseline_arm} (accuracy {gain:+.1f} pts).")
-    months = summary.parent.get("payback_months")
-    return (f"{summary.candidate_arm} pays off after {_calls(summary.break_even_calls)} calls"
-            f" ({_num(months, 2)} months at {summary.monthly_calls:,.0f} calls/month),"
-            f" with accuracy {gain:+.1f} pts against {summary.baseline_arm}.")
+    text = (f"At {summary.monthly_calls:,.0f} calls/month {cand_name} costs {_usd(ft.get('monthly_cost_usd'))}/month"
+            f" against {_usd(base.get('monthly_cost_usd'))} for {base_name}")
+    if summary.break_even_calls is not None:
+        text += (f"; it pays back its {_usd(summary.fixed_cost(cand_name))} one-off cost after"
+                 f" {_calls(summary.break_even_calls)} calls{_ci(p, 'break_even_calls', _calls)}"
+                 f" ({_num(p.get('payback_months'), 2)} months)")
+    else:
+        text += f"; at this volume it never pays back its {_usd(summary.fixed_cost(cand_name))} one-off cost"
+    monthly = summary.break_even_monthly_calls
+    text += (f", and it is the cheaper deployment above {_calls(monthly)} calls/month"
+             f"{_ci(p, 'break_even_monthly_calls', _calls)}" if monthly is not None
+             else ", and it is not the cheaper deployment at any volume up to 1,000x this one")
+    mcnemar = p.get("mcnemar_p")
+    return text + (f". Accuracy {gain:+.1f} pts against {base_name}"
+                   + (f" (McNemar p {'< 0.001' if mcnemar < 0.001 else f'= {mcnemar:.3f}'})." if mcnemar is not None
+                      else "."))
 
 
 def _break_even_text(summary: Summary) -> str:
     if not summary.has_pair:
         return "n/a"
-    be = summary.break_even_calls
-    return "never" if be is None else f"{_calls(be)} calls"
+    be, monthly = summary.break_even_calls, summary.break_even_monthly_calls
+    return (("never" if be is None else f"{_calls(be)} calls") + " one-off, "
+            + ("none" if monthly is None else f"{_calls(monthly)} calls/month") + " monthly")
 
 
 def parser_line(summary: Summary) -> str:
@@ -162,6 +193,8 @@ def summary_markdown(summary: Summary) -> str:
         f"- Break-even: {_break_even_text(summary)} of {summary.candidate_arm} against {summary.baseline_arm}"
         + (f"; payback {_num(p.get('payback_months'), 2)} months at {summary.monthly_calls:,.0f} calls/month."
            if summary.break_even_calls is not None else "."),
+        "- Costs are at the configured volume: API arms by their measured tokens, self-hosted arms as replicas"
+        " billed every hour (always-on ones included) at their measured throughput.",
         f"- Fine-tuning fixed cost: {_usd(p.get('finetune_fixed_cost_usd'))}"
         + (f" (training {_num(summary.arms[summary.candidate_arm].get('train_time_s'))} s,"
            f" {summary.arms[summary.candidate_arm].get('train_tokens', 0):,.0f} tokens)"
@@ -193,33 +226,38 @@ def summary_markdown(summary: Summary) -> str:
     ]
     lines += [
         "",
-        "$/call comes from the `pricing` section of the config applied to measured tokens or throughput.",
+        "$/1k calls and $/month come from the `pricing` section applied to measured tokens or throughput at"
+        f" {summary.monthly_calls:,.0f} calls/month.",
     ]
     lines += [f"- Note: {n}" for n in summary.notes]
     return "\n".join(lines) + "\n"
 
 
 def plot_cost_vs_volume(summary: Summary, path: Path) -> None:
-    """Cumulative cost of each arm against call volume, break-even marked."""
+    """Cumulative cost of each arm against call volume on log-log axes (costs are positive), break-even marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import FuncFormatter
 
     be = summary.break_even_calls
     top = max(summary.monthly_calls * 12, (be or 0) * 4, 1000)
     volumes = np.logspace(0, math.log10(top), 200)
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     for arm, m in summary.arms.items():
-        costs = [total_cost(summary.fixed_cost(arm), m["cost_per_call_usd"], v) for v in volumes]
-        ax.plot(volumes, costs, label=arm)
+        costs = np.array([total_cost(summary.fixed_cost(arm), m["cost_per_call_usd"], v) for v in volumes])
+        ax.plot(volumes, np.where(costs > 0, costs, np.nan), label=arm)  # a free arm has no point on a log axis
     if be is not None and be > 0:
         ax.axvline(be, color="grey", linestyle="--", linewidth=1)
-        ax.annotate(f"break-even\n{_calls(be)} calls", (be, ax.get_ylim()[1] * 0.5), fontsize=8, ha="left")
+        ax.annotate(f"break-even\n{_calls(be)} calls", (be, 0.5), xycoords=("data", "axes fraction"), fontsize=8,
+                    ha="left")
     ax.axvline(summary.monthly_calls, color="black", linestyle=":", linewidth=1)
     ax.set_xscale("log")
-    ax.set_yscale("symlog", linthresh=0.01)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"${v:,.0f}" if v >= 1 else f"${v:.2g}"))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _calls(v)))
     ax.set_xlabel("calls")
     ax.set_ylabel("total cost (USD)")
     ax.set_title(f"{summary.experiment}: cost vs volume (dotted: monthly volume)")

@@ -18,17 +18,19 @@ from typing import Any
 import mlflow
 import yaml
 
-from pipeline import interrupts, tracking
+from pipeline import economics, interrupts, tracking
 from pipeline.arm_models import ArmModels
 from pipeline.arms import Arm, resolved_config, resolved_params
-from pipeline.config import ExperimentConfig, project_root_for
-from pipeline.costing import break_even, cost_per_call, finetune_fixed_cost, ratio
+from pipeline.config import ExperimentConfig, flatten, project_root_for
+from pipeline.costing import finetune_fixed_cost
 from pipeline.data import TaskData, eval_rows, load_task
 from pipeline.evaluation import PARSERS, call_metrics
 from pipeline.measure import Measurement, measure
 from pipeline.prompts import PromptRenderer, PromptTemplate, load_template, pick_examples
 from pipeline.report import Summary, plot_cost_vs_volume, print_table, summary_markdown
+from pipeline.report_facts import build_facts, plot_sensitivity, save_facts, write_report
 from pipeline.stages import StageStore, stage_key
+from pipeline.stats import confusion_matrix_png, per_label_table
 
 
 @dataclass
@@ -46,29 +48,44 @@ class Experiment:
     console: Any
     force: bool = False
     notes: list[str] = field(default_factory=list)
+    parent_run_id: str = ""
+    outcomes: dict[str, Any] = field(default_factory=dict)  # arm name -> economics.ArmRows
 
     @property
     def labels(self) -> list[str]:
         return self.task.label_names
 
 
-def run_experiment(cfg: ExperimentConfig, config_path: Path, raw_config: dict, console, force: bool = False) -> Summary:
+def run_experiment(cfg: ExperimentConfig, config_path: Path, raw_config: dict, console, force: bool = False,
+                   overrides: list[str] = ()) -> Summary:
     """Run every configured arm on the same test rows, log to MLflow, and return the summary."""
     exp = prepare(cfg, console, force)  # everything that can be wrong with the inputs is found here
-    tracking.connect(cfg.experiment)
+    experiment_id = tracking.connect(cfg.experiment)
     console.print(f"[bold]{cfg.experiment}[/bold]: {exp.task.name} ({len(exp.task.splits['train'])} train, "
                   f"{len(exp.rows)} test rows), arms {', '.join(a.name for a in cfg.resolved_arms)}")
     results: dict[str, dict[str, float]] = {}
-    with tracking.start_run(f"{cfg.experiment}-{exp.run_dir.name}") as parent:
+    with tracking.start_run(run_name(config_path, overrides, time.localtime())) as parent:
+        exp.parent_run_id = parent.info.run_id
         log_parent_inputs(exp, config_path, raw_config)
         for arm in cfg.resolved_arms:
             results[arm.name] = run_arm(exp, arm)
-        parent_metrics = roi_metrics(cfg, results)
+        parent_metrics, sensitivity = roi_metrics(exp, results)
         summary = summarise(exp, results, parent_metrics, parent.info.run_id)
-        log_parent_results(exp, summary)
+        log_parent_results(exp, summary, sensitivity, parent.info.run_name)
     print_table(summary, console)
     console.print(f"outputs in {exp.run_dir}; MLflow run {summary.run_id} in {tracking.redact(tracking.tracking_uri())}")
+    console.print(f"compare the arms in the MLflow UI (`roi ui` for a local store): "
+                  f"{tracking.ui_link(experiment_id)}", soft_wrap=True)
     return summary
+
+
+def run_name(config_path: Path, overrides: list[str], when: time.struct_time) -> str:
+    """What tells repeated runs apart in the UI: the config, the time, and the overrides that change results.
+    The time comes second so that it stays visible where the UI cuts long names."""
+    changes = " ".join(o for o in overrides if not o.startswith("output_dir="))
+    if len(changes) > 160:  # MLflow keeps 250 characters
+        changes = changes[:159] + "…"
+    return " ".join(filter(None, [config_path.stem, time.strftime("%m-%d %H:%M", when), changes]))
 
 
 def prepare(cfg: ExperimentConfig, console, force: bool) -> Experiment:
@@ -114,17 +131,22 @@ def run_arm(exp: Experiment, arm: Arm) -> dict[str, float]:
     """One arm as a child run: get its model, measure it (or reuse a stored measurement), price it."""
     with tracking.start_run(arm.name, nested=True) as child:
         mlflow.set_tags({"arm": arm.name, "arm_kind": arm.kind, "backend": arm.backend,
-                         "model": exp.models.display_name(arm), tracking.ROLE_TAG: "arm"})
+                         "model": exp.models.display_name(arm), tracking.ROLE_TAG: "arm",
+                         tracking.RUN_TYPE_TAG: tracking.EVALUATION_RUN})
         template = exp.templates[arm.name]
         prompt_uri = tracking.register_prompt(
             f"{exp.cfg.experiment}-{arm.name}", template.registry_template(),
-            {"arm": arm.name, "file": template.path.name, "sha": template.sha}, child.info.run_id)
-        mlflow.log_params({"prompt_uri": prompt_uri, "prompt_file": template.path.name,
-                           "few_shot_k": exp.cfg.prompts.few_shot_k, "model_key": arm.model_key,
-                           **{f"eval.{k}": v for k, v in arm.eval.model_dump().items()}})
+            {"arm": arm.name, "file": template.path.name, "sha": template.sha},
+            [child.info.run_id, exp.parent_run_id])
+        # The arm's own settings only: the Trainer's full configuration is an artifact (arm_models).
+        tracking.log_params({"prompt_uri": prompt_uri, "prompt_file": template.path.name,
+                             "few_shot_k": exp.cfg.prompts.few_shot_k, "model_key": arm.model_key,
+                             **flatten(arm.eval.model_dump(), "eval."),
+                             **(flatten(arm.finetune.model_dump(), "finetune.") if arm.trains else {})})
         key = stage_key("eval", data=exp.task.content_hash, limit=exp.cfg.eval.limit, seed=exp.cfg.data.seed,
                         prompt=template.sha, examples=exp.examples, eval=arm.eval.model_dump(),
-                        model=exp.models.identity(arm), adapter=exp.models.adapter_key(arm, exp, template))
+                        model=exp.models.identity(arm), adapter=exp.models.adapter_key(arm, exp, template),
+                        **({"quantize": arm.quantize} if arm.quantize else {}))
         done = None if exp.force else exp.store.load(key)
         if done is not None:
             # Same inputs, same code: the stored evaluation stands; say so in the run.
@@ -143,15 +165,27 @@ def run_arm(exp: Experiment, arm: Arm) -> dict[str, float]:
         if metrics.get("tokens_estimated"):
             mlflow.set_tag("tokens", "estimated")
         # Prices are not part of a stage: stored measurements are re-priced on every run.
-        metrics["cost_per_call_usd"] = price(arm, metrics)
         metrics["fixed_cost_usd"] = fixed_cost(exp.cfg, arm, metrics, len(exp.task.splits["train"]))
+        metrics.update(economics.arm_figures(arm, metrics, exp.cfg.pricing))
+        rows = exp.outcomes[arm.name] = economics.ArmRows.read(predictions, exp.labels)
+        metrics.update(economics.arm_intervals(rows, arm, metrics, exp.cfg))
         mlflow.log_metrics(metrics)
         mlflow.log_artifact(str(predictions))
+        log_label_scores(exp, arm, rows)
         exp.console.print(f"{arm.name:<12} accuracy {100 * metrics['accuracy']:.1f}%  "
                           f"invalid {100 * metrics['invalid_rate']:.1f}%  "
                           + (f"failed {100 * metrics['failed_rate']:.1f}%  " if metrics.get("failed_rate") else "")
                           + f"{metrics['prompt_tokens_mean']:.0f} prompt tokens  p50 {metrics['latency_p50_ms']:.0f} ms")
         return metrics
+
+
+def log_label_scores(exp: Experiment, arm: Arm, rows: economics.ArmRows) -> None:
+    """Per-label precision, recall and F1 (a table) and the confusion matrix (an image) on the arm's run."""
+    tracking.log_table(per_label_table(rows.predicted, rows.gold, exp.labels), "per_label.json")
+    image = exp.run_dir / arm.name / "confusion_matrix.png"
+    image.parent.mkdir(parents=True, exist_ok=True)
+    confusion_matrix_png(rows.predicted, rows.gold, exp.labels, image, f"{arm.name}: gold (rows) vs predicted")
+    mlflow.log_artifact(str(image))
 
 
 def evaluate(exp: Experiment, arm: Arm, backend, template: PromptTemplate, predictions: Path) -> dict[str, float]:
@@ -193,6 +227,7 @@ def evaluate(exp: Experiment, arm: Arm, backend, template: PromptTemplate, predi
     if hasattr(backend, "retries_total"):
         metrics["retries_total"] = float(backend.retries_total)
     metrics.update(_uncached_sample(backend, prompts, arm, timed))
+    metrics.update(_batch1_sample(backend, prompts, arm))
     return metrics
 
 
@@ -210,6 +245,16 @@ def _uncached_sample(backend, prompts, arm: Arm, timed: Measurement) -> dict[str
             "prefix_cache_agreement": sum(a.output == b.output for a, b in zip(calls, timed.calls)) / len(calls)}
 
 
+def _batch1_sample(backend, prompts, arm: Arm) -> dict[str, float]:
+    """The first rows again one call at a time: the throughput (and so the cost) of serving without batching."""
+    if not hasattr(backend, "at_batch_size") or arm.eval.batch_size == 1 or not arm.eval.batch1_sample:
+        return {}
+    sample = prompts[: arm.eval.batch1_sample]
+    timed = measure(backend.at_batch_size(1), sample, warmup=min(arm.eval.warmup, len(sample)),
+                    repeats=arm.eval.repeats)
+    return {"throughput_calls_per_s_batch1": timed.throughput_calls_per_s}
+
+
 def prediction_row(row_id: int, text: str, gold: str, call, parsed: int, labels: list[str]) -> dict:
     row = {"row_id": row_id, "input": text, "gold": gold, "raw_output": call.output,
            "parsed_label": labels[parsed] if parsed >= 0 else None,
@@ -223,44 +268,40 @@ def prediction_row(row_id: int, text: str, gold: str, call, parsed: int, labels:
     return row
 
 
-def price(arm: Arm, metrics: dict[str, float]) -> float:
-    """USD per call at the arm's price. Cached prompt tokens: for an API, what its server reported reading
-    from its cache; for a local arm priced by the token, the prompt's static (cacheable) prefix."""
-    cached = metrics.get("cached_tokens_mean", 0.0) if arm.backend != "local" else metrics.get("prefix_tokens", 0.0)
-    return cost_per_call(arm.price, metrics["prompt_tokens_mean"], metrics["completion_tokens_mean"],
-                         metrics["throughput_calls_per_s"], cached_prompt_tokens=cached)
-
-
 def fixed_cost(cfg: ExperimentConfig, arm: Arm, metrics: dict[str, float], n_train: int) -> float:
-    """One-off cost of an arm's route: given, or for a fine-tune its measured training and labelling."""
+    """One-off cost of an arm's route: given, or for a fine-tune its measured training (time on priced
+    hardware, or tokens at a provider's training price) and labelling."""
     if arm.fixed_cost_usd is not None:
         return arm.fixed_cost_usd
     if arm.kind != "finetuned":
         return cfg.pricing.prompt_fixed_usd
-    return finetune_fixed_cost(metrics.get("train_time_s", 0.0), cfg.pricing.finetune.usd_per_hour, n_train,
-                               cfg.pricing.finetune.labelling_usd_per_example)
+    rates = cfg.pricing.finetune
+    labelling = n_train * rates.labelling_usd_per_example
+    if rates.training_usd_per_mtok is not None:
+        return metrics.get("train_tokens", 0.0) * rates.training_usd_per_mtok / 1e6 + labelling
+    return finetune_fixed_cost(metrics.get("train_time_s", 0.0), rates.usd_per_hour, n_train,
+                               rates.labelling_usd_per_example)
 
 
-def roi_metrics(cfg: ExperimentConfig, arms: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Parent-run metrics for the compare pair: fixed cost, break-even, payback, token reduction, prompt gain."""
+def roi_metrics(exp: Experiment, arms: dict[str, dict[str, float]]) -> tuple[dict[str, float], list[dict]]:
+    """Parent-run metrics for the compare pair (fixed cost, both break-evens with intervals, payback,
+    McNemar's p, token reduction, prompt gain) and the break-evens' sensitivity rows."""
+    cfg = exp.cfg
     out: dict[str, float] = {}
     baseline, candidate, naive = cfg.pair.baseline, cfg.pair.candidate, cfg.pair.naive
     if baseline and naive and baseline != naive:
         out["prompt_gain_pts"] = 100 * (arms[baseline]["accuracy"] - arms[naive]["accuracy"])
+        out.update(economics.prompt_pair_metrics(exp.outcomes, baseline, naive))
     if not candidate:
-        return out
-    cand = arms[candidate]
-    out["finetune_fixed_cost_usd"] = cand["fixed_cost_usd"]
+        return out, []
+    out["finetune_fixed_cost_usd"] = arms[candidate]["fixed_cost_usd"]
     if not baseline:
-        return out
-    base = arms[baseline]
-    out["token_reduction_x"] = ratio(base["prompt_tokens_mean"], cand["prompt_tokens_mean"])
-    result = break_even(base["fixed_cost_usd"], base["cost_per_call_usd"], cand["fixed_cost_usd"],
-                        cand["cost_per_call_usd"], cfg.pricing.monthly_calls)
-    if not result.never:
-        out["break_even_calls"] = result.calls
-        out["payback_months"] = result.payback_months
-    return out
+        return out, []
+    by_name = {a.name: a for a in cfg.resolved_arms}
+    pair = economics.Pair(by_name[baseline], by_name[candidate], arms[baseline], arms[candidate])
+    out["token_reduction_x"] = economics.token_reduction(arms[baseline], arms[candidate])
+    out.update(economics.pair_metrics(pair, exp.outcomes, cfg))
+    return out, economics.break_even_sensitivity(pair, cfg.pricing)
 
 
 def summarise(exp: Experiment, arms: dict[str, dict[str, float]], parent: dict[str, float], run_id: str) -> Summary:
@@ -274,11 +315,46 @@ def summarise(exp: Experiment, arms: dict[str, dict[str, float]], parent: dict[s
     )
 
 
-def log_parent_results(exp: Experiment, summary: Summary) -> None:
-    mlflow.log_metrics({k: v for k, v in summary.parent.items() if not math.isnan(v)})
-    if summary.candidate_arm and summary.baseline_arm and summary.break_even_calls is None:
+def log_parent_results(exp: Experiment, summary: Summary, sensitivity: list[dict], run_name: str) -> None:
+    """The parent's figures (a figure that never happens is a tag `...=never`, not a metric), its arms table,
+    the summary and the report with its plots and facts (under `report/`, for `roi report --out`)."""
+    finite = {k: v for k, v in summary.parent.items() if math.isfinite(v)}
+    mlflow.log_metrics(finite)
+    never = sorted(k for k, v in summary.parent.items() if math.isinf(v))
+    if never:
+        mlflow.set_tags({k: "never" for k in never})
+    if summary.has_pair and summary.break_even_calls is None:
         mlflow.set_tag("break_even", "never")
+    tracking.log_table(arms_table(summary), "arms.json")
     (exp.run_dir / "roi_summary.md").write_text(summary_markdown(summary), encoding="utf-8")
-    plot_cost_vs_volume(summary, exp.run_dir / "cost_vs_volume.png")
     mlflow.log_artifact(str(exp.run_dir / "roi_summary.md"))
-    mlflow.log_artifact(str(exp.run_dir / "cost_vs_volume.png"))
+    report_dir = exp.run_dir / "report"
+    report_dir.mkdir(exist_ok=True)
+    images = {"cost_vs_volume": report_dir / "cost_vs_volume.png", "sensitivity": report_dir / "sensitivity.png"}
+    plot_cost_vs_volume(summary, images["cost_vs_volume"])
+    mlflow.log_artifact(str(images["cost_vs_volume"]))
+    plot_sensitivity(sensitivity, summary.parent, images["sensitivity"])
+    for arm in summary.arms:
+        images[f"confusion_{arm}"] = exp.run_dir / arm / "confusion_matrix.png"
+    facts = build_facts(exp, summary, sensitivity, run_name)
+    save_facts(facts, report_dir / "facts.json")
+    for path in write_report(facts, images, report_dir):
+        mlflow.log_artifact(str(path), artifact_path="report")
+    mlflow.log_artifact(str(report_dir / "facts.json"), artifact_path="report")
+    for key, path in images.items():
+        if key.startswith("confusion_") and path.is_file():
+            mlflow.log_artifact(str(path), artifact_path=f"report/{key}")
+    exp.console.print(f"report: {report_dir / 'roi_report.html'}")
+
+
+def arms_table(summary: Summary) -> list[dict[str, Any]]:
+    """One row per arm, rounded for reading: what the parent run's table artifact shows."""
+    rows = []
+    for arm, m in summary.arms.items():
+        role = "baseline" if arm == summary.baseline_arm else "candidate" if arm == summary.candidate_arm else ""
+        rows.append({"arm": arm, "role": role, "accuracy_pct": round(100 * m["accuracy"], 1),
+                     "prompt_tokens": round(m["prompt_tokens_mean"], 1),
+                     "latency_p50_ms": round(m["latency_p50_ms"], 1),
+                     "cost_per_1k_calls_usd": float(f"{m['cost_per_1k_calls_usd']:.4g}"),
+                     "fixed_cost_usd": float(f"{summary.fixed_cost(arm):.4g}")})
+    return rows

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,22 @@ from mlflow.tracking import MlflowClient
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 ROLE_TAG = "roi.role"
+# Where `roi ui` / `make ui` serve a local store; an http tracking URI is its own UI.
+LOCAL_UI = "http://127.0.0.1:5000"
+
+# What the MLflow UI reads (checked against MLflow 3.17's web app):
+# - The experiment kind picks the landing page in MLflow versions that read the tag; 3.17 picks it from
+#   the `workflowType` URL parameter (default: GenAI), so links carry `workflowType=machine_learning`.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+# - A saved runs view is an experiment tag `mlflow.sharedViewState.<id>` holding {name, createdAt, state};
+#   it is listed under "Views" and opened by `viewStateShareKey=<id>` in a link.
+VIEW_ID, VIEW_NAME = "roi-arms", "roi: arms side by side"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_ID}"
+# The columns a user needs to compare arms, in reading order; the UI shows none by default.
+VIEW_METRICS = ("accuracy", "latency_p50_ms", "prompt_tokens_mean", "cost_per_1k_calls_usd", "break_even_calls")
+# - The runs table opens a parent's child rows by itself only when a child is tagged as an evaluation run;
+#   an arm run is one: a model evaluated on the test split.
+RUN_TYPE_TAG, EVALUATION_RUN = "mlflow.runType", "evaluation"
 
 
 class TrackingError(Exception):
@@ -46,11 +65,42 @@ def connect(experiment: str) -> str:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     try:
-        mlflow.set_experiment(experiment)
+        exp = mlflow.set_experiment(experiment)
     except Exception as exc:  # mlflow raises many types for an unreachable or broken store
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
         raise TrackingError(f"tracking store {redact(uri)} is not usable: {first.replace(uri, redact(uri))}") from None
-    return uri
+    set_up_ui(exp)
+    return exp.experiment_id
+
+
+def arms_view_state() -> dict[str, Any]:
+    """The saved view's state: the comparison columns in the runs table, in order, newest run first."""
+    columns = [f"metrics.`{name}`" for name in VIEW_METRICS]
+    return {"selectedColumns": columns, "columnOrder": columns, "orderByKey": "attributes.start_time",
+            "orderByAsc": False}
+
+
+def set_up_ui(exp: Any) -> None:
+    """Tag the experiment as model development and give it the arms view (written only when it changed)."""
+    tags = exp.tags or {}
+    if EXPERIMENT_KIND_TAG not in tags:  # a kind the user chose in the UI stays
+        mlflow.set_experiment_tag(EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    try:
+        current = json.loads(tags.get(VIEW_TAG, "{}")).get("state")
+    except (ValueError, AttributeError):
+        current = None
+    state = json.dumps(arms_view_state(), sort_keys=True)
+    if current != state:
+        mlflow.set_experiment_tag(VIEW_TAG, json.dumps(
+            {"name": VIEW_NAME, "createdAt": int(time.time() * 1000), "state": state}))
+
+
+def ui_link(experiment_id: str, uri: str | None = None) -> str:
+    """The experiment's runs page with the arms view open, on the tracking server or on `roi ui`."""
+    uri = uri or tracking_uri()
+    base = uri.rstrip("/") if uri.startswith("http") else LOCAL_UI
+    return (f"{redact(base)}/#/experiments/{experiment_id}/runs"
+            f"?workflowType=machine_learning&viewStateShareKey={VIEW_ID}")
 
 
 @contextmanager
@@ -72,6 +122,46 @@ def git_commit(folder: Path) -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
+def ui_server(port: int, console: Any) -> int:
+    """`roi ui`: print each roi experiment's arms-view link, then run `mlflow server` on loopback until Ctrl-C.
+    With an http tracking URI, that server is the UI: only the links are printed."""
+    uri = tracking_uri()
+    remote = uri.startswith("http")
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient()
+    try:
+        experiments = {e.experiment_id: e.name for e in client.search_experiments()}
+        parents = client.search_runs(list(experiments), filter_string=f"tags.`{ROLE_TAG}` = 'parent'",
+                                     max_results=1000) if experiments else []
+    except Exception as exc:  # an unreachable or unreadable store: say which
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        raise TrackingError(f"tracking store {redact(uri)} is not usable: {first}") from None
+    base = uri if remote else f"http://127.0.0.1:{port}"
+    for experiment_id in dict.fromkeys(r.info.experiment_id for r in parents):
+        console.print(f"{experiments[experiment_id]}: {ui_link(experiment_id, base)}", soft_wrap=True)
+    if not parents:
+        console.print(f"no roi runs in {redact(uri)} yet: `roi run CONFIG` first")
+    if remote:
+        return 0
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    try:
+        return subprocess.run(command).returncode
+    except KeyboardInterrupt:
+        return 0
+
+
+def log_training_step(values: dict[str, float], step: int) -> None:
+    """The Trainer's log under `train/` (train/loss, train/learning_rate, ...), apart from the arm's results."""
+    mlflow.log_metrics({f"train/{key}": value for key, value in values.items()}, step=step)
+
+
+def log_table(rows: list[dict[str, Any]], artifact_file: str) -> None:
+    """A table the run page renders (mlflow.log_table), one dict per row."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    mlflow.log_table({c: [row.get(c) for row in rows] for c in columns}, artifact_file=artifact_file)
+
+
 def log_params(params: dict[str, Any]) -> None:
     """Log params in batches (MLflow caps a batch at 100), values as short strings."""
     items = [(k, "" if v is None else str(v)[:6000]) for k, v in params.items()]
@@ -79,8 +169,9 @@ def log_params(params: dict[str, Any]) -> None:
         mlflow.log_params(dict(items[start : start + 100]))
 
 
-def register_prompt(name: str, template: str | list[dict[str, str]], tags: dict[str, str], run_id: str) -> str:
-    """Register the template in the Prompt Registry (a new version only when it changed); link it to the run."""
+def register_prompt(name: str, template: str | list[dict[str, str]], tags: dict[str, str],
+                    run_ids: list[str]) -> str:
+    """Register the template in the Prompt Registry (a new version only when it changed); link it to the runs."""
     client = MlflowClient()
     version = None
     try:
@@ -92,7 +183,8 @@ def register_prompt(name: str, template: str | list[dict[str, str]], tags: dict[
     if version is None:
         version = mlflow.genai.register_prompt(name=name, template=template, commit_message="registered by roi run",
                                                tags=tags)
-    client.link_prompt_version_to_run(run_id, version)
+    for run_id in run_ids:
+        client.link_prompt_version_to_run(run_id, version)
     return f"prompts:/{name}/{version.version}"
 
 
@@ -105,7 +197,10 @@ def find_parent_run(experiment: str, run_id: str | None = None) -> tuple[Any, li
     """A parent run (the latest finished one unless `run_id` is given) and its arm runs."""
     client = MlflowClient()
     if run_id:
-        parent = client.get_run(run_id)
+        try:
+            parent = client.get_run(run_id)
+        except Exception:  # MlflowException / RestException: no such run
+            raise TrackingError(f"run {run_id} not found in {redact(tracking_uri())}") from None
     else:
         exp = client.get_experiment_by_name(experiment)
         if exp is None:

@@ -31,6 +31,7 @@ class FinetuneResult:
     train_loss: float
     adapter_dir: Path
     resumed_from: str | None = None
+    trainer_args: str = "{}"  # the Trainer's full configuration, as JSON
 
 
 class _TrainClock:
@@ -154,7 +155,27 @@ class _ProgressBar:
         return ProgressBar()
 
 
-def _sft_args(cfg: FinetuneConfig, dtype: torch.dtype, trainer_dir: Path, report_to: list[str]) -> Any:
+def _log_callback(on_log: Callable[[dict[str, float], int], None]) -> Any:
+    """A Trainer callback that hands each log entry's numbers, at its step, to `on_log`.
+
+    The end-of-training summary (train_runtime, train_loss, ...) is left out: it counts only this
+    session's time after a resume, and the arm logs its own train_time_s and train_loss.
+    """
+    from transformers import TrainerCallback
+
+    class LogTo(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if "train_loss" in (logs or {}):  # the summary; per-step entries carry `loss`
+                return
+            values = {k: float(v) for k, v in (logs or {}).items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+            if values and state.is_world_process_zero:
+                on_log(values, state.global_step)
+
+    return LogTo()
+
+
+def _sft_args(cfg: FinetuneConfig, dtype: torch.dtype, trainer_dir: Path) -> Any:
     from trl import SFTConfig
 
     use_cuda = torch.cuda.is_available()
@@ -176,8 +197,9 @@ def _sft_args(cfg: FinetuneConfig, dtype: torch.dtype, trainer_dir: Path, report
         save_steps=cfg.checkpoint_steps or 500,
         save_total_limit=2,
         save_only_model=False,
-        report_to=report_to,
-        # The log goes to `report_to`; progress is our rich bar (finetune), not tqdm or printed dicts.
+        # No integration: its MLflow callback logs ~170 Trainer and model-config params and unprefixed
+        # metrics on the arm run. The log goes to `on_log` (finetune); progress to our rich bar.
+        report_to="none",
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
@@ -193,14 +215,15 @@ def _sft_args(cfg: FinetuneConfig, dtype: torch.dtype, trainer_dir: Path, report
 
 
 def finetune(model: Any, tokenizer: Any, prompts: list[str], completions: list[str], cfg: FinetuneConfig,
-             dtype: torch.dtype, out_dir: Path, report_to: list[str],
+             dtype: torch.dtype, out_dir: Path, on_log: Callable[[dict[str, float], int], None] | None = None,
              on_resume: Callable[[str], None] | None = None, console: Any = None) -> FinetuneResult:
     """Train a LoRA adapter with trl's SFTTrainer, loss on the completion only; save it as safetensors.
 
     Checkpoints go to `out_dir/trainer` every `cfg.checkpoint_steps` steps; when one is there
     (a run was killed), training resumes from the latest complete one with its optimizer, scheduler,
     RNG state and data order, and the reported training time includes the time before the kill.
-    With a rich `console`, a transient progress bar shows on it.
+    With a rich `console`, a transient progress bar shows on it. `on_log(values, step)` receives the
+    Trainer's numeric log entries (loss, learning rate, grad norm, ...) as they are logged.
     """
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
@@ -225,8 +248,9 @@ def finetune(model: Any, tokenizer: Any, prompts: list[str], completions: list[s
     peft_model = get_peft_model(model, lora, autocast_adapter_dtype=dtype == torch.float32 or cfg.adapter_fp32)
     clock = _TrainClock()
     bar = _ProgressBar(console) if console is not None else None
-    trainer = SFTTrainer(model=peft_model, args=_sft_args(cfg, dtype, trainer_dir, report_to), train_dataset=train,
-                         processing_class=tokenizer, callbacks=[clock.callback()] + ([bar.callback()] if bar else []))
+    callbacks = [clock.callback()] + ([bar.callback()] if bar else []) + ([_log_callback(on_log)] if on_log else [])
+    trainer = SFTTrainer(model=peft_model, args=_sft_args(cfg, dtype, trainer_dir), train_dataset=train,
+                         processing_class=tokenizer, callbacks=callbacks)
     for printer in (PrinterCallback, ProgressCallback):  # they print raw log dicts between our output
         trainer.remove_callback(printer)
     checkpoint, clock.before = last_complete_checkpoint(trainer_dir) if trainer_dir.is_dir() else (None, 0.0)
@@ -242,7 +266,8 @@ def finetune(model: Any, tokenizer: Any, prompts: list[str], completions: list[s
     trainer.model.save_pretrained(str(adapter_dir), safe_serialization=True)
     model.set_attn_implementation(serving_attention)
     return FinetuneResult(peft_model.eval(), train_time_s, int(trainer.state.num_input_tokens_seen),
-                          float(output.training_loss), adapter_dir, resumed_from=checkpoint)
+                          float(output.training_loss), adapter_dir, resumed_from=checkpoint,
+                          trainer_args=trainer.args.to_json_string())
 
 
 def load_adapter(model: Any, adapter_dir: Path) -> Any:

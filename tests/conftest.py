@@ -49,6 +49,43 @@ def roi(*args: str, env=None, cwd=None, timeout=900):
                           env=env, cwd=cwd or ROOT, timeout=timeout)
 
 
+# A tiny but real run of the default experiment: real model, real training steps, a real MLflow store.
+TINY = ["eval.limit=6", "data.train_limit=48", "finetune.max_steps=3", "finetune.batch_size=8",
+        "prompts.few_shot_k=4", "eval.uncached_sample=2", "eval.warmup=1",
+        "eval.max_new_tokens=8", "finetune.logging_steps=1"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """`roi run experiments/default.yaml TINY` once per session, from a folder outside the repo (the config's
+    relative paths must still resolve against the project): (env, folder, result, seconds)."""
+    import time
+
+    tmp = tmp_path_factory.mktemp("e2e")
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}", PYTHONUNBUFFERED="1")
+    started = time.perf_counter()
+    result = roi("run", str(ROOT / "experiments" / "default.yaml"), *TINY, f"output_dir={tmp / 'runs'}", env=env,
+                 cwd=tmp)
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return env, tmp, result, elapsed
+
+
+def wait_for_health(base_url: str, process, timeout: float, what: str) -> None:
+    """Poll `base_url/health` until it answers; fail naming `what` if the process exits or time runs out."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(f"{base_url}/health", timeout=2)
+            return
+        except OSError:
+            assert time.monotonic() < deadline and process.poll() is None, f"{what} did not start"
+            time.sleep(1)
+
+
 def free_port() -> int:
     import socket
 

@@ -13,11 +13,12 @@ DEFAULT = ROOT / "experiments" / "default.yaml"
 
 def test_default_config_loads_and_resolves_paths():
     cfg = load_config(DEFAULT)
-    assert cfg.arms == ["naive", "engineered", "finetuned"]
+    assert cfg.arms == ["naive", "engineered", "finetuned", "finetuned-int8"]
     assert cfg.task.path == ROOT / "datasets" / "support_tickets"
-    assert [a.name for a in cfg.resolved_arms] == ["naive", "engineered", "finetuned"]
+    assert [a.name for a in cfg.resolved_arms] == ["naive", "engineered", "finetuned", "finetuned-int8"]
     assert all(a.prompt.is_file() for a in cfg.resolved_arms)
-    assert [a.kind for a in cfg.resolved_arms] == ["prompt", "prompt", "finetuned"]
+    assert [a.kind for a in cfg.resolved_arms] == ["prompt", "prompt", "finetuned", "finetuned"]
+    assert [a.quantize for a in cfg.resolved_arms] == [None, None, None, "int8"]
     assert (cfg.pair.baseline, cfg.pair.candidate, cfg.pair.naive) == ("engineered", "finetuned", "naive")
 
 
@@ -140,6 +141,22 @@ CASES = [
     (_set("eval.decoding", "beam"), "eval.decoding: 'beam' is not allowed (expected 'free' or 'constrained')"),
     (_set("eval.repeats", 0), "eval.repeats"),
     (_set("finetune.adapter", "adapters/nowhere"), "finetune.adapter: folder"),
+    # prices: a catalog row or hardware preset that does not exist names the key and the closest names
+    (_set("pricing.arms.engineered", {"catalog": "gpt-4o-mni"}), "arms[1] (engineered).price: "),
+    (_set("pricing.arms.engineered", {"catalog": "gpt-4o-mni"}), "gpt-4o-mini"),
+    (_set("pricing.arms.naive", {"kind": "per_hour", "hardware": "b200"}), "arms[0] (naive).price: "),
+    (_set("pricing.arms.naive", {"kind": "per_hour", "usd_per_hour": 1, "hardware": "t4"}),
+     "give usd_per_hour or hardware"),
+    (_set("pricing.arms.naive", {"kind": "per_hour", "usd_per_hour": 1, "target_utilisation": 1.5}),
+     "target_utilisation"),
+    (_set("pricing.finetune", {"catalog": "ft:o4-mini-2025-04-16"}), "pricing.finetune.catalog: ft:o4-mini"),
+    (_set("pricing.catalog", "prices/nowhere.json"), "pricing.catalog: "),
+    (_set("stats.resamples", 10), "stats.resamples"),
+    (lambda d: d.update(models={"api": {"backend": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m",
+                                        "api_key_env": "ROI_UNSET_KEY_VAR"}},
+                        arms=[{"name": "x", "model": "api", "prompt": "naive", "quantize": "int8",
+                               "price": {"catalog": "gpt-4o-mini"}}]),
+     "arms[0] (x).quantize: model 'api' is an openai model"),
 ]
 
 
@@ -287,3 +304,28 @@ def test_the_default_baseline_is_the_arm_with_the_engineered_prompt_whatever_its
                                                      {"name": "tuned", "prompt": "finetuned", "finetune": {}}]))
     cfg = load_config(path)
     assert (cfg.pair.baseline, cfg.pair.candidate, cfg.pair.naive) == ("my-best-prompt", "tuned", "plain")
+
+
+def test_catalog_prices_hardware_presets_and_a_users_litellm_file(tmp_path):
+    import json
+
+    user = tmp_path / "prices.json"
+    # LiteLLM's own format: per-token costs; a user row overrides the shipped one and adds new ones.
+    user.write_text(json.dumps({"gpt-4o-mini": {"input_cost_per_token": 2e-7, "output_cost_per_token": 8e-7},
+                                "my-vllm-box": {"usd_per_hour": 1.5}}))
+    path = _write(tmp_path, lambda d: d["pricing"].update(
+        catalog=str(user), arms={"engineered": {"catalog": "gpt-4o-mini", "cache_hit_rate": 0.5},
+                                 "naive": {"catalog": "claude-haiku-4-5"},
+                                 "finetuned": {"kind": "per_hour", "hardware": "my-vllm-box", "min_replicas": 2}},
+        finetune={"catalog": "ft:gpt-4o-mini-2024-07-18"}))
+    cfg = load_config(path)
+    arms = {a.name: a.price for a in cfg.resolved_arms}
+    assert (arms["engineered"].input_usd_per_mtok, arms["engineered"].output_usd_per_mtok) == (0.2, 0.8)
+    assert arms["engineered"].cache_hit_rate == 0.5 and arms["engineered"].source.startswith("catalog gpt-4o-mini")
+    # the shipped row, from LiteLLM's map: $1 / $5 per Mtok, cache reads $0.10, writes $1.25
+    haiku = arms["naive"]
+    assert (haiku.input_usd_per_mtok, haiku.output_usd_per_mtok, haiku.cached_input_usd_per_mtok,
+            haiku.cache_write_usd_per_mtok) == (1.0, 5.0, 0.1, 1.25)
+    assert haiku.date and "LiteLLM" in haiku.source
+    assert arms["finetuned"].usd_per_hour == 1.5 and arms["finetuned"].min_replicas == 2
+    assert cfg.pricing.finetune.training_usd_per_mtok == 3.0  # OpenAI's gpt-4o-mini training price per Mtok

@@ -1,38 +1,20 @@
 import math
 
 import pytest
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from pipeline.config import PerHourPrice, PerTokenPrice
-from pipeline.costing import (
-    break_even, cost_per_call, finetune_fixed_cost, per_hour_cost, per_token_cost, total_cost,
-)
+from pipeline.config import PerTokenPrice
+from pipeline.costing import break_even, cached_call_cost, finetune_fixed_cost, total_cost
 
 API = PerTokenPrice(kind="per_token", input_usd_per_mtok=2.5, output_usd_per_mtok=10.0)
-CACHED = PerTokenPrice(kind="per_token", input_usd_per_mtok=2.5, output_usd_per_mtok=10.0,
-                       cached_input_usd_per_mtok=1.25)
-SERVER = PerHourPrice(kind="per_hour", usd_per_hour=3.6)
 
 
 def test_per_token_cost_by_hand():
     # 800 in * 2.5/1e6 + 5 out * 10/1e6 = 0.002 + 0.00005
-    assert per_token_cost(800, 5, API) == pytest.approx(0.00205)
-
-
-def test_cached_prefix_bills_at_the_cached_rate():
-    # 600 cached * 1.25/1e6 + 200 fresh * 2.5/1e6 + 5 * 10/1e6 = 0.00075 + 0.0005 + 0.00005
-    assert per_token_cost(800, 5, CACHED, cached_prompt_tokens=600) == pytest.approx(0.0013)
-    # without a cached price the prefix bills as normal input
-    assert per_token_cost(800, 5, API, cached_prompt_tokens=600) == pytest.approx(0.00205)
-
-
-def test_per_hour_cost_by_hand():
-    # $3.6/h = $0.001/s; at 4 calls/s a call costs $0.00025
-    assert per_hour_cost(4.0, SERVER) == pytest.approx(0.00025)
-    assert cost_per_call(SERVER, 800, 5, 4.0) == pytest.approx(0.00025)
-    with pytest.raises(ValueError):
-        per_hour_cost(0.0, SERVER)
+    assert cached_call_cost(800, 5, API, prefix_tokens=0) == pytest.approx(0.00205)
+    # without a cached price a long prefix bills as normal input
+    assert cached_call_cost(1500, 5, API, prefix_tokens=1200) == pytest.approx(0.00380)
 
 
 def test_finetune_fixed_cost_by_hand():
@@ -87,6 +69,108 @@ def test_total_costs_meet_at_break_even(fixed_prompt, per_call_prompt, fixed_ft,
 @given(st.floats(0, 1e6), st.floats(0, 1e3), st.floats(0, 100), st.floats(0, 100))
 def test_per_token_cost_is_non_negative_and_monotone(prompt, completion, price_in, price_out):
     price = PerTokenPrice(kind="per_token", input_usd_per_mtok=price_in, output_usd_per_mtok=price_out)
-    cost = per_token_cost(prompt, completion, price)
+    cost = cached_call_cost(prompt, completion, price, prefix_tokens=0)
     assert cost >= 0
-    assert per_token_cost(prompt + 1, completion, price) >= cost
+    assert cached_call_cost(prompt + 1, completion, price, prefix_tokens=0) >= cost
+
+
+# --- deployment, levers and both break-evens (issue: decision-grade economics) --------------------------
+
+from pipeline.costing import (ArmCost, Deployment, cached_call_cost, cached_prefix_tokens, monthly_break_even,
+                              one_off_break_even, quality_adjusted_per_call, sensitivity)
+
+OPENAI_LIKE = PerTokenPrice(kind="per_token", input_usd_per_mtok=2.5, output_usd_per_mtok=10.0,
+                            cached_input_usd_per_mtok=1.25, batch_input_usd_per_mtok=1.25,
+                            batch_output_usd_per_mtok=5.0, cache_min_prefix_tokens=1024)
+ANTHROPIC_LIKE = PerTokenPrice(kind="per_token", input_usd_per_mtok=1.0, output_usd_per_mtok=5.0,
+                               cached_input_usd_per_mtok=0.1, cache_write_usd_per_mtok=1.25,
+                               cache_min_prefix_tokens=1024, cache_hit_rate=0.9)
+BOX = Deployment(usd_per_hour=0.10, min_replicas=1, target_utilisation=0.5)  # $73 a month per replica
+
+
+def test_a_provider_caches_only_a_long_enough_prefix():
+    assert cached_prefix_tokens(1200, 1024, 0.8) == pytest.approx((960, 240))
+    assert cached_prefix_tokens(800, 1024, 1.0) == (0.0, 0.0)  # below OpenAI's 1,024-token minimum
+
+
+def test_cached_call_cost_by_hand():
+    # 300 fresh * 2.5 + 1200 read * 1.25 + 5 out * 10 = 750 + 1500 + 50 = 2300 per 1e6
+    assert cached_call_cost(1500, 5, OPENAI_LIKE, prefix_tokens=1200) == pytest.approx(0.0023)
+    # a 900-token prefix is not cached at all: 1500 * 2.5 + 50 = 3800 per 1e6
+    assert cached_call_cost(1500, 5, OPENAI_LIKE, prefix_tokens=900) == pytest.approx(0.0038)
+    # Anthropic-like: 1350 read * 0.1 + 150 written * 1.25 + 500 fresh * 1.0 + 10 out * 5 = 872.5 per 1e6
+    assert cached_call_cost(2000, 10, ANTHROPIC_LIKE, prefix_tokens=1500) == pytest.approx(0.0008725)
+    # the batch API: 300 * 1.25 + 1200 * 1.25 (cached) + 5 * 5 = 1900 per 1e6
+    assert cached_call_cost(1500, 5, OPENAI_LIKE, prefix_tokens=1200, batch=True) == pytest.approx(0.0019)
+    with pytest.raises(ValueError):
+        cached_call_cost(1500, 5, ANTHROPIC_LIKE, 1200, batch=True)  # no batch rates
+
+
+def test_replicas_and_monthly_cost_by_hand():
+    # 2 calls/s * 3600 * 730 h * 0.5 = 2,628,000 calls a month per replica
+    assert BOX.capacity(2.0) == pytest.approx(2_628_000)
+    cost = ArmCost(deployment=BOX, throughput_calls_per_s=2.0)
+    assert cost.replicas(100_000) == 1 and cost.replicas(2_628_000) == 1 and cost.replicas(2_628_001) == 2
+    assert cost.replicas(10_000_000) == 4  # ceil(3.805)
+    assert cost.monthly(10_000_000) == pytest.approx(4 * 730 * 0.10)
+    # always on: 100,000 calls pay for a whole box, $73, not 100,000 / 2 s of it
+    assert cost.per_call(100_000) == pytest.approx(73 / 100_000)
+    assert ArmCost(deployment=Deployment(0.10, min_replicas=0), throughput_calls_per_s=2.0).monthly(0) == 0
+
+
+def test_one_off_break_even_at_the_configured_volume_by_hand():
+    api = ArmCost(per_call_usd=0.002)
+    tuned = ArmCost(deployment=BOX, throughput_calls_per_s=2.0, fixed_usd=50.0)
+    # at 100,000 calls a month the box costs 0.00073 a call: 50 / (0.002 - 0.00073) = 39,370.08 calls
+    result = one_off_break_even(api, tuned, 100_000)
+    assert result.calls == pytest.approx(50 / 0.00127)
+    # at 10,000 calls a month the box costs 0.0073 a call, more than the API: never
+    assert one_off_break_even(api, tuned, 10_000).never
+
+
+def test_monthly_break_even_by_hand():
+    api = ArmCost(per_call_usd=0.002)
+    tuned = ArmCost(deployment=BOX, throughput_calls_per_s=2.0)
+    # one box ($73) beats the API once 0.002 * V > 73: V = 36,500
+    assert monthly_break_even(api, tuned, 1e9) == pytest.approx(36_500)
+    slow = ArmCost(deployment=BOX, throughput_calls_per_s=1.0)  # 1,314,000 calls a box
+    fast = ArmCost(deployment=BOX, throughput_calls_per_s=4.0)
+    # the same box price: the fast arm is cheaper once the slow one needs a second box
+    assert monthly_break_even(slow, fast, 1e9) == pytest.approx(1_314_000)
+    assert monthly_break_even(fast, slow, 1e9) is None
+    # a box at $2.78e-5 a call at best never beats an API at $1e-5 a call
+    assert monthly_break_even(ArmCost(per_call_usd=1e-5), tuned, 1e9) is None
+    # always cheaper: from the first call
+    assert monthly_break_even(ArmCost(per_call_usd=0.01), ArmCost(per_call_usd=0.001), 1e9) == 0
+
+
+def test_quality_adjusted_cost_and_sensitivity_by_hand():
+    # 20% wrong at $0.50 each adds $0.10 a call
+    assert quality_adjusted_per_call(0.001, 0.8, 0.5) == pytest.approx(0.101)
+    rows = sensitivity(lambda f: 100 * f.get("price", 1.0) / f.get("speed", 1.0), ["price", "speed"])
+    assert rows == [("price", pytest.approx(50), pytest.approx(150)), ("speed", pytest.approx(200), pytest.approx(200 / 3))]
+
+
+@given(calls=st.floats(0, 1e9), more=st.floats(0, 1e9), usd=st.floats(0.01, 100), higher=st.floats(1, 10),
+       throughput=st.floats(0.01, 1000), per_call=st.floats(0, 0.1))
+def test_monthly_cost_grows_with_volume_and_price_and_is_never_negative(calls, more, usd, higher, throughput,
+                                                                        per_call):
+    cost = ArmCost(per_call_usd=per_call, deployment=Deployment(usd, 1, 0.6), throughput_calls_per_s=throughput)
+    dearer = ArmCost(per_call_usd=per_call, deployment=Deployment(usd * higher, 1, 0.6),
+                     throughput_calls_per_s=throughput)
+    assert 0 <= cost.monthly(calls) <= cost.monthly(calls + more)
+    assert cost.monthly(calls) <= dearer.monthly(calls)
+
+
+@settings(deadline=None)
+@given(base=st.floats(1e-6, 1e-2), dearer=st.floats(1, 5), fixed=st.floats(0, 1e4), throughput=st.floats(0.1, 100))
+def test_a_dearer_baseline_never_delays_either_break_even(base, dearer, fixed, throughput):
+    tuned = ArmCost(deployment=BOX, throughput_calls_per_s=throughput, fixed_usd=fixed)
+    cheap, costly = ArmCost(per_call_usd=base), ArmCost(per_call_usd=base * dearer)
+    a, b = one_off_break_even(cheap, tuned, 100_000), one_off_break_even(costly, tuned, 100_000)
+    assert b.calls is not None if a.calls is not None else True
+    if a.calls is not None:
+        assert 0 <= b.calls <= a.calls + 1e-6
+    m1, m2 = monthly_break_even(cheap, tuned, 1e8), monthly_break_even(costly, tuned, 1e8)
+    if m1 is not None:
+        assert m2 is not None and 0 <= m2 <= m1 * (1 + 1e-9)

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import statistics
 import socket
 import subprocess
@@ -12,13 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, roi
+from conftest import ROOT, TINY, roi, wait_for_health
 
 CONTRACT = ["accuracy", "macro_f1", "invalid_rate", "prompt_tokens_mean", "completion_tokens_mean", "latency_p50_ms",
             "latency_p95_ms", "latency_p99_ms", "throughput_calls_per_s", "cost_per_call_usd"]
-TINY = ["eval.limit=6", "data.train_limit=48", "finetune.max_steps=3", "finetune.batch_size=8",
-        "prompts.few_shot_k=4", "eval.uncached_sample=2", "eval.warmup=1",
-        "eval.max_new_tokens=8", "finetune.logging_steps=1"]
 
 
 def _client(uri: str):
@@ -33,32 +31,21 @@ def _artifacts(client, run_id: str, path: str = "") -> set[str]:
     return {f.path for f in client.list_artifacts(run_id, path)}
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    import os
-
-    tmp = tmp_path_factory.mktemp("e2e")
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}", PYTHONUNBUFFERED="1")
-    started = time.perf_counter()
-    result = roi("run", str(ROOT / "experiments" / "default.yaml"), *TINY, f"output_dir={tmp / 'runs'}", env=env,
-                 cwd=tmp)
-    # cwd outside the repo: the config's relative paths must still resolve against the project
-    elapsed = time.perf_counter() - started
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return env, tmp, result, elapsed
+ARMS = ("naive", "engineered", "finetuned", "finetuned-int8")
+BOX_USD_PER_HOUR = 0.08925  # the catalog's cpu-2core preset, which experiments/default.yaml prices every arm at
 
 
-def test_one_parent_three_arms_with_every_contract_metric(tiny_run):
+def test_one_parent_four_arms_with_every_contract_metric(tiny_run):
     env, tmp, result, _ = tiny_run
     client = _client(env["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name("support-triage")
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("roi.role") == "parent"]
     children = [r for r in runs if "arm" in r.data.tags]
-    assert len(parents) == 1 and len(children) == 3
+    assert len(parents) == 1 and len(children) == 4
     parent = parents[0]
     arms = {r.data.tags["arm"]: r for r in children}
-    assert set(arms) == {"naive", "engineered", "finetuned"}
+    assert set(arms) == set(ARMS)
     for arm, run in arms.items():
         m = run.data.metrics
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
@@ -77,18 +64,59 @@ def test_one_parent_three_arms_with_every_contract_metric(tiny_run):
     assert pm["token_reduction_x"] == pytest.approx(tokens["engineered"] / tokens["finetuned"])
     acc = {arm: run.data.metrics["accuracy"] for arm, run in arms.items()}
     assert pm["prompt_gain_pts"] == pytest.approx(100 * (acc["engineered"] - acc["naive"]))
-    assert pm["finetune_fixed_cost_usd"] == pytest.approx(ft["train_time_s"] / 3600 * 0.10)
+    assert pm["finetune_fixed_cost_usd"] == pytest.approx(ft["train_time_s"] / 3600 * BOX_USD_PER_HOUR)
     assert ft["fixed_cost_usd"] == pm["finetune_fixed_cost_usd"]  # on the child too, where `roi report` reads it
     assert arms["engineered"].data.metrics["fixed_cost_usd"] == 0.0
-    saving = arms["engineered"].data.metrics["cost_per_call_usd"] - ft["cost_per_call_usd"]
-    if saving > 0:
-        assert pm["break_even_calls"] == pytest.approx(pm["finetune_fixed_cost_usd"] / saving)
-    else:
-        assert "break_even_calls" not in pm and parent.data.tags["break_even"] == "never"
     params = parent.data.params
     assert len(params["dataset_hash"]) == 64 and params["git_commit"]
     assert params["finetune.max_steps"] == "3" and params["eval.limit"] == "6"
     assert {i.dataset.name for i in parent.inputs.dataset_inputs} >= {"support_tickets-train", "support_tickets-test"}
+
+
+def test_deployment_costs_break_evens_and_intervals_by_hand(tiny_run):
+    """Every self-hosted arm pays for one always-on box ($0.08925/h x 730 h) at 100,000 calls a month; the
+    fine-tune pays off only where the baseline needs a second box: at its capacity at 60% utilisation."""
+    env, tmp, _, _ = tiny_run
+    client = _client(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("support-triage").experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("roi.role") == "parent")
+    arms = {r.data.tags["arm"]: r.data.metrics for r in runs if "arm" in r.data.tags}
+    box_month = BOX_USD_PER_HOUR * 730
+    for arm, m in arms.items():
+        capacity = m["throughput_calls_per_s"] * 3600 * 730 * 0.6
+        replicas = max(1, math.ceil(100_000 / capacity))
+        assert m["replicas"] == replicas and m["monthly_cost_usd"] == pytest.approx(replicas * box_month)
+        assert m["cost_per_1k_calls_usd"] == pytest.approx(1000 * replicas * box_month / 100_000)
+        # A misrouted ticket costs $0.20 (the default experiment's pricing.error_cost_usd).
+        assert m["quality_adjusted_cost_per_call_usd"] == pytest.approx(
+            m["cost_per_call_usd"] + (1 - m["accuracy"]) * 0.20)
+        assert m["accuracy_ci_low"] <= m["accuracy"] <= m["accuracy_ci_high"]
+        assert m["throughput_calls_per_s_batch1"] > 0 and "cost_per_1k_calls_usd_batch1" in m
+    base, cand = arms["engineered"], arms["finetuned"]
+    pm, tags = parent.data.metrics, parent.data.tags
+    # The same one box each at this volume: no saving per call, so the training never pays back.
+    assert "break_even_calls" not in pm and tags["break_even_calls"] == "never" and tags["break_even"] == "never"
+    cap_base = base["throughput_calls_per_s"] * 3600 * 730 * 0.6
+    cap_cand = cand["throughput_calls_per_s"] * 3600 * 730 * 0.6
+    if cap_cand > cap_base:  # above cap_base the baseline needs two boxes, the candidate still one
+        assert pm["break_even_monthly_calls"] == pytest.approx(cap_base)
+    else:
+        assert tags["break_even_monthly_calls"] == "never"
+    # McNemar's exact p, by hand from the two arms' rows: 2 * P(X <= min(b, c)), X ~ Binomial(b + c, 1/2).
+    rows = {}
+    for arm in ("engineered", "finetuned"):
+        run = next(r for r in runs if r.data.tags.get("arm") == arm)
+        path = Path(client.download_artifacts(run.info.run_id, "predictions.jsonl", str(tmp / f"mc-{arm}")))
+        rows[arm] = [json.loads(line)["correct"] for line in path.read_text().splitlines()]
+    b = sum(e and not f for e, f in zip(rows["engineered"], rows["finetuned"]))
+    c = sum(f and not e for e, f in zip(rows["engineered"], rows["finetuned"]))
+    n = b + c
+    expected = 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2 ** n)
+    assert pm["mcnemar_p"] == pytest.approx(expected)
+    # The int8 arm: the same adapter (trained once), its weights in int8 take less memory.
+    int8 = arms["finetuned-int8"]
+    assert int8["train_time_s"] == pytest.approx(cand["train_time_s"])
+    assert int8["model_bytes"] < 0.8 * cand["model_bytes"]
 
 
 def test_artifacts_predictions_summary_plot_adapter_and_prompts(tiny_run):
@@ -119,15 +147,66 @@ def test_artifacts_predictions_summary_plot_adapter_and_prompts(tiny_run):
     ft = next(r for r in runs if r.data.tags.get("arm") == "finetuned")
     assert "adapter/adapter_model.safetensors" in _artifacts(client, ft.info.run_id, "adapter")
     # The Trainer's own loss curve (one point per step at logging_steps=1), not a figure roi logs itself.
-    curve = client.get_metric_history(ft.info.run_id, "loss")
+    curve = client.get_metric_history(ft.info.run_id, "train/loss")
     assert sorted(m.step for m in curve) == [1, 2, 3] and all(math.isfinite(m.value) and m.value > 0 for m in curve)
-    png = next((tmp / "runs" / "support-triage").glob("*/cost_vs_volume.png"))
+    png = next((tmp / "runs" / "support-triage").glob("*/report/cost_vs_volume.png"))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mlflow_layout_for_comparing_arms(tiny_run):
+    """What the MLflow UI reads: the experiment's kind and arms view, a per-arm table and the prompts on the
+    parent, the Trainer's dump kept out of params and its curves under `train/`."""
+    env, tmp, result, _ = tiny_run
+    import mlflow
+
+    client = _client(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("support-triage")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(exp.tags["mlflow.sharedViewState.roi-arms"])
+    columns = json.loads(view["state"])["selectedColumns"]
+    assert columns[:4] == ["metrics.`accuracy`", "metrics.`latency_p50_ms`", "metrics.`prompt_tokens_mean`",
+                           "metrics.`cost_per_1k_calls_usd`"]
+    link = f"/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning&viewStateShareKey=roi-arms"
+    assert link in result.stdout.replace("\n", "")
+
+    runs = client.search_runs([exp.experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("roi.role") == "parent")
+    arms = {r.data.tags["arm"]: r for r in runs if "arm" in r.data.tags}
+    # The run name says which config, when, and what was overridden (output_dir changes no result).
+    name = parent.info.run_name
+    assert re.match(r"default \d\d-\d\d \d\d:\d\d eval\.limit=6 ", name)
+    assert "finetune.max_steps=3" in name and "output_dir" not in name
+    for arm, run in arms.items():
+        assert run.info.run_name == arm and run.data.tags["mlflow.runType"] == "evaluation"
+        m = run.data.metrics
+        assert m["cost_per_1k_calls_usd"] == pytest.approx(1000 * m["cost_per_call_usd"])
+    table = json.loads(Path(client.download_artifacts(parent.info.run_id, "arms.json", str(tmp))).read_text())
+    rows = {row[0]: dict(zip(table["columns"], row)) for row in table["data"]}
+    assert list(rows) == list(ARMS)
+    assert rows["finetuned"]["role"] == "candidate" and rows["engineered"]["role"] == "baseline"
+    for arm, run in arms.items():
+        assert rows[arm]["accuracy_pct"] == round(100 * run.data.metrics["accuracy"], 1)
+        assert rows[arm]["cost_per_1k_calls_usd"] == pytest.approx(run.data.metrics["cost_per_1k_calls_usd"], rel=1e-3)
+    linked = {p["name"] for p in json.loads(parent.data.tags["mlflow.linkedPrompts"])}
+    assert linked == {f"support-triage-{arm}" for arm in arms}
+
+    # The fine-tuned arm: its own settings as params, no Trainer or model-config dump, no unprefixed curves.
+    ft, engineered = arms["finetuned"].data, arms["engineered"].data
+    assert {k for k in ft.params if not k.startswith("finetune.")} == set(engineered.params)
+    assert ft.params["finetune.max_steps"] == "3" and len(ft.params) < 40
+    assert not {"accelerator_config", "_name_or_path", "per_device_train_batch_size"} & set(ft.params)
+    own = {k for k in ft.metrics if not k.startswith("train/")}
+    assert own - set(engineered.metrics) == {"train_time_s", "train_tokens", "train_loss"}
+    assert {"train/loss", "train/grad_norm", "train/learning_rate"} <= set(ft.metrics)
+    assert not {"train/train_loss", "train/total_flos"} & set(ft.metrics)  # the end summary is left out
+    args = json.loads(Path(client.download_artifacts(arms["finetuned"].info.run_id, "trainer/training_args.json",
+                                                     str(tmp))).read_text())
+    assert args["max_steps"] == 3 and args["report_to"] in ([], "none", ["none"])
 
 
 def test_terminal_table_and_roi_report(tiny_run):
     env, tmp, result, _ = tiny_run
-    for arm in ("naive", "engineered", "finetuned"):
+    for arm in ARMS:
         assert arm in result.stdout
     assert "break-even" in result.stdout
     report = roi("report", "--experiment", "support-triage", env=env)
@@ -136,6 +215,32 @@ def test_terminal_table_and_roi_report(tiny_run):
     md = roi("report", "experiments/default.yaml", "--markdown", env=env)
     summary = next((tmp / "runs" / "support-triage").glob("*/roi_summary.md")).read_text()
     assert md.returncode == 0 and md.stdout == summary
+    # The forwardable report, rendered again from what the run kept: the same file as the run wrote.
+    out = tmp / "report-again"
+    again = roi("report", "--experiment", "support-triage", "--out", str(out), env=env)
+    assert again.returncode == 0, again.stderr
+    original = next((tmp / "runs" / "support-triage").glob("*/report/roi_report.html")).read_text()
+    assert (out / "roi_report.html").read_text() == original
+    assert (out / "roi_report.md").is_file() and (out / "cost_vs_volume.png").is_file()
+    missing = roi("report", "--run-id", "0" * 32, "--out", str(out), env=env)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "not found" in missing.stderr
+
+
+def test_roi_compare_puts_runs_side_by_side(tiny_run, tmp_path):
+    env, tmp, _, _ = tiny_run
+    client = _client(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("support-triage").experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("roi.role") == "parent")
+    result = roi("compare", parent.info.run_id, "--experiment", "support-triage", "--out", str(tmp_path), env=env)
+    assert result.returncode == 0, result.stderr
+    lines = (tmp_path / "roi_compare.md").read_text().splitlines()
+    assert len(lines) == 4 and "break-even (calls)" in lines[0]  # header, rule, two rows (the same run twice)
+    reduction = f"{parent.data.metrics['token_reduction_x']:.1f}x"
+    assert all(reduction in line and "never" in line for line in lines[2:])
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "roi_compare.csv").open()))
+    assert [r["candidate"] for r in rows] == ["finetuned", "finetuned"]
 
 
 def test_an_exported_adapter_is_evaluated_with_its_training_cost(tiny_run, tmp_path):
@@ -212,16 +317,7 @@ def test_run_logs_to_a_real_mlflow_server_over_http(tmp_path, roi_env):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     uri = f"http://127.0.0.1:{port}"
     try:
-        import urllib.request
-
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2)
-                break
-            except OSError:
-                assert time.time() < deadline and server.poll() is None, "mlflow server did not start"
-                time.sleep(1)
+        wait_for_health(uri, server, 90, "mlflow server")
         roi_env["MLFLOW_TRACKING_URI"] = uri
         result = roi("run", "experiments/default.yaml", "arms=[naive]", "eval.limit=3", "eval.warmup=0",
                      f"output_dir={tmp_path / 'runs'}", env=roi_env)

@@ -29,7 +29,7 @@ def _finetune(out: Path, tokenizer, cfg: FinetuneConfig = CFG, **kwargs) -> trai
     dtype = pick_dtype("auto")
     model = load_model(resolve_source(ModelConfig()), dtype)  # a fresh one: training puts LoRA layers in it
     return training.finetune(model, tokenizer, [r["text"] for r in rows], [r["label"] for r in rows], cfg, dtype,
-                             out, report_to=[], **kwargs)
+                             out, **kwargs)
 
 
 def _adapter(out: Path) -> dict:

@@ -285,6 +285,15 @@ class LocalBackend:
         plain._encoded = self._encoded
         return plain
 
+    def at_batch_size(self, batch_size: int) -> "LocalBackend":
+        """The same model, prefix cache and settings, sending `batch_size` prompts per generate call."""
+        import copy
+        import dataclasses
+
+        other = copy.copy(self)  # shares the encoded prompts and the prefix cache
+        other.settings = dataclasses.replace(self.settings, batch_size=batch_size)
+        return other
+
     def close(self) -> None:
         self._cache = None
         self._encoded.clear()

@@ -1,0 +1,86 @@
+"""`roi compare`: several experiments' parent runs side by side (printed, and written as Markdown and CSV)."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+from pipeline import tracking
+
+COLUMNS = ("experiment", "run", "baseline", "candidate", "baseline accuracy", "candidate accuracy",
+           "token reduction", "baseline $/1k calls", "candidate $/1k calls", "baseline $/month", "candidate $/month",
+           "break-even (calls)", "monthly break-even (calls/month)", "McNemar p")
+
+
+def _calls(value: float | None, tag: str | None) -> str:
+    if value is None or not math.isfinite(value):
+        return "never" if tag == "never" or value is not None else "-"
+    return f"{math.ceil(value):,}"
+
+
+def _pct(metrics: dict[str, float], name: str) -> str:
+    value = metrics.get(name)
+    if value is None:
+        return "-"
+    low, high = metrics.get(f"{name}_ci_low"), metrics.get(f"{name}_ci_high")
+    return f"{100 * value:.1f}%" + (f" [{100 * low:.1f}–{100 * high:.1f}]" if low is not None else "")
+
+
+def _usd(value: float | None) -> str:
+    return "-" if value is None else (f"${value:.3g}" if abs(value) < 0.01 else f"${value:,.2f}")
+
+
+def run_row(parent: Any, children: list[Any]) -> dict[str, str]:
+    """One parent run's headline figures."""
+    params, metrics, tags = parent.data.params, parent.data.metrics, parent.data.tags
+    arms = {c.data.tags.get("arm"): c.data.metrics for c in children}
+    base_name, cand_name = params.get("compare.baseline", ""), params.get("compare.candidate", "")
+    base, cand = arms.get(base_name, {}), arms.get(cand_name, {})
+    p = metrics.get("mcnemar_p")
+    return {
+        "experiment": params.get("experiment", ""), "run": parent.info.run_name or parent.info.run_id,
+        "baseline": base_name, "candidate": cand_name,
+        "baseline accuracy": _pct(base, "accuracy"), "candidate accuracy": _pct(cand, "accuracy"),
+        "token reduction": f"{metrics['token_reduction_x']:.1f}x" if "token_reduction_x" in metrics else "-",
+        "baseline $/1k calls": _usd(base.get("cost_per_1k_calls_usd")),
+        "candidate $/1k calls": _usd(cand.get("cost_per_1k_calls_usd")),
+        "baseline $/month": _usd(base.get("monthly_cost_usd")), "candidate $/month": _usd(cand.get("monthly_cost_usd")),
+        "break-even (calls)": _calls(metrics.get("break_even_calls"), tags.get("break_even_calls")
+                                     or tags.get("break_even")),
+        "monthly break-even (calls/month)": _calls(metrics.get("break_even_monthly_calls"),
+                                                   tags.get("break_even_monthly_calls")),
+        "McNemar p": "-" if p is None else ("< 0.001" if p < 0.001 else f"{p:.3f}"),
+    }
+
+
+def compare_runs(run_ids: list[str], experiments: list[str], out_dir: Path, console: Any) -> list[dict[str, str]]:
+    """Find each run (or each experiment's latest finished run), print the table, write roi_compare.md/.csv."""
+    import mlflow
+    from rich.table import Table
+
+    from pipeline.config import ConfigError
+
+    if not run_ids and not experiments:
+        raise ConfigError("roi compare: give parent run ids and/or --experiment NAME (repeatable)")
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    found = [tracking.find_parent_run("", run_id) for run_id in run_ids]
+    found += [tracking.find_parent_run(name) for name in experiments]
+    rows = [run_row(parent, children) for parent, children in found]
+    table = Table(title=f"{len(rows)} runs side by side")
+    for column in COLUMNS:
+        table.add_column(column, justify="left" if column in COLUMNS[:4] else "right")
+    for row in rows:
+        table.add_row(*(row[c] for c in COLUMNS))
+    console.print(table)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    md += ["| " + " | ".join(row[c].replace("|", "\\|") for c in COLUMNS) + " |" for row in rows]
+    (out_dir / "roi_compare.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    with (out_dir / "roi_compare.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    console.print(f"wrote {out_dir / 'roi_compare.md'} and {out_dir / 'roi_compare.csv'}")
+    return rows

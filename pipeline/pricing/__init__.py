@@ -1,0 +1,1 @@
+"""Dated prices: API tokens (from LiteLLM's map) and hardware presets."""

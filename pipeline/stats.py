@@ -1,0 +1,101 @@
+"""Statistics over test rows: paired bootstrap intervals, McNemar's exact test, per-label scores."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import binomtest, bootstrap
+from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+
+INVALID = -1  # a prediction that parsed to no label
+
+
+def bootstrap_intervals(n_rows: int, statistic: Callable[[np.ndarray], dict[str, float]], resamples: int = 1000,
+                        seed: int = 0, confidence: float = 0.95) -> dict[str, tuple[float, float]]:
+    """Percentile interval of every figure `statistic` returns, over resamples of the test rows.
+
+    `statistic` gets one array of row indices per resample, so every figure it computes (each arm's
+    accuracy, their difference) is resampled on the same rows: the intervals are paired.
+    """
+    keys = list(statistic(np.arange(n_rows)))
+
+    def vector(rows: np.ndarray) -> np.ndarray:
+        figures = statistic(rows)
+        return np.array([figures[k] for k in keys], dtype=float)
+
+    # A figure that is inf in some resamples (a break-even never reached) makes scipy's standard error
+    # subtract inf from inf; the interval itself (scipy's quantiles) comes out inf, not NaN.
+    with np.errstate(invalid="ignore"):
+        res = bootstrap((np.arange(n_rows),), vector, n_resamples=resamples, vectorized=False,
+                        confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed))
+    low, high = res.confidence_interval
+    return {k: (float(low[i]), float(high[i])) for i, k in enumerate(keys)}
+
+
+def mcnemar_exact(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> float:
+    """Two-sided p-value of McNemar's exact test: a binomial test on the rows where only one arm is right."""
+    if len(correct_a) != len(correct_b):
+        raise ValueError(f"outcomes of different lengths: {len(correct_a)} and {len(correct_b)}")
+    a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
+    only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
+    if only_a + only_b == 0:
+        return 1.0
+    return float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
+
+
+def macro_f1_present(predictions: Sequence[int], references: Sequence[int]) -> float:
+    """Macro-F1 over the labels present in `references`; an invalid prediction (-1) counts as wrong."""
+    # A label no evaluated row has would score F1 = 0 and drag the mean down for nothing the arm did.
+    labels = sorted(set(references))
+    return float(f1_score(references, predictions, labels=labels, average="macro", zero_division=0))
+
+
+def _present(predictions: Sequence[int], references: Sequence[int]) -> list[int]:
+    return sorted((set(references) | set(predictions)) - {INVALID})
+
+
+def per_label_table(predictions: Sequence[int], references: Sequence[int], labels: list[str]) -> list[dict]:
+    """Precision, recall, F1 and support of each label that is gold or predicted on some row, in label order."""
+    present = _present(predictions, references)
+    precision, recall, f1, support = precision_recall_fscore_support(references, predictions, labels=present,
+                                                                     zero_division=0)
+    return [{"label": labels[label], "precision": round(float(p), 4), "recall": round(float(r), 4),
+             "f1": round(float(f), 4), "support": int(s)}
+            for label, p, r, f, s in zip(present, precision, recall, f1, support)]
+
+
+def confusion_matrix_png(predictions: Sequence[int], references: Sequence[int], labels: list[str], path: Path,
+                         title: str) -> None:
+    """Confusion matrix (rows gold, columns predicted, plus an "invalid" column when needed) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    present = _present(predictions, references)
+    columns = present + ([INVALID] if INVALID in set(predictions) else [])
+    # Counted over the columns' labels and cut to the gold rows: -1 is never gold, so its row would be empty.
+    counts = confusion_matrix(references, predictions, labels=columns)[: len(present)]
+    names = [labels[label] for label in present]
+    column_names = names + (["invalid"] if INVALID in columns else [])
+
+    side = max(5.0, 0.22 * len(columns) + 2.5)  # ~0.22 inch per label keeps 80 ticks apart at 6 pt
+    font = 8 if len(columns) <= 30 else 6
+    fig, ax = plt.subplots(figsize=(side, side * len(present) / len(columns) + 1.0), dpi=120)
+    image = ax.imshow(counts, cmap="Blues", aspect="auto")
+    fig.colorbar(image, ax=ax, shrink=0.6)
+    ax.set_xticks(range(len(columns)), column_names, rotation=90, fontsize=font)
+    ax.set_yticks(range(len(present)), names, fontsize=font)
+    if len(columns) <= 30:  # counts in the cells are legible only on small matrices
+        for (row, col), n in np.ndenumerate(counts):
+            if n:
+                ax.text(col, row, str(n), ha="center", va="center", fontsize=font,
+                        color="white" if n > counts.max() / 2 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

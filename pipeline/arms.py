@@ -11,10 +11,10 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from pipeline.config import (BUILTIN_ARMS, PROMPT_TEMPLATES, ArmSpec, CatalogPrice, ConfigError, EvalConfig,
-                             ExperimentConfig, FinetuneConfig, ModelConfig, OpenAIModelConfig, PerHourPrice,
-                             PerTokenPrice, _describe, flatten)
+from pipeline.config import (BUILTIN_ARMS, PROMPT_TEMPLATES, ArmSpec, ConfigError, EvalConfig, ExperimentConfig,
+                             FinetuneConfig, ModelConfig, OpenAIModelConfig, _describe, flatten)
 from pipeline.pricing.catalog import Catalog, CatalogError, load_catalog
+from pipeline.pricing.prices import CatalogPrice, PerHourPrice, PerTokenPrice
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 EMBEDDED_MODEL = "embedded"

@@ -10,8 +10,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (AliasChoices, BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError,
-                      field_validator, model_validator)
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+
+# Prices, the pricing section and the bootstrap settings have their own module.
+from pipeline.pricing.prices import ArmPrice, PricingConfig, StatsConfig
+
 if TYPE_CHECKING:
     from pipeline.arms import Arm, ComparePair
 
@@ -148,94 +151,6 @@ class EvalConfig(_Strict):
     uncached_sample: int = Field(default=16, ge=0, description="rows also timed without the prefix cache")
     batch1_sample: int = Field(default=16, ge=0, description="rows also timed one call at a time (local arms): "
                                "what batching is worth")
-
-
-class PerTokenPrice(_Strict):
-    """An API billed by the token (USD per million tokens), with the provider's caching and batch rates."""
-
-    kind: Literal["per_token"]
-    input_usd_per_mtok: float = Field(ge=0)
-    output_usd_per_mtok: float = Field(ge=0)
-    cached_input_usd_per_mtok: float | None = Field(default=None, ge=0, description="a cache read")
-    cache_write_usd_per_mtok: float | None = Field(default=None, ge=0, description="a cache write (Anthropic: 1.25x)")
-    batch_input_usd_per_mtok: float | None = Field(default=None, ge=0, description="the batch API (offline work)")
-    batch_output_usd_per_mtok: float | None = Field(default=None, ge=0)
-    cache_min_prefix_tokens: int = Field(default=1024, ge=0,
-                                         description="the shortest static prefix the provider caches")
-    cache_hit_rate: float = Field(default=1.0, ge=0, le=1, description="share of calls that find the prefix cached")
-    source: str | None = None
-    date: str | None = None
-
-
-class CatalogPrice(_Strict):
-    """`{catalog: gpt-4o-mini}`: the per-token prices of a catalog row (shipped or `pricing.catalog`)."""
-
-    kind: Literal["catalog"] = "catalog"
-    catalog: str = Field(min_length=1)
-    cache_hit_rate: float = Field(default=1.0, ge=0, le=1)
-
-
-class PerHourPrice(_Strict):
-    """A self-hosted deployment: replicas billed by the hour (`usd_per_hour` or a catalog `hardware` preset)
-    whether busy or not; `min_replicas` always on, each planned at `target_utilisation` of its measured
-    throughput."""
-
-    kind: Literal["per_hour"]
-    usd_per_hour: float | None = Field(default=None, ge=0)
-    hardware: str | None = Field(default=None, description="a hardware preset: cpu-2core, t4, l4, a10g, a100, h100")
-    min_replicas: int = Field(default=1, ge=0)
-    target_utilisation: float = Field(default=0.6, gt=0, le=1)
-    source: str | None = None
-    date: str | None = None
-
-    @model_validator(mode="after")
-    def _one_rate(self) -> "PerHourPrice":
-        if (self.usd_per_hour is None) == (self.hardware is None):
-            raise ValueError("give usd_per_hour or hardware (one of them)")
-        return self
-
-
-def _price_kind(value: Any) -> str | None:
-    if isinstance(value, dict):
-        return value.get("kind", "catalog" if "catalog" in value else None)
-    return getattr(value, "kind", None)
-
-
-ArmPrice = Annotated[Union[Annotated[PerTokenPrice, Tag("per_token")], Annotated[PerHourPrice, Tag("per_hour")],
-                           Annotated[CatalogPrice, Tag("catalog")]], Discriminator(_price_kind)]
-
-
-DEFAULT_USD_PER_HOUR = 0.10  # a 2-core CPU box: what every self-hosted arm costs unless priced
-
-
-class FinetuneCost(_Strict):
-    usd_per_hour: float = Field(default=DEFAULT_USD_PER_HOUR, ge=0,
-                                description="training hardware, times measured train time")
-    hardware: str | None = Field(default=None, description="a hardware preset instead of usd_per_hour")
-    catalog: str | None = Field(default=None, description="a provider's fine-tune (e.g. ft:gpt-4o-mini-2024-07-18): "
-                                "the training tokens at its training price instead of the hardware time")
-    training_usd_per_mtok: float | None = Field(default=None, ge=0, description="a training price per million "
-                                                "tokens (filled from `catalog`)")
-    labelling_usd_per_example: float = Field(default=0.0, ge=0)
-
-
-class StatsConfig(_Strict):
-    resamples: int = Field(default=1000, ge=50, description="bootstrap resamples of the test rows")
-    confidence: float = Field(default=0.95, gt=0, lt=1)
-    seed: int = 0
-
-
-class PricingConfig(_Strict):
-    arms: dict[str, ArmPrice] = Field(default_factory=dict, description="prices by arm name (or `price` on the arm)")
-    default_usd_per_hour: float = Field(default=DEFAULT_USD_PER_HOUR, ge=0,
-                                        description="self-hosted (local) arms with no price of their own")
-    catalog: Path | None = Field(default=None, description="a LiteLLM-format price JSON over the shipped catalog")
-    finetune: FinetuneCost = Field(default_factory=FinetuneCost)
-    prompt_fixed_usd: float = Field(default=0.0, ge=0, description="one-off cost of the prompt route")
-    baseline_arm: str | None = Field(default=None, description="older spelling of compare.baseline")
-    monthly_calls: float = Field(default=100_000, gt=0)
-    hours_per_month: float = Field(default=730, gt=0, le=744)
-    error_cost_usd: float = Field(default=0.0, ge=0, description="the cost of one wrong answer")
 
 
 ARM_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"

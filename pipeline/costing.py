@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from pipeline.config import PerTokenPrice
+from pipeline.pricing.prices import PerTokenPrice
 
 SECONDS_PER_HOUR = 3600.0
 HOURS_PER_MONTH = 730.0  # 365 * 24 / 12

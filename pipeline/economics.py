@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.arms import Arm
-from pipeline.config import ExperimentConfig, PerTokenPrice, PricingConfig
+from pipeline.config import ExperimentConfig
+from pipeline.pricing.prices import PerTokenPrice, PricingConfig
 from pipeline.costing import (ArmCost, Deployment, cached_call_cost, monthly_break_even, one_off_break_even,
                               quality_adjusted_per_call, ratio, sensitivity)
 from pipeline.stats import bootstrap_intervals, macro_f1_present, mcnemar_exact

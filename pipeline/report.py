@@ -28,6 +28,7 @@ class Summary:
     parser: str = "search"
     repeats: int = 1
     notes: list[str] = field(default_factory=list)
+    error_cost_usd: float = 0.0
 
     @property
     def break_even_calls(self) -> float | None:
@@ -54,7 +55,7 @@ def _finite(value: float | None) -> float | None:
 def _ci(metrics: dict[str, float], name: str, fmt) -> str:
     """ ` [low–high]` of a logged interval (`never` for an infinite end), or nothing when there is none."""
     low, high = metrics.get(f"{name}_ci_low"), metrics.get(f"{name}_ci_high")
-    if low is None or high is None:
+    if low is None or high is None or low == high:  # a figure the resampled rows do not move
         return ""
     return f" [{fmt(_finite(low))}–{fmt(_finite(high))}]"
 
@@ -123,9 +124,17 @@ def verdict(summary: Summary) -> str:
              f"{_ci(p, 'break_even_monthly_calls', _calls)}" if monthly is not None
              else ", and it is not the cheaper deployment at any volume up to 1,000x this one")
     mcnemar = p.get("mcnemar_p")
-    return text + (f". Accuracy {gain:+.1f} pts against {base_name}"
-                   + (f" (McNemar p {'< 0.001' if mcnemar < 0.001 else f'= {mcnemar:.3f}'})." if mcnemar is not None
-                      else "."))
+    text += (f". Accuracy {gain:+.1f} pts against {base_name}"
+             + (f" (McNemar p {'< 0.001' if mcnemar < 0.001 else f'= {mcnemar:.3f}'})." if mcnemar is not None
+                else "."))
+    if summary.error_cost_usd and "quality_adjusted_cost_per_call_usd" in ft:
+        quality = _finite(p.get("quality_adjusted_break_even_calls"))
+        text += (f" Counting {_usd(summary.error_cost_usd)} per wrong answer, a call costs"
+                 f" {_usd(ft['quality_adjusted_cost_per_call_usd'])} on {cand_name} against"
+                 f" {_usd(base['quality_adjusted_cost_per_call_usd'])} on {base_name}, and it pays back "
+                 + ("never." if quality is None else
+                    "from the first call." if quality < 1 else f"after {_calls(quality)} calls."))
+    return text
 
 
 def _break_even_text(summary: Summary) -> str:
@@ -288,6 +297,7 @@ def summary_from_runs(parent, children) -> Summary:
         decoding=params.get("decoding", "free"),
         parser=params.get("eval.parser", "exact"),
         repeats=int(params.get("latency_repeats", 1)),
+        error_cost_usd=float(params.get("pricing.error_cost_usd") or 0.0),
         notes=[n for n in parent.data.tags.get("notes", "").split("\n") if n],
     )
 

@@ -13,7 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import PerTokenPrice
+from pipeline.pricing.prices import PerTokenPrice
 from pipeline.report import Summary, verdict
 from pipeline.report_html import render_html, render_markdown
 

@@ -312,6 +312,7 @@ def summarise(exp: Experiment, arms: dict[str, dict[str, float]], parent: dict[s
         n_eval=len(exp.rows), arms=arms, parent=parent, baseline_arm=cfg.pair.baseline,
         candidate_arm=cfg.pair.candidate, monthly_calls=cfg.pricing.monthly_calls, run_id=run_id,
         decoding=cfg.eval.decoding, parser=cfg.eval.parser, repeats=cfg.eval.repeats, notes=exp.notes,
+        error_cost_usd=cfg.pricing.error_cost_usd,
     )
 
 

@@ -157,8 +157,6 @@ def test_mlflow_layout_for_comparing_arms(tiny_run):
     """What the MLflow UI reads: the experiment's kind and arms view, a per-arm table and the prompts on the
     parent, the Trainer's dump kept out of params and its curves under `train/`."""
     env, tmp, result, _ = tiny_run
-    import mlflow
-
     client = _client(env["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name("support-triage")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"

@@ -186,6 +186,8 @@ def priced_from_catalog(price: Any, catalog: Catalog, where: str) -> PerTokenPri
                                             "date": price.date or row.date})
     except CatalogError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+    except ValidationError as exc:  # a catalog row whose values a price cannot take
+        raise ConfigError(f"{where}: catalog {getattr(price, 'catalog', '')}: {_describe(exc.errors()[0])}") from None
     return price
 
 

@@ -39,6 +39,8 @@ def cached_call_cost(prompt_tokens: float, completion_tokens: float, price: PerT
             raise ValueError("this price has no batch rates")
         input_rate, output_rate = price.batch_input_usd_per_mtok, price.batch_output_usd_per_mtok
     read, written = (0.0, 0.0)
+    # The prefix is counted with a local tokenizer, the prompt maybe by the server: never more than the prompt.
+    prefix_tokens = min(prefix_tokens, prompt_tokens)
     if price.cached_input_usd_per_mtok is not None:
         read, written = cached_prefix_tokens(prefix_tokens, price.cache_min_prefix_tokens, price.cache_hit_rate)
     fresh = prompt_tokens - read - written
@@ -120,12 +122,13 @@ def one_off_break_even(baseline: ArmCost, candidate: ArmCost, monthly_calls: flo
 
 def monthly_break_even(baseline: ArmCost, candidate: ArmCost, max_calls: float,
                        max_replicas: int = 100_000) -> float | None:
-    """The lowest monthly volume above which the candidate costs less a month than the baseline; None if
-    there is none up to `max_calls` (or up to `max_replicas` replicas of either arm).
+    """The lowest monthly volume above which the candidate costs less a month than the baseline, at every
+    volume up to `max_calls` (or up to `max_replicas` replicas of either arm); None if there is none.
 
     Both monthly costs are piecewise linear in the volume: a slope from usage, a step at every replica
     added. Between two consecutive steps of either arm the difference is linear, so each segment is
-    solved exactly; segments are visited in order of volume and the first solution is returned.
+    solved exactly. A replica step can make the candidate dearer again, so every segment is visited and
+    a later one that is not cheaper throughout cancels an earlier answer.
     """
     for arm in (baseline, candidate):
         if arm.deployment is not None:
@@ -133,18 +136,19 @@ def monthly_break_even(baseline: ArmCost, candidate: ArmCost, max_calls: float,
             max_calls = min(max_calls, capacity * (arm.deployment.min_replicas + max_replicas))
     steps = heapq.merge(_steps(baseline, max_calls), _steps(candidate, max_calls), [max_calls])
     slope = candidate.per_call_usd - baseline.per_call_usd
-    lo = 0.0
+    lo, answer = 0.0, None
     for hi in steps:
         if hi <= lo:
             continue
         inside = lo + min(1.0, (hi - lo) / 2)  # a volume in (lo, hi]: it has the segment's replica counts
         d0 = _hosting(candidate, inside) - _hosting(baseline, inside)  # difference = d0 + slope * volume
-        if d0 + slope * lo < 0:
-            return lo
-        if slope < 0 and -d0 / slope < hi:
-            return -d0 / slope
+        start, end = d0 + slope * lo, d0 + slope * hi
+        if start >= 0 or end >= 0:
+            answer = None  # not cheaper somewhere in this segment
+        if end < 0 and answer is None:
+            answer = lo if start < 0 else -d0 / slope  # cheaper from the segment's start, or from the root
         lo = hi
-    return None
+    return answer
 
 
 def _hosting(cost: ArmCost, monthly_calls: float) -> float:

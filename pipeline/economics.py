@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +141,7 @@ class Pair:
                            throughput=f.get("baseline throughput", 1.0))
         cand = cand.scaled(per_call_usd=f.get("candidate price", 1.0), usd_per_hour=f.get("candidate price", 1.0),
                            throughput=f.get("candidate throughput", 1.0),
-                           fixed_usd=f.get("training time", 1.0))
+                           fixed_usd=f.get("fine-tune one-off cost", 1.0))
         if quality is not None:
             base = _with_errors(base, quality[0], pricing.error_cost_usd)
             cand = _with_errors(cand, quality[1], pricing.error_cost_usd)
@@ -152,6 +153,7 @@ def _with_errors(cost: ArmCost, accuracy: float, error_cost_usd: float) -> ArmCo
                    cost.throughput_calls_per_s, cost.fixed_usd, cost.hours_per_month)
 
 
+@lru_cache(maxsize=4096)  # resamples of self-hosted pairs repeat the same costs: solve each once
 def break_evens(base: ArmCost, cand: ArmCost, volume: float) -> tuple[float, float]:
     """(one-off break-even calls, monthly break-even volume); inf where there is none."""
     one_off = one_off_break_even(base, cand, volume)
@@ -187,7 +189,7 @@ def pair_metrics(pair: Pair, rows: dict[str, ArmRows], cfg: ExperimentConfig) ->
 
 
 SENSITIVITY_FACTORS = ("baseline price", "candidate price", "baseline throughput", "candidate throughput",
-                       "training time")
+                       "fine-tune one-off cost")
 
 
 def break_even_sensitivity(pair: Pair, pricing: PricingConfig, spread: float = 0.5) -> list[dict[str, Any]]:

@@ -120,9 +120,10 @@ def verdict(summary: Summary) -> str:
     else:
         text += f"; at this volume it never pays back its {_usd(summary.fixed_cost(cand_name))} one-off cost"
     monthly = summary.break_even_monthly_calls
-    text += (f", and it is the cheaper deployment above {_calls(monthly)} calls/month"
-             f"{_ci(p, 'break_even_monthly_calls', _calls)}" if monthly is not None
-             else ", and it is not the cheaper deployment at any volume up to 1,000x this one")
+    if "break_even_monthly_calls" in p:  # runs from before the monthly break-even have none
+        text += (f", and it is the cheaper deployment above {_calls(monthly)} calls/month"
+                 f"{_ci(p, 'break_even_monthly_calls', _calls)}" if monthly is not None
+                 else ", and it is not the cheaper deployment at any volume up to 1,000x this one")
     mcnemar = p.get("mcnemar_p")
     text += (f". Accuracy {gain:+.1f} pts against {base_name}"
              + (f" (McNemar p {'< 0.001' if mcnemar < 0.001 else f'= {mcnemar:.3f}'})." if mcnemar is not None
@@ -289,7 +290,9 @@ def summary_from_runs(parent, children) -> Summary:
         model=parent.data.tags.get("model", ""),
         n_eval=int(params.get("n_eval", 0)),
         arms=arms,
-        parent=dict(parent.data.metrics),
+        # A figure that never happens is a tag `...=never` (MLflow metrics are finite): read it back as inf.
+        parent={**dict(parent.data.metrics),
+                **{k: math.inf for k, v in parent.data.tags.items() if v == "never" and k != "break_even"}},
         baseline_arm=params.get("compare.baseline") or None,
         candidate_arm=params.get("compare.candidate") or None,
         monthly_calls=float(params.get("pricing.monthly_calls") or 100_000),

@@ -257,7 +257,7 @@ def write_report(facts: dict[str, Any], images: dict[str, Path], out_dir: Path) 
     for key, data in pngs.items():
         if key in IMAGES:
             target = out_dir / f"{key}.png"
-            if not target.exists():
+            if target.resolve() != images[key].resolve():  # beside a report of another run: replace it
                 target.write_bytes(data)
             written.append(target)
     return written

@@ -125,6 +125,8 @@ def _view(facts: dict) -> dict:
         ("Quality-adjusted break-even (calls)",
          calls(be.get("quality_adjusted_calls")) if quality else "not computed (no error cost set)"),
     ]
+    if not (be.get("baseline") and be.get("candidate")):  # nothing to break even between: not "never"
+        break_even = [("Compared", pair)] + [(label, "n/a") for label, _ in break_even[1:]]
 
     st = facts["statistics"]
     statistics = [

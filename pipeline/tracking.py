@@ -75,7 +75,8 @@ def connect(experiment: str) -> str:
 
 def arms_view_state() -> dict[str, Any]:
     """The saved view's state: the comparison columns in the runs table, in order, newest run first."""
-    columns = [f"metrics.`{name}`" for name in VIEW_METRICS]
+    # The tag says `never` where the break-even metric is absent because there is none.
+    columns = [f"metrics.`{name}`" for name in VIEW_METRICS] + ["tags.`break_even`"]
     return {"selectedColumns": columns, "columnOrder": columns, "orderByKey": "attributes.start_time",
             "orderByAsc": False}
 

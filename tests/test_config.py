@@ -329,3 +329,8 @@ def test_catalog_prices_hardware_presets_and_a_users_litellm_file(tmp_path):
     assert haiku.date and "LiteLLM" in haiku.source
     assert arms["finetuned"].usd_per_hour == 1.5 and arms["finetuned"].min_replicas == 2
     assert cfg.pricing.finetune.training_usd_per_mtok == 3.0  # OpenAI's gpt-4o-mini training price per Mtok
+
+    # A user's row with a negative price, or a price a row cannot take, is one line naming the file and row.
+    user.write_text(json.dumps({"cheap": {"input_cost_per_token": -1e-6, "output_cost_per_token": 1e-6}}))
+    with pytest.raises(ConfigError, match=r"prices\.json: row 'cheap' field 'input_cost_per_token' is negative"):
+        load_config(path)

@@ -104,6 +104,8 @@ def test_cached_call_cost_by_hand():
     assert cached_call_cost(1500, 5, OPENAI_LIKE, prefix_tokens=1200, batch=True) == pytest.approx(0.0019)
     with pytest.raises(ValueError):
         cached_call_cost(1500, 5, ANTHROPIC_LIKE, 1200, batch=True)  # no batch rates
+    # a prefix counted longer than the prompt the server counted never makes input negative: all of it cached
+    assert cached_call_cost(1100, 0, OPENAI_LIKE, prefix_tokens=1200) == pytest.approx(1100 * 1.25 / 1e6)
 
 
 def test_replicas_and_monthly_cost_by_hand():
@@ -142,6 +144,29 @@ def test_monthly_break_even_by_hand():
     assert monthly_break_even(ArmCost(per_call_usd=1e-5), tuned, 1e9) is None
     # always cheaper: from the first call
     assert monthly_break_even(ArmCost(per_call_usd=0.01), ArmCost(per_call_usd=0.001), 1e9) == 0
+    # cheaper for a while, then dearer for good: one box (1,576,800 calls at 1 call/s and 60%) beats an API at
+    # $0.00006 a call above 1,216,667 calls, but past its capacity two boxes ($146) cost more than the API
+    # until 2,433,333 calls, and so on: it is cheaper for good only where the API passes every step.
+    box = ArmCost(deployment=Deployment(0.10, 1, 0.6), throughput_calls_per_s=1.0)
+    api = ArmCost(per_call_usd=0.00006)
+    found = monthly_break_even(api, box, 1e8)
+    assert found is None or found > 1_576_800
+    # with no always-on box and steps that interleave: the slow arm pays from its first call
+    slow = ArmCost(deployment=Deployment(0.10, 0, 0.5), throughput_calls_per_s=1.0)  # 1,314,000 calls a box
+    fast = ArmCost(deployment=Deployment(0.15, 0, 0.5), throughput_calls_per_s=2.5)  # 3,285,000 calls a box
+    # slow pays 73 x ceil(V / 1,314,000), fast 109.5 x ceil(V / 3,285,000). Fast is cheaper on
+    # (1,314,000, 3,285,000] (2-3 slow boxes against one fast), but on (3,285,000, 3,942,000] both pay $219
+    # (3 slow, 2 fast); from 3,942,000 on (4 slow boxes, $292, against 2 fast, $219) it stays cheaper:
+    # a fast box costs $3.3e-5 a call at capacity, a slow one $5.6e-5. A plain scan of the steps agrees.
+    points = sorted({k * 1_314_000 for k in range(0, 80)} | {k * 3_285_000 for k in range(0, 32)})
+
+    def fast_cheaper(v):
+        return 109.5 * math.ceil(v / 3_285_000) < 73 * math.ceil(v / 1_314_000)
+
+    expected = next(p for i, p in enumerate(points) if all(fast_cheaper(q + 1) and (q == p or fast_cheaper(q))
+                                                          for q in points[i:]))
+    assert monthly_break_even(slow, fast, 1e8) == pytest.approx(expected)
+    assert expected == 3_942_000
 
 
 def test_quality_adjusted_cost_and_sensitivity_by_hand():
@@ -174,3 +199,24 @@ def test_a_dearer_baseline_never_delays_either_break_even(base, dearer, fixed, t
     m1, m2 = monthly_break_even(cheap, tuned, 1e8), monthly_break_even(costly, tuned, 1e8)
     if m1 is not None:
         assert m2 is not None and 0 <= m2 <= m1 * (1 + 1e-9)
+
+
+@settings(deadline=None, max_examples=60)
+@given(usd=st.floats(0.05, 5), usd2=st.floats(0.05, 5), thr=st.floats(0.5, 50), thr2=st.floats(0.5, 50),
+       min1=st.integers(0, 2), min2=st.integers(0, 2), api=st.floats(0, 1e-4),
+       probes=st.lists(st.floats(0, 1), min_size=20, max_size=20))
+def test_past_the_monthly_break_even_the_candidate_is_always_cheaper(usd, usd2, thr, thr2, min1, min2, api, probes):
+    base = ArmCost(per_call_usd=api, deployment=Deployment(usd, min1, 0.6), throughput_calls_per_s=thr)
+    cand = ArmCost(deployment=Deployment(usd2, min2, 0.6), throughput_calls_per_s=thr2)
+    top = 2e8
+    found = monthly_break_even(base, cand, top)
+    if found is None:
+        return
+    for p in probes:  # whole calls after the break-even, and each arm's replica steps after it
+        v = found + 1 + p * (top - found - 1)
+        assert cand.monthly(v) < base.monthly(v) * (1 + 1e-9)
+    for capacity in (base.deployment.capacity(thr), cand.deployment.capacity(thr2)):
+        k = math.floor(found / capacity) + 1
+        while k * capacity < top and k < 200:
+            assert cand.monthly(k * capacity + 1) < base.monthly(k * capacity + 1) * (1 + 1e-9)
+            k += 1

@@ -96,12 +96,27 @@ def test_deployment_costs_break_evens_and_intervals_by_hand(tiny_run):
     pm, tags = parent.data.metrics, parent.data.tags
     # The same one box each at this volume: no saving per call, so the training never pays back.
     assert "break_even_calls" not in pm and tags["break_even_calls"] == "never" and tags["break_even"] == "never"
+    # The monthly break-even, by a plain scan: both arms pay whole boxes, so the candidate is cheaper exactly
+    # where it needs fewer boxes; the answer is the first box boundary after which that holds up to 1,000x
+    # the volume (checked at every boundary and just after it).
     cap_base = base["throughput_calls_per_s"] * 3600 * 730 * 0.6
     cap_cand = cand["throughput_calls_per_s"] * 3600 * 730 * 0.6
-    if cap_cand > cap_base:  # above cap_base the baseline needs two boxes, the candidate still one
-        assert pm["break_even_monthly_calls"] == pytest.approx(cap_base)
-    else:
+    limit = 1000 * 100_000
+    bounds = sorted({0.0} | {k * cap_base for k in range(1, int(limit / cap_base) + 1)}
+                    | {k * cap_cand for k in range(1, int(limit / cap_cand) + 1)})
+
+    def cheaper(v: float) -> bool:
+        return max(1, math.ceil(v / cap_cand)) < max(1, math.ceil(v / cap_base))
+
+    expected = None
+    for i, b in enumerate(bounds):
+        if all(cheaper(v) for later in bounds[i:] for v in (later + 1, later if later > b else later + 1)):
+            expected = b
+            break
+    if expected is None:
         assert tags["break_even_monthly_calls"] == "never"
+    else:
+        assert pm["break_even_monthly_calls"] == pytest.approx(expected)
     # McNemar's exact p, by hand from the two arms' rows: 2 * P(X <= min(b, c)), X ~ Binomial(b + c, 1/2).
     rows = {}
     for arm in ("engineered", "finetuned"):

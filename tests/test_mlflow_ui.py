@@ -90,8 +90,11 @@ def test_the_printed_link_lands_on_the_runs_table_with_every_arm_side_by_side(ui
     assert "/runs" in page.url and page.get_by_role("heading", name="Runs").count()
     headers = page.eval_on_selector_all(".ag-header-cell", "els => els.map(e => e.getAttribute('col-id'))")
     wanted = ["accuracy", "latency_p50_ms", "prompt_tokens_mean", "cost_per_1k_calls_usd"]
-    # (MLflow 3.17 applies the view's column order only sometimes; which columns show is what matters.)
+    # (MLflow 3.17 applies the view's column order only sometimes; which columns show is what matters.
+    # break_even_calls shows only where some run has one: the tiny run's never breaks even.)
     assert {h for h in headers if h.startswith("metrics.")} == {f"metrics.`{m}`" for m in wanted}
+    never = page.locator(f".ag-row[row-id='{parent.info.run_id}'] [col-id='tags.`break_even`']").first
+    assert never.inner_text().strip() == "never"  # the parent says why its break-even column is empty
     # Each arm's row shows its own logged values in those columns: no column picked by hand.
     for arm, run in arms.items():
         row_id = run.info.run_id

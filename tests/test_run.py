@@ -68,4 +68,4 @@ def test_ui_links_open_the_runs_view_with_the_arms_columns(monkeypatch):
     state = json.loads(json.dumps(tracking.arms_view_state()))  # what the tag stores
     assert state["selectedColumns"] == state["columnOrder"] == [
         "metrics.`accuracy`", "metrics.`latency_p50_ms`", "metrics.`prompt_tokens_mean`",
-        "metrics.`cost_per_1k_calls_usd`", "metrics.`break_even_calls`"]
+        "metrics.`cost_per_1k_calls_usd`", "metrics.`break_even_calls`", "tags.`break_even`"]

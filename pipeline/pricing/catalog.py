@@ -70,6 +70,10 @@ def _check(rows: dict, path: Path) -> None:
             v = row.get(field)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
                 raise CatalogError(f"{path}: row {key!r} field {field!r} is not a number: {v!r}")
+            if v is not None and v < 0:
+                raise CatalogError(f"{path}: row {key!r} field {field!r} is negative: {v!r}")
+        if "alias_of" in row and not isinstance(row["alias_of"], str):
+            raise CatalogError(f"{path}: row {key!r} field 'alias_of' is not a model name: {row['alias_of']!r}")
 
 
 class Catalog:

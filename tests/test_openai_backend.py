@@ -126,7 +126,10 @@ def test_concurrency_and_rate_limits():
         elapsed = time.perf_counter() - start
     arrivals = sorted(r["t"] for r in server.requests)
     assert elapsed >= 0.95
-    assert min(b - a for a, b in zip(arrivals, arrivals[1:])) >= 0.08
+    # No burst: any half second holds at most the 5 requests the limit allows, plus 2 that thread
+    # scheduling on a busy machine can bunch into it (all 11 at once would be 11). Single gaps are not
+    # checked: a request delayed 70 ms on its way in arrives 30 ms before the next, whatever the client did.
+    assert max(sum(t <= a < t + 0.5 for a in arrivals) for t in arrivals) <= 7
 
 
 def test_stream_measures_ttft_and_gives_the_same_text():

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import tracking
+from pipeline.report import _calls as report_calls
+from pipeline.report import _usd
 
 COLUMNS = ("experiment", "run", "baseline", "candidate", "baseline accuracy", "candidate accuracy",
            "token reduction", "baseline $/1k calls", "candidate $/1k calls", "baseline $/month", "candidate $/month",
@@ -15,9 +17,10 @@ COLUMNS = ("experiment", "run", "baseline", "candidate", "baseline accuracy", "c
 
 
 def _calls(value: float | None, tag: str | None) -> str:
+    """A break-even as the report writes it; `never` where the run tagged it so, `-` where it has none."""
     if value is None or not math.isfinite(value):
         return "never" if tag == "never" or value is not None else "-"
-    return f"{math.ceil(value):,}"
+    return report_calls(value)
 
 
 def _pct(metrics: dict[str, float], name: str) -> str:
@@ -26,10 +29,6 @@ def _pct(metrics: dict[str, float], name: str) -> str:
         return "-"
     low, high = metrics.get(f"{name}_ci_low"), metrics.get(f"{name}_ci_high")
     return f"{100 * value:.1f}%" + (f" [{100 * low:.1f}–{100 * high:.1f}]" if low is not None else "")
-
-
-def _usd(value: float | None) -> str:
-    return "-" if value is None else (f"${value:.3g}" if abs(value) < 0.01 else f"${value:,.2f}")
 
 
 def run_row(parent: Any, children: list[Any]) -> dict[str, str]:

@@ -14,15 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.pricing.prices import PerTokenPrice
-from pipeline.report import Summary, verdict
+from pipeline.report import Summary, _finite, verdict
 from pipeline.report_html import render_html, render_markdown
 
 LIBRARIES = ("torch", "transformers", "peft", "trl", "torchao", "mlflow", "scipy", "scikit-learn", "openai")
 IMAGES = ("cost_vs_volume", "sensitivity")
-
-
-def _finite(value: float | None) -> float | None:
-    return value if value is not None and math.isfinite(value) else None
 
 
 def _ci(metrics: dict[str, float], name: str) -> list[float] | None:
@@ -44,8 +40,12 @@ def price_text(price: Any) -> str:
         + (f" ({price.date})" if price.date else "")
 
 
+def _arms_by_name(exp) -> dict[str, Any]:
+    return {a.name: a for a in exp.cfg.resolved_arms}
+
+
 def arm_facts(exp, summary: Summary) -> list[dict[str, Any]]:
-    by_name = {a.name: a for a in exp.cfg.resolved_arms}
+    by_name = _arms_by_name(exp)
     rows = []
     for name, m in summary.arms.items():
         arm = by_name[name]
@@ -71,7 +71,7 @@ def arm_facts(exp, summary: Summary) -> list[dict[str, Any]]:
 
 def lever_facts(exp, summary: Summary) -> list[dict[str, Any]]:
     """Each of the seed's cost levers, as measured and priced on this run's arms."""
-    levers = []
+    levers, by_name = [], _arms_by_name(exp)
     for name, m in summary.arms.items():
         cost = m["cost_per_1k_calls_usd"]
 
@@ -86,9 +86,8 @@ def lever_facts(exp, summary: Summary) -> list[dict[str, Any]]:
             levers.append(row("batching", "the provider's batch API (offline work)", m["cost_per_1k_calls_usd_batch_api"]))
         if "cost_per_1k_calls_usd_batch1" in m:
             levers.append(row("batching", f"one call at a time: {m['throughput_calls_per_s_batch1']:.2f} calls/s "
-                              f"against {m['throughput_calls_per_s']:.2f} at batch {_batch(exp, name)}",
+                              f"against {m['throughput_calls_per_s']:.2f} at batch {by_name[name].eval.batch_size}",
                               m["cost_per_1k_calls_usd_batch1"]))
-    by_name = {a.name: a for a in exp.cfg.resolved_arms}
     for name, m in summary.arms.items():
         arm = by_name[name]
         if not arm.quantize:
@@ -107,10 +106,6 @@ def lever_facts(exp, summary: Summary) -> list[dict[str, Any]]:
                        "change_pct": 100 * (m["cost_per_1k_calls_usd"] - t["cost_per_1k_calls_usd"])
                        / t["cost_per_1k_calls_usd"] if t["cost_per_1k_calls_usd"] else None})
     return levers
-
-
-def _batch(exp, name: str) -> int:
-    return next(a.eval.batch_size for a in exp.cfg.resolved_arms if a.name == name)
 
 
 def claim_facts(summary: Summary) -> list[dict[str, str]]:

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench ui browser clean
+.PHONY: demo test test-slow test-scale bench ui browser postgres team-server clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
+# Beyond one machine (README "Team setup", "Training on several processes", "Data checks at scale"):
+# a real PostgreSQL + mlflow server, 2-process training, a 100k-row data check. Needs `make postgres`.
+test-scale: $(STAMP)
+	$(BIN)/python -m pytest -q -m scale
+
 bench: $(STAMP)
 	$(BIN)/python bench/prompt_arm.py
 	$(BIN)/python bench/train.py
@@ -39,5 +44,15 @@ browser:
 	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 	@chromium --version
 
+# Debian's PostgreSQL server programs, for `make team-server` and `make test-scale`.
+postgres:
+	@test -x "$$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | tail -1)/initdb" || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
+	@ls -d /usr/lib/postgresql/*/bin | tail -1
+
+# A shared tracking server for a team: PostgreSQL + mlflow server (artifacts proxied) on loopback, until Ctrl-C.
+# Clients: export MLFLOW_TRACKING_URI=http://127.0.0.1:5000
+team-server: $(STAMP) postgres
+	$(BIN)/python -m pipeline.teamserver --dir .team --port 5000 --pg-port 5433
+
 clean:
-	rm -rf $(VENV) runs mlruns mlartifacts mlflow.db test-artifacts
+	rm -rf $(VENV) runs mlruns mlartifacts mlflow.db test-artifacts .team

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -61,16 +62,64 @@ def connect(experiment: str) -> str:
     mlflow.set_tracking_uri(uri)
     # transformers' MLflow callback reads the environment, not mlflow's global state.
     os.environ["MLFLOW_TRACKING_URI"] = uri
-    if uri.startswith("http"):
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     try:
-        exp = mlflow.set_experiment(experiment)
+        with _probe_settings(uri):
+            exp = mlflow.set_experiment(experiment)
     except Exception as exc:  # mlflow raises many types for an unreachable or broken store
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
         raise TrackingError(f"tracking store {redact(uri)} is not usable: {first.replace(uri, redact(uri))}") from None
     set_up_ui(exp)
+    if uri.startswith("http"):
+        _say_when_retrying(uri)
     return exp.experiment_id
+
+
+class _RetryNotice(logging.Handler):
+    """One line on stderr each time MLflow's HTTP client retries a request: a run waiting out a server restart
+    says so instead of looking hung. (urllib3 logs retries to a logger that prints nowhere by default.)"""
+
+    def __init__(self, uri: str):
+        super().__init__(logging.DEBUG)
+        self.uri = redact(uri)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg.startswith("Retrying ("):  # a connection refused, reset or timed out
+            reason = type(record.args[1]).__name__ if len(record.args) > 1 else "no answer"
+        elif record.msg == "Retry: %s":  # a retried status: 429, 500, 502, 503, 504
+            reason = "an error status"
+        else:
+            return
+        print(f"roi: note: tracking server {self.uri} did not answer ({reason}); retrying with backoff",
+              file=sys.stderr, flush=True)
+
+
+def _say_when_retrying(uri: str) -> None:
+    pool_log = logging.getLogger("urllib3.connectionpool")
+    if not any(isinstance(h, _RetryNotice) for h in pool_log.handlers):
+        pool_log.addHandler(_RetryNotice(uri))
+        # Status retries are logged at debug level; the handler passes on everything else.
+        pool_log.setLevel(logging.DEBUG)
+
+
+@contextmanager
+def _probe_settings(uri: str):
+    """For the first request only: no retries and a short timeout, so a wrong URI fails in seconds, not after
+    MLflow's ~4 minutes of backoff. Afterwards the user's (or MLflow's default) retries apply again: a server
+    that restarts or answers 503 during a run is retried with backoff instead of failing the run."""
+    if not uri.startswith("http"):
+        yield
+        return
+    probe = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    saved = {name: os.environ.get(name) for name in probe}
+    os.environ.update({name: saved[name] or value for name, value in probe.items()})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def arms_view_state() -> dict[str, Any]:

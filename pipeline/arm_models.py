@@ -177,26 +177,49 @@ class ArmModels:
         renderer = PromptRenderer(template, self.tokenizer_for(arm), exp.task.labels, exp.examples)
         self.console.print(f"fine-tuning LoRA r={arm.finetune.lora.r} on {len(train)} rows ...")
         dtype = self._train_dtype(arm)
+        prompts, completions = [renderer.render(t) for t in train["text"]], list(train["label"])
+        if arm.finetune.processes > 1:
+            return self._train_on_processes(arm, exp, key, prompts, completions, dtype)
         result = finetune(
-            self._load(arm).to(dtype), self.tokenizer_for(arm), [renderer.render(t) for t in train["text"]],
-            list(train["label"]), arm.finetune, dtype, exp.store.work_dir(key), on_log=tracking.log_training_step,
+            self._load(arm).to(dtype), self.tokenizer_for(arm), prompts, completions, arm.finetune, dtype,
+            exp.store.work_dir(key), on_log=tracking.log_training_step,
             on_resume=lambda checkpoint: self.console.print(f"resuming training from {checkpoint}"),
             console=self.console,
         )
-        if result.resumed_from:
-            mlflow.set_tag("resumed_from_checkpoint", Path(result.resumed_from).name)
-        mlflow.log_text(result.trainer_args, "trainer/training_args.json")
-        stats = {"train_time_s": result.train_time_s, "train_tokens": float(result.train_tokens),
-                 "train_loss": result.train_loss}
+        stats = self._record_training(arm, exp, key, vars(result))
+        # Served in the model's dtype, like a reused or given adapter (the stage key records that dtype).
+        return result.model.merge_and_unload().to(pick_dtype(arm.model.dtype)), stats
+
+    def _train_on_processes(self, arm: Arm, exp: "Experiment", key: str, prompts: list[str], completions: list[str],
+                            dtype: Any) -> tuple[Any, dict[str, float]]:
+        """Data-parallel training in `finetune.processes` processes (pipeline.distributed); this process
+        then loads the adapter their rank 0 saved, as it would a stored one."""
+        from pipeline.distributed import train_on_processes
+        from pipeline.training import load_adapter
+
+        work = exp.store.work_dir(key)
+        self.console.print(f"training on {arm.finetune.processes} processes (torchrun) ...")
+        figures = train_on_processes(arm.model, prompts, completions, arm.finetune, dtype, work,
+                                     on_log=tracking.log_training_step)
+        mlflow.set_tag("train_processes", str(arm.finetune.processes))
+        stats = self._record_training(arm, exp, key, {**figures, "adapter_dir": work / "adapter"})
+        return load_adapter(self._load(arm), exp.store.path(key) / "adapter").merge_and_unload(), stats
+
+    def _record_training(self, arm: Arm, exp: "Experiment", key: str, result: dict[str, Any]) -> dict[str, float]:
+        """Log a finished training, write its record beside the adapter and store the stage; its figures."""
+        if result.get("resumed_from"):
+            mlflow.set_tag("resumed_from_checkpoint", Path(result["resumed_from"]).name)
+        mlflow.log_text(result["trainer_args"], "trainer/training_args.json")
+        stats = {"train_time_s": result["train_time_s"], "train_tokens": float(result["train_tokens"]),
+                 "train_loss": result["train_loss"]}
         # Travels with the adapter (and its MLflow artifact): reusing it elsewhere keeps its base and cost.
-        (result.adapter_dir / TRAINING_RECORD).write_text(
+        (Path(result["adapter_dir"]) / TRAINING_RECORD).write_text(
             json.dumps({"base_model": self.display_name(arm), **stats}, indent=1))
         exp.store.finish(key, {"train": stats})
         shutil.rmtree(exp.store.path(key) / "trainer", ignore_errors=True)  # checkpoints are only for resuming
-        self.console.print(f"trained in {result.train_time_s:.1f} s "
-                           f"({result.train_tokens / result.train_time_s:.0f} tokens/s)")
-        # Served in the model's dtype, like a reused or given adapter (the stage key records that dtype).
-        return result.model.merge_and_unload().to(pick_dtype(arm.model.dtype)), stats
+        self.console.print(f"trained in {stats['train_time_s']:.1f} s "
+                           f"({stats['train_tokens'] / stats['train_time_s']:.0f} tokens/s)")
+        return stats
 
     def log_adapter(self, arm: Arm, exp: "Experiment", template: PromptTemplate) -> None:
         """The arm's adapter as the run's `adapter` artifact (what `roi serve --adapter runs:/...` loads)."""

@@ -184,7 +184,8 @@ def _sft_args(cfg: FinetuneConfig, dtype: torch.dtype, trainer_dir: Path) -> Any
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
         learning_rate=cfg.learning_rate,
-        per_device_train_batch_size=cfg.batch_size,
+        # batch_size is the global batch: split over the processes of a distributed run (pipeline.distributed).
+        per_device_train_batch_size=cfg.batch_size // cfg.processes,
         max_length=cfg.max_length,
         completion_only_loss=True,
         seed=cfg.seed,
@@ -263,7 +264,8 @@ def finetune(model: Any, tokenizer: Any, prompts: list[str], completions: list[s
             bar.close()
     train_time_s = clock.seconds()
     adapter_dir = out_dir / "adapter"
-    trainer.model.save_pretrained(str(adapter_dir), safe_serialization=True)
+    if trainer.is_world_process_zero():  # one writer when several processes trained it
+        trainer.model.save_pretrained(str(adapter_dir), safe_serialization=True)
     model.set_attn_implementation(serving_attention)
     return FinetuneResult(peft_model.eval(), train_time_s, int(trainer.state.num_input_tokens_seen),
                           float(output.training_loss), adapter_dir, resumed_from=checkpoint,

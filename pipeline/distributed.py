@@ -1,0 +1,114 @@
+"""Data-parallel LoRA training on several processes (`roi run --processes N`, `finetune.processes=N`).
+
+`roi run` stays one process: it reads the data, evaluates every arm, logs to MLflow and writes the
+stages. Only the training of a fine-tuned arm is handed to torchrun, which starts N processes (one
+per GPU with NCCL, or N CPU processes with gloo) that train through the Trainer's own distributed
+support (accelerate). Rank 0 saves the adapter, its training figures and its log; every rank then
+exits. The recipe loads the adapter from there, exactly as it loads a stored one.
+
+`finetune.batch_size` is the global batch: each process takes batch_size / N rows per step, so the
+optimizer sees the same batch, and the same learning rate applies, whatever N is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from pipeline.config import FinetuneConfig, ModelConfig
+from pipeline.models import ModelError
+
+JOB, RESULT, LOG, OUTPUT = "job.json", "result.json", "train_log.jsonl", "processes.log"
+
+
+def launch_command(job_file: Path, processes: int, port: int) -> list[str]:
+    """torchrun on this machine. (`accelerate launch` starts several processes only for GPUs, or for CPUs
+    through mpirun; torchrun does both, and the Trainer's accelerate state reads the same environment.)"""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(processes),
+            "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "pipeline.distributed", str(job_file)]
+
+
+def train_on_processes(model: ModelConfig, prompts: list[str], completions: list[str], cfg: FinetuneConfig,
+                       dtype: torch.dtype, out_dir: Path,
+                       on_log: Callable[[dict[str, float], int], None] | None = None) -> dict[str, Any]:
+    """Train on `cfg.processes` processes; returns rank 0's figures (train_time_s, train_tokens,
+    train_loss, trainer_args, resumed_from) once every process has exited cleanly. The adapter is
+    in `out_dir/adapter`; `on_log` receives rank 0's log entries afterwards, in order."""
+    import socket
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in (RESULT, LOG):
+        (out_dir / stale).unlink(missing_ok=True)
+    job = {"model": model.model_dump(mode="json"), "prompts": prompts, "completions": completions,
+           "finetune": cfg.model_dump(mode="json"), "dtype": str(dtype).removeprefix("torch."),
+           "out_dir": str(out_dir)}
+    (out_dir / JOB).write_text(json.dumps(job))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # Each process gets its share of the cores: N processes with all cores' threads each thrash.
+    threads = max(1, (os.cpu_count() or 1) // cfg.processes)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), ROI_TRAIN_THREADS=str(threads))
+    if not torch.cuda.is_available():
+        # Without it accelerate sees ranks but no GPU and trains each process alone (DistributedType.NO).
+        env["ACCELERATE_USE_CPU"] = "true"
+    with open(out_dir / OUTPUT, "w") as output:
+        result = subprocess.run(launch_command(out_dir / JOB, cfg.processes, port), stdout=output,
+                                stderr=subprocess.STDOUT, env=env)
+    if result.returncode != 0 or not (out_dir / RESULT).is_file():
+        lines = (out_dir / OUTPUT).read_text(errors="replace").strip().splitlines()
+        last = next((line for line in reversed(lines) if "Error" in line), lines[-1] if lines else "no output")
+        raise ModelError(f"training on {cfg.processes} processes failed (exit {result.returncode}): "
+                         f"{last.strip()[:200]}; full output: {out_dir / OUTPUT}")
+    (out_dir / JOB).unlink()  # it holds every training row; the adapter and the log are what stay
+    if on_log and (out_dir / LOG).is_file():
+        for line in (out_dir / LOG).read_text().splitlines():
+            entry = json.loads(line)
+            on_log(entry["values"], entry["step"])
+    figures = json.loads((out_dir / RESULT).read_text())
+    if figures.get("world_size") != cfg.processes:
+        raise ModelError(f"training was asked for {cfg.processes} processes but ran on {figures.get('world_size')}; "
+                         f"see {out_dir / OUTPUT}")
+    return figures
+
+
+def _worker(job_file: Path) -> None:
+    """One training process (started by `accelerate launch`): all ranks train, rank 0 writes the results."""
+    from pipeline.models import load_model, load_tokenizer, resolve_source
+    from pipeline.training import finetune
+
+    torch.set_num_threads(int(os.environ.get("ROI_TRAIN_THREADS", "1")))
+    job = json.loads(job_file.read_text())
+    out_dir = Path(job["out_dir"])
+    spec = ModelConfig(**job["model"])
+    source = resolve_source(spec)
+    dtype = getattr(torch, job["dtype"])
+    model = load_model(source, dtype, spec.trust_remote_code).to(dtype)
+    tokenizer = load_tokenizer(source, spec.trust_remote_code)
+    rank = int(os.environ.get("RANK", "0"))
+    log = open(out_dir / LOG, "a") if rank == 0 else None
+
+    def on_log(values: dict[str, float], step: int) -> None:
+        log.write(json.dumps({"values": values, "step": step}) + "\n")
+        log.flush()
+
+    result = finetune(model, tokenizer, job["prompts"], job["completions"], FinetuneConfig(**job["finetune"]),
+                      dtype, out_dir, on_log=on_log if log else None)
+    if rank == 0:
+        log.close()
+        figures = {"train_time_s": result.train_time_s, "train_tokens": result.train_tokens,
+                   "train_loss": result.train_loss, "trainer_args": result.trainer_args,
+                   "resumed_from": result.resumed_from,
+                   "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1}
+        # Written last: its presence tells the recipe that training finished.
+        (out_dir / RESULT).write_text(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    _worker(Path(sys.argv[1]))

@@ -1,6 +1,7 @@
 """An experiment whose arms go over HTTP to `roi serve`, beside the same arms run in-process: the
-served base model and the served adapter (from the first run's MLflow artifact) give the same
-greedy answers and token counts. Real servers, real model, real training steps, real MLflow store."""
+served base model and the served adapter (from the first run's MLflow artifact, and as `roi export`
+wrote it for vLLM) give the same greedy answers and token counts. Real servers, real model, real
+training steps, real MLflow store."""
 
 import json
 import os
@@ -60,17 +61,28 @@ def test_arms_over_http_to_roi_serve_match_the_same_arms_in_process(tmp_path):
     assert tags["engineered-http"]["backend"] == "openai" and tags["engineered"]["backend"] == "local"
     trained = next(r for r in runs if r.data.tags.get("arm") == "finetuned")
 
-    # The tuned adapter, served straight from the first run's MLflow artifact, as a fine-tuned arm over HTTP.
+    # The tuned adapter, served straight from the first run's MLflow artifact, as a fine-tuned arm over HTTP;
+    # beside it the same adapter as `roi export` wrote it for vLLM (by the parent run id: its one adapter).
     adapter = f"runs:/{trained.info.run_id}/adapter"
+    parent = next(r for r in runs if r.data.tags.get("roi.role") == "parent")
+    exported = roi("export", parent.info.run_id, "--to", str(tmp_path / "export"), env=env, cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr[-2000:]
     with Served("--model", "embedded", "--dtype", "float32", "--adapter", adapter, "--name", "tuned",
-                env=env, log_dir=tmp_path) as tuned:
+                env=env, log_dir=tmp_path) as tuned, \
+            Served("--model", "embedded", "--dtype", "float32", "--adapter", str(tmp_path / "export" / "finetuned"),
+                   "--name", "exported", env=env, log_dir=tmp_path) as from_export:
         second = _config(tmp_path, "second", {"tuned": {"backend": "openai", "base_url": tuned.base_url,
-                                                          "model": "tuned"}},
+                                                          "model": "tuned"},
+                                              "exported": {"backend": "openai", "base_url": from_export.base_url,
+                                                           "model": "exported"}},
                          [{"name": "finetuned-http", "model": "tuned", "prompt": "finetuned", "kind": "finetuned",
-                           "price": per_hour}])
+                           "price": per_hour},
+                          {"name": "finetuned-exported", "model": "exported", "prompt": "finetuned",
+                           "kind": "finetuned", "price": per_hour}])
         result = roi("run", str(second), env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     _same_calls(_predictions(tmp_path, "finetuned", 0), _predictions(tmp_path, "finetuned-http", 1))
+    _same_calls(_predictions(tmp_path, "finetuned", 0), _predictions(tmp_path, "finetuned-exported", 1))
     runs = client.search_runs([client.get_experiment_by_name("served").experiment_id])
     http_arm = next(r for r in runs if r.data.tags.get("arm") == "finetuned-http")
     assert http_arm.data.tags["arm_kind"] == "finetuned" and http_arm.data.tags["model"] == "tuned"

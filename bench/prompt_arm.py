@@ -1,18 +1,23 @@
-"""Engineered-prompt evaluation speed: prefix-cached, batched path vs per-example model.generate.
+"""Engineered-prompt evaluation speed: shared-prefix attention, batched, vs per-example model.generate.
 
-Both paths run in this process on the same rows and the same model, so the ratio holds on a
-noisy shared machine even where absolute times do not. Last line: RATIO <calls/s new / baseline>.
+Three paths run in this process on the same rows and the same model, alternating, `--repeats` times:
+per-example generate on the full prompt (the baseline), the prefix KV cache copied into every batch
+row (the previous path), and shared-prefix attention (the prefix held once, at batch 1). The ratio of
+each repeat is taken against the baseline of the same repeat, and the median is printed, so it holds on
+a noisy shared machine where absolute times do not. Last line: RATIO <shared path / baseline>.
 
-    python bench/prompt_arm.py [--rows 64] [--batch-size 8] [--profile]
+    python bench/prompt_arm.py [--rows 64] [--batch-size 32] [--repeats 3] [--profile]
 
---profile adds a torch-profiler breakdown of both paths: where the time goes, the FLOPs the
-matmuls do, and how far their rate is from this machine's dense matmul rate (measured here).
+It also prints the fraction of this machine's measured dense matmul rate that the shared path reaches
+over its wall time (the matmuls' FLOPs, counted by torch.profiler, over the wall time of a pass).
+--profile adds the profiler's table for the copying and the shared path: where the time goes.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,11 +31,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "experiments" / "default.yaml"))
     parser.add_argument("--rows", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--profile", action="store_true", help="also profile both paths with torch.profiler")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="also print torch.profiler tables")
+    parser.add_argument("--random-weights", metavar="DIR",
+                        help="a folder with the model's config and tokenizer: the same shape with random weights "
+                        "(for a GPU machine the GGUF does not travel to); on CUDA when there is one")
     args = parser.parse_args()
 
-    from pipeline.backends.local import measure_local
+    from pipeline.backends.local import LocalBackend, LocalSettings
     from pipeline.config import load_config
     from pipeline.data import eval_rows, load_task
     from pipeline.models import load_model, load_tokenizer, pick_dtype, resolve_source
@@ -39,57 +48,93 @@ def main() -> None:
     cfg = load_config(args.config)
     task = load_task(cfg.task, cfg.data)
     texts = eval_rows(task, args.rows, cfg.data.seed)["text"]
-    source = resolve_source(cfg.model)
-    tokenizer = load_tokenizer(source)
     dtype = pick_dtype(cfg.model.dtype)
-    model = load_model(source, dtype)
+    if args.random_weights:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        torch.manual_seed(0)
+        tokenizer = AutoTokenizer.from_pretrained(args.random_weights)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.random_weights), dtype=dtype)
+        model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    else:
+        source = resolve_source(cfg.model)
+        tokenizer = load_tokenizer(source)
+        model = load_model(source, dtype)
     examples = pick_examples(task.splits["train"]["text"], task.splits["train"]["label"], cfg.prompts.few_shot_k,
                              cfg.data.seed)
     arm = next(a for a in cfg.resolved_arms if a.name == "engineered")
     renderer = PromptRenderer(load_template(arm.prompt), tokenizer, task.labels, examples)
-    prompts = [renderer.render(t) for t in texts]
-    n_tokens = sum(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts) / len(prompts)
-    print(f"{len(prompts)} engineered prompts, {n_tokens:.0f} tokens each on average, {dtype}, "
-          f"{os.cpu_count()} CPUs")
+    prompts = [renderer.prompt(t) for t in texts]
+    tokens = [len(tokenizer(p.to_string(tokenizer), add_special_tokens=False)["input_ids"]) for p in prompts]
+    where = f"{os.cpu_count()} CPUs" if model.device.type == "cpu" else __import__("torch").cuda.get_device_name(0)
+    print(f"{len(prompts)} engineered prompts, {sum(tokens) / len(tokens):.0f} tokens each on average "
+          f"({renderer.static_prefix_tokens()} shared), {dtype}, {where}, batch {args.batch_size}")
 
-    # Baseline: one model.generate per example on the full rendered prompt.
-    measure_local(model, tokenizer, prompts[:2], 1, cfg.eval.max_new_tokens)  # warm-up
-    t0 = time.perf_counter()
-    base = measure_local(model, tokenizer, prompts, 1, cfg.eval.max_new_tokens).calls
-    base_s = time.perf_counter() - t0
-    # New path: the static prefix's KV cache computed once, suffixes batched.
-    t0 = time.perf_counter()
-    new = measure_local(model, tokenizer, prompts, args.batch_size, cfg.eval.max_new_tokens,
-                         prefix_probe=renderer.prefix_probe()).calls
-    new_s = time.perf_counter() - t0
-    same = sum(a.output == b.output for a, b in zip(base, new)) / len(prompts)
-    print(f"baseline  per-example generate     {len(prompts) / base_s:7.2f} calls/s")
-    print(f"new       prefix cache, batch {args.batch_size:<3}  {len(prompts) / new_s:7.2f} calls/s")
-    print(f"identical predictions: {100 * same:.1f}%")
+    def backend(batch_size: int, prefix: bool, shared: bool = True) -> LocalBackend:
+        settings = LocalSettings(batch_size, cfg.eval.max_new_tokens, prefix_cache=prefix, shared_prefix=shared)
+        return LocalBackend(model, tokenizer, settings, prefix_probe=renderer.prefix_probe() if prefix else None)
+
+    paths = {"baseline": backend(1, prefix=False), "copied": backend(args.batch_size, True, shared=False),
+             "shared": backend(args.batch_size, True)}
+    for path in paths.values():  # warm-up at each path's own batch size; builds the prefix caches
+        path.run(prompts[: min(len(prompts), args.batch_size if path.settings.batch_size > 1 else 2)])
+    seconds: dict[str, list[float]] = {name: [] for name in paths}
+    outputs = {}
+    for _ in range(args.repeats):
+        for name, path in paths.items():
+            t0 = time.perf_counter()
+            outputs[name] = [c.output for c in path.run(prompts)]
+            seconds[name].append(time.perf_counter() - t0)
+    for name in paths:
+        calls = [len(prompts) / s for s in seconds[name]]
+        same = sum(a == b for a, b in zip(outputs["baseline"], outputs[name])) / len(prompts)
+        print(f"{name:<9} {statistics.median(calls):7.2f} calls/s (median of {args.repeats}; "
+              f"{', '.join(f'{c:.2f}' for c in calls)})  identical to baseline: {100 * same:.1f}%")
+    vs_copied = statistics.median(c / s for c, s in zip(seconds["copied"], seconds["shared"]))
+    print(f"shared vs copied prefix cache: {vs_copied:.2f}x")
+
+    peak = matmul_tflops(dtype, model.device.type)
+    flops, wall = matmul_flops(lambda: paths["shared"].run(prompts))
+    print(f"this machine's dense {str(dtype).removeprefix('torch.')} matmul rate: {peak:.3f} TFLOP/s; the shared "
+          f"path's matmuls over its wall time: {flops / wall / 1e12:.3f} TFLOP/s = {100 * flops / wall / 1e12 / peak:.0f}%"
+          " of it")
     if args.profile:
-        import torch
-
-        peak = matmul_tflops(dtype)
-        print(f"this machine's dense {str(dtype).removeprefix('torch.')} matmul rate: {peak:.3f} TFLOP/s "
-              "(2048x2048 products)")
         sample = prompts[: 2 * args.batch_size]
-        profile("baseline", lambda: measure_local(model, tokenizer, sample, 1, cfg.eval.max_new_tokens), peak)
-        profile("new", lambda: measure_local(model, tokenizer, sample, args.batch_size, cfg.eval.max_new_tokens,
-                                              prefix_probe=renderer.prefix_probe()), peak)
-        del torch
-    print(f"RATIO {base_s / new_s:.2f}")
+        for name in ("copied", "shared"):
+            profile(name, lambda: paths[name].run(sample), peak)
+    ratio = statistics.median(b / s for b, s in zip(seconds["baseline"], seconds["shared"]))
+    print(f"RATIO {ratio:.2f}")
 
 
-def matmul_tflops(dtype, n: int = 2048, reps: int = 10) -> float:
+def matmul_flops(fn) -> tuple[float, float]:
+    """FLOPs of the matmuls `fn` runs (torch.profiler's count) and its wall time without the profiler."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        fn()
+    flops = sum(e.flops for e in prof.key_averages() if e.key in MATMUL_OPS)
+    t0 = time.perf_counter()
+    fn()
+    return flops, time.perf_counter() - t0
+
+
+def matmul_tflops(dtype, device: str = "cpu", n: int = 2048, reps: int = 10) -> float:
     """Dense matmul rate of this machine in TFLOP/s: the roofline both paths are measured against."""
     import torch
 
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    n = n if device == "cpu" else 8192
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     for _ in range(2):
         a @ b
+    if device != "cpu":
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(reps):
         a @ b
+    if device != "cpu":
+        torch.cuda.synchronize()
     return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
 
 

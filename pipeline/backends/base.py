@@ -41,6 +41,8 @@ class Backend(Protocol):
 
     kind: str
     tokens_estimated: bool
+    # How many calls it runs at once (a local batch, an API's concurrency): warm-up runs at least this many.
+    calls_in_flight: int
 
     def run(self, prompts: list[Prompt], on_calls: OnCalls | None = None) -> list[Call]:
         """One pass: a Call per prompt, in prompt order. `on_calls` sees finished calls as they

@@ -67,6 +67,7 @@ class OpenAIBackend:
                  chat_to_text: Callable[[list[dict]], str] | None = None):
         check_api_key(spec, "model")
         self.spec = spec
+        self.calls_in_flight = spec.max_concurrency
         self.max_new_tokens = max_new_tokens
         self.labels = list(labels) if labels else None
         self.count_tokens = count_tokens

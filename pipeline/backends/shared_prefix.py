@@ -1,0 +1,117 @@
+"""Shared-prefix attention for a batch of prompts that start with the same prefix (Hydragen; cascade inference).
+
+Every prompt of a prompt arm starts with the same system text, label list and few-shot examples
+(hundreds of tokens) and ends with its own short message. A plain KV cache holds the prefix once per
+batch row and copies all of it on every decoding step (`torch.cat` onto the cache), which on this CPU
+took half of the wall time. Here the prefix's keys and values are computed once, at batch 1, and never
+copied: in each layer the batch's queries attend to them in one matmul (batch and grouped heads folded
+into the query length, no mask, since every row sees the whole prefix), and to each row's own suffix
+keys (with the causal and padding mask). The two partial results are merged by their log-sum-exp,
+as vLLM's `merge_attn_states` and FlashInfer's `merge_state` do:
+
+    out = (out_p * exp(lse_p - m) + out_s * exp(lse_s - m)) / (exp(lse_p - m) + exp(lse_s - m)),  m = max(lse_p, lse_s)
+
+which is exactly softmax attention over the concatenated keys. It plugs into transformers through
+`AttentionInterface` / `AttentionMaskInterface` and a cache whose layers keep the suffix only.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+IMPLEMENTATION = "roi_shared_prefix"
+_ACTIVE: ContextVar["SharedPrefixCache | None"] = ContextVar("roi_shared_prefix_cache", default=None)
+
+
+class SharedPrefixLayer(DynamicLayer):
+    """One layer's cache: the prefix's keys and values at batch 1 (read, never copied) and each row's suffix."""
+
+    def __init__(self, prefix_keys: torch.Tensor, prefix_values: torch.Tensor):
+        super().__init__()
+        self.prefix_keys, self.prefix_values = prefix_keys, prefix_values
+        self.prefix_length = prefix_keys.shape[-2]
+
+    def get_seq_length(self) -> int:
+        return self.prefix_length + super().get_seq_length()
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+
+class SharedPrefixCache(Cache):
+    """The cache `generate` runs on: positions and masks count the prefix; `update` returns the suffix only."""
+
+    def __init__(self, prefix: Cache):
+        super().__init__(layers=[SharedPrefixLayer(layer.keys, layer.values) for layer in prefix.layers])
+
+    def clear_suffix(self) -> None:
+        """Back to the prefix alone, ready for the next batch (any batch size)."""
+        for layer in self.layers:
+            DynamicLayer.reset(layer)
+
+
+def _merged_attention(query: torch.Tensor, layer: SharedPrefixLayer, keys: torch.Tensor, values: torch.Tensor,
+                      mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """Softmax attention of `query` [B, H, q, D] over the prefix then the suffix `keys` [B, KV, S, D]; [B, q, H, D]."""
+    batch, heads, q_len, dim = query.shape
+    kv_heads, suffix = keys.shape[1], keys.shape[2]
+    group = heads // kv_heads  # query heads sharing one key/value head (grouped-query attention)
+    exact = torch.promote_types(query.dtype, torch.float32)  # softmax and merge at least in fp32, as eager does
+    grouped = query.reshape(batch, kv_heads, group, q_len, dim)
+    # Prefix: every row and grouped head as extra query rows of one matmul per key/value head.
+    rows = grouped.permute(1, 0, 2, 3, 4).reshape(kv_heads, batch * group * q_len, dim)
+    scores = torch.matmul(rows, layer.prefix_keys[0].transpose(-1, -2)).to(exact) * scaling
+    lse_p = torch.logsumexp(scores, dim=-1, keepdim=True)
+    out_p = torch.matmul(torch.exp(scores - lse_p).to(values.dtype), layer.prefix_values[0]).to(exact)
+    out_p = out_p.reshape(kv_heads, batch, group, q_len, dim).permute(1, 0, 2, 3, 4)
+    lse_p = lse_p.reshape(kv_heads, batch, group, q_len, 1).permute(1, 0, 2, 3, 4)
+    # Suffix: each row's own keys, under the causal and padding mask (its last `suffix` columns).
+    scores = torch.matmul(grouped.reshape(batch, kv_heads, group * q_len, dim), keys.transpose(-1, -2)).to(exact)
+    scores = scores.view(batch, kv_heads, group, q_len, suffix) * scaling
+    if mask is not None:
+        scores = scores + mask[..., -suffix:].unsqueeze(2).to(exact)
+    lse_s = torch.logsumexp(scores, dim=-1, keepdim=True)
+    probs = torch.exp(scores - lse_s).to(values.dtype).view(batch, kv_heads, group * q_len, suffix)
+    out_s = torch.matmul(probs, values).to(exact).view(batch, kv_heads, group, q_len, dim)
+    # Merge by log-sum-exp: weights proportional to each part's softmax mass.
+    top = torch.maximum(lse_p, lse_s)
+    w_p, w_s = torch.exp(lse_p - top), torch.exp(lse_s - top)
+    out = (out_p * w_p + out_s * w_s) / (w_p + w_s)
+    return out.reshape(batch, heads, q_len, dim).transpose(1, 2).contiguous().to(query.dtype)
+
+
+def shared_prefix_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                            **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """The attention function transformers calls in each layer while a `SharedPrefixCache` is active."""
+    cache = _ACTIVE.get()
+    if cache is None:
+        raise RuntimeError(f"attn_implementation={IMPLEMENTATION!r} is only for generation on a shared prefix")
+    scaling = module.head_dim ** -0.5 if scaling is None else scaling
+    return _merged_attention(query, cache.layers[module.layer_idx], key, value, attention_mask, scaling), None
+
+
+AttentionInterface.register(IMPLEMENTATION, shared_prefix_attention)
+# An additive float mask over prefix + suffix columns; the attention reads only the suffix's.
+AttentionMaskInterface.register(IMPLEMENTATION, eager_mask)
+
+
+@contextmanager
+def attending_shared_prefix(model: Any, cache: SharedPrefixCache):
+    """Generate with shared-prefix attention on `cache`; the model's own attention comes back afterwards."""
+    previous = model.config._attn_implementation
+    token = _ACTIVE.set(cache)
+    model.set_attn_implementation(IMPLEMENTATION)
+    try:
+        yield cache
+    finally:
+        model.set_attn_implementation(previous)
+        _ACTIVE.reset(token)
+        cache.clear_suffix()

@@ -104,18 +104,29 @@ def _cv(values: np.ndarray) -> float:
     return float(values.std() / mean) if mean > 0 else 0.0
 
 
-def call_metrics(timed, predicted: list[int], references: list[int], labels: list[str]) -> dict[str, float]:
+def call_metrics(timed, predicted: list[int], references: list[int], labels: list[str],
+                 batch1=None) -> dict[str, float]:
     """An arm's contract metrics from its measured calls: quality, tokens, latency, throughput, failures.
 
     `predicted` comes from the configured parser; `accuracy_exact` and `accuracy_search` score the
     same answers with each parser, so a verbose arm's loss to the strict one shows. A call that
     failed for good (an API error after its retries) counts as wrong and in `failed_rate`.
+    Latency means what one caller waits: with `batch1` (the sample timed one call at a time, for an
+    arm that batches) the percentiles are that sample's, and the batched pass's are `..._batched`;
+    throughput is always the batched pass's.
     """
     calls = timed.calls
     metrics = score(predicted, references, len(labels))
     for name, parse in PARSERS.items():
         metrics[f"accuracy_{name}"] = sum(parse(c.output, labels) == r for c, r in zip(calls, references)) / len(calls)
-    metrics.update(latency_stats([c.latency_ms for c in calls], timed.pass_p50_ms))
+    one_at_a_time = batch1 or timed
+    metrics.update(latency_stats([c.latency_ms for c in one_at_a_time.calls], one_at_a_time.pass_p50_ms))
+    metrics["latency_calls_timed"] = float(len(one_at_a_time.calls))
+    if batch1 is not None:
+        batched = latency_stats([c.latency_ms for c in calls])
+        metrics["latency_p50_ms_batched"] = batched["latency_p50_ms"]
+        metrics["latency_p95_ms_batched"] = batched["latency_p95_ms"]
+        metrics["throughput_calls_per_s_batch1"] = batch1.throughput_calls_per_s
     n = len(calls)
     metrics["prompt_tokens_mean"] = sum(c.prompt_tokens for c in calls) / n
     metrics["completion_tokens_mean"] = sum(c.completion_tokens for c in calls) / n

@@ -1,9 +1,11 @@
 """Measuring an arm the same way whatever its backend: warm-up, timed passes, latency and throughput.
 
-Warm-up calls run untimed first, so one-off costs (allocations, connection set-up, the
-prefix cache) stay out of the figures; then `repeats` timed passes run over all prompts.
-Answers come from the first pass; each call's latency is its median over the passes, and
-throughput is the rows divided by the median pass time.
+Warm-up calls run untimed first, at least one full batch (or the backend's concurrency), so
+one-off costs (allocations at the timed batch size, connection set-up, the prefix cache) stay out
+of the figures; then `repeats` timed passes run over all prompts. Answers come from the first pass;
+each call's latency is its median over the passes, and throughput is the rows divided by the
+median pass time, less the time the caller's own bookkeeping (`on_calls`: parsing, writing
+predictions, progress) took inside the pass.
 """
 
 from __future__ import annotations
@@ -38,15 +40,23 @@ def measure(backend: Backend, prompts: list[Prompt], warmup: int = 0, repeats: i
             on_calls: OnCalls | None = None) -> Measurement:
     """Warm up on the first `warmup` prompts, then time `repeats` passes over all of them."""
     if warmup:
-        backend.run(prompts[:warmup])
+        backend.run(prompts[: max(warmup, backend.calls_in_flight)])
     calls: list[Call] = []
     latencies: list[list[float]] = [[] for _ in prompts]
     pass_seconds, pass_p50_ms = [], []
+    bookkeeping = [0.0]
+
+    def timed_apart(batch: list[Call]) -> None:
+        started = time.perf_counter()
+        (on_calls or (lambda _calls: None))(batch)
+        bookkeeping[0] += time.perf_counter() - started
+
     for repeat in range(max(repeats, 1)):
+        bookkeeping[0] = 0.0
         started = time.perf_counter()
         # Later passes only time; they stop on Ctrl-C like the first (whose callback checks it).
-        results = backend.run(prompts, on_calls if repeat == 0 else lambda _calls: interrupts.check())
-        pass_seconds.append(time.perf_counter() - started)
+        results = backend.run(prompts, timed_apart if repeat == 0 else lambda _calls: interrupts.check())
+        pass_seconds.append(time.perf_counter() - started - bookkeeping[0])
         if repeat == 0:
             calls = results
         for i, call in enumerate(results):

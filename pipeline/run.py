@@ -29,7 +29,7 @@ from pipeline.measure import Measurement, measure
 from pipeline.prompts import PromptRenderer, PromptTemplate, load_template, pick_examples
 from pipeline.report import Summary, plot_cost_vs_volume, print_table, summary_markdown
 from pipeline.report_facts import build_facts, plot_sensitivity, save_facts, write_report
-from pipeline.stages import StageStore, stage_key
+from pipeline.stages import StageStore, machine, stage_key
 from pipeline.stats import confusion_matrix_png, per_label_table
 
 
@@ -146,7 +146,9 @@ def run_arm(exp: Experiment, arm: Arm) -> dict[str, float]:
         key = stage_key("eval", data=exp.task.content_hash, limit=exp.cfg.eval.limit, seed=exp.cfg.data.seed,
                         prompt=template.sha, examples=exp.examples, eval=arm.eval.model_dump(),
                         model=exp.models.identity(arm), adapter=exp.models.adapter_key(arm, exp, template),
-                        **({"quantize": arm.quantize} if arm.quantize else {}))
+                        **({"quantize": arm.quantize} if arm.quantize else {}),
+                        # A local arm's timings hold only on the machine and libraries that measured them.
+                        **({"machine": machine()} if arm.backend == "local" else {}))
         done = None if exp.force else exp.store.load(key)
         if done is not None:
             # Same inputs, same code: the stored evaluation stands; say so in the run.
@@ -220,22 +222,26 @@ def evaluate(exp: Experiment, arm: Arm, backend, template: PromptTemplate, predi
             out.flush()
             mlflow.log_artifact(str(predictions))  # the rows finished before the interrupt
             raise
-    metrics = call_metrics(timed, predicted, [exp.labels.index(g) for g in golds], exp.labels)
+    batch1 = _batch1_sample(backend, prompts, arm)
+    metrics = call_metrics(timed, predicted, [exp.labels.index(g) for g in golds], exp.labels, batch1)
+    if batch1 is not None:
+        _record_batch1_latencies(predictions, batch1.calls)
     metrics["prefix_tokens"] = float(renderer.static_prefix_tokens()) if renderer.tokenizer else 0.0
     if backend.tokens_estimated:
         metrics["tokens_estimated"] = 1.0
     if hasattr(backend, "retries_total"):
         metrics["retries_total"] = float(backend.retries_total)
-    metrics.update(_uncached_sample(backend, prompts, arm, timed))
-    metrics.update(_batch1_sample(backend, prompts, arm))
+    metrics.update(_uncached_sample(backend, prompts, arm, timed, at_batch1=batch1 is not None))
     return metrics
 
 
-def _uncached_sample(backend, prompts, arm: Arm, timed: Measurement) -> dict[str, float]:
-    """The first rows again without the prefix cache: what the cache saves, and a check it changes nothing."""
+def _uncached_sample(backend, prompts, arm: Arm, timed: Measurement, at_batch1: bool) -> dict[str, float]:
+    """The first rows again without the prefix cache: what the cache saves, and a check it changes nothing.
+    Timed as `latency_p50_ms` is (one call at a time where the arm's latency is), so the two compare."""
     plain = backend.uncached() if hasattr(backend, "uncached") and arm.eval.uncached_sample else None
     if plain is None:
         return {}
+    plain = plain.at_batch_size(1) if at_batch1 else plain
     sample = prompts[: arm.eval.uncached_sample]
     # Warmed like the cached pass, so neither pays one-off costs the other does not.
     calls = measure(plain, sample, warmup=min(arm.eval.warmup, len(sample)), repeats=arm.eval.repeats).calls
@@ -245,14 +251,22 @@ def _uncached_sample(backend, prompts, arm: Arm, timed: Measurement) -> dict[str
             "prefix_cache_agreement": sum(a.output == b.output for a, b in zip(calls, timed.calls)) / len(calls)}
 
 
-def _batch1_sample(backend, prompts, arm: Arm) -> dict[str, float]:
-    """The first rows again one call at a time: the throughput (and so the cost) of serving without batching."""
+def _batch1_sample(backend, prompts, arm: Arm) -> Measurement | None:
+    """The first rows again one call at a time (a local arm that batches): what one interactive caller waits
+    (the latency percentiles), and the throughput, so the cost, of serving without batching."""
     if not hasattr(backend, "at_batch_size") or arm.eval.batch_size == 1 or not arm.eval.batch1_sample:
-        return {}
+        return None
     sample = prompts[: arm.eval.batch1_sample]
-    timed = measure(backend.at_batch_size(1), sample, warmup=min(arm.eval.warmup, len(sample)),
-                    repeats=arm.eval.repeats)
-    return {"throughput_calls_per_s_batch1": timed.throughput_calls_per_s}
+    return measure(backend.at_batch_size(1), sample, warmup=min(arm.eval.warmup, len(sample)),
+                   repeats=arm.eval.repeats)
+
+
+def _record_batch1_latencies(predictions: Path, calls: list) -> None:
+    """Each sampled row's latency at batch 1 beside its latency in the batched pass (`latency_ms`)."""
+    rows = [json.loads(line) for line in predictions.read_text(encoding="utf-8").splitlines()]
+    for row, call in zip(rows, calls):
+        row["latency_ms_batch1"] = round(call.latency_ms, 3)
+    predictions.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
 def prediction_row(row_id: int, text: str, gold: str, call, parsed: int, labels: list[str]) -> dict:

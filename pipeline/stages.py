@@ -21,14 +21,47 @@ _PACKAGE = Path(__file__).resolve().parent
 DONE = "done.json"
 
 
+# Code that only prices, reports, tracks or serves what stages produced: changing it changes no stage's
+# output, so it is left out of the code version (a new report layout does not retrain or re-measure).
+# Everything else is in, new modules included, so a change that could alter a result always invalidates.
+NOT_STAGE_CODE = ("report.py", "report_facts.py", "report_html.py", "economics.py", "costing.py", "pricing/",
+                  "stats.py", "compare.py", "tracking.py", "cli.py", "serve.py", "teamserver.py", "export.py",
+                  "datachecks.py")
+
+
 @lru_cache(maxsize=1)
 def code_version() -> str:
-    """Hash of this package's source: any code change invalidates stored stages."""
+    """Hash of the source the stages run (this package less NOT_STAGE_CODE)."""
     digest = hashlib.sha256()
     for path in sorted(_PACKAGE.rglob("*.py")):
-        digest.update(str(path.relative_to(_PACKAGE)).encode())
+        name = path.relative_to(_PACKAGE).as_posix()
+        if name in NOT_STAGE_CODE or name.startswith(tuple(n for n in NOT_STAGE_CODE if n.endswith("/"))):
+            continue
+        digest.update(name.encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+@lru_cache(maxsize=1)
+def machine() -> dict[str, Any]:
+    """What a timing depends on besides the code: the processor, the threads torch uses, the GPU, and the
+    versions of the libraries that run the model. A stored measurement is reused only where all match."""
+    import platform
+    from importlib.metadata import version
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "torch": torch.__version__, "transformers": version("transformers"), "peft": version("peft")}
 
 
 def stage_key(kind: str, **inputs: Any) -> str:

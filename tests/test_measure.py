@@ -16,8 +16,9 @@ class ScriptedBackend:
 
     kind, tokens_estimated = "scripted", False
 
-    def __init__(self, latencies_per_pass):
+    def __init__(self, latencies_per_pass, calls_in_flight=1):
         self.latencies = list(latencies_per_pass)
+        self.calls_in_flight = calls_in_flight
         self.passes: list[int] = []
 
     def run(self, prompts, on_calls=None):
@@ -36,8 +37,9 @@ def test_each_call_gets_its_median_over_the_passes_and_answers_come_from_the_fir
     prompts = [Prompt(text=str(i)) for i in range(3)]
     # warm-up, then three timed passes whose latencies differ per call
     backend = ScriptedBackend([[999.0], [10.0, 50.0, 7.0], [30.0, 20.0, 9.0], [20.0, 40.0, 1000.0]])
-    # perf_counter: each pass's start and end, so passes last 6 s, 2 s and 4 s.
-    clock = itertools.chain([0.0, 6.0, 10.0, 12.0, 20.0, 24.0])
+    # perf_counter: each pass's start and end, and around the first pass's bookkeeping (on_calls, 1 s of it),
+    # so passes last 7 - 1 = 6 s, 2 s and 4 s.
+    clock = itertools.chain([0.0, 1.0, 2.0, 7.0, 10.0, 12.0, 20.0, 24.0])
     monkeypatch.setattr(measure_module.time, "perf_counter", lambda: next(clock))
     seen = []
     result = measure(backend, prompts, warmup=1, repeats=3, on_calls=seen.extend)
@@ -45,7 +47,7 @@ def test_each_call_gets_its_median_over_the_passes_and_answers_come_from_the_fir
     assert [c.latency_ms for c in result.calls] == [20.0, 40.0, 9.0]  # medians, not means (9 not 338.7)
     assert [c.output for c in result.calls] == ["pass2-0", "pass2-1", "pass2-2"]
     assert [c.output for c in seen] == ["pass2-0", "pass2-1", "pass2-2"]  # on_calls sees the first timed pass
-    assert result.seconds == 4.0  # the median pass
+    assert result.seconds == 4.0  # the median pass, the caller's bookkeeping left out
     assert result.throughput_calls_per_s == pytest.approx(3 / 4.0)
     assert result.pass_p50_ms == [10.0, 20.0, 40.0]
 
@@ -54,3 +56,11 @@ def test_one_pass_keeps_the_measured_latencies():
     backend = ScriptedBackend([[5.0, 6.0]])
     result = measure(backend, [Prompt(text="a"), Prompt(text="b")])
     assert [c.latency_ms for c in result.calls] == [5.0, 6.0] and len(result.pass_p50_ms) == 1
+
+
+def test_warm_up_runs_at_least_one_full_batch():
+    """The first timed batch must not pay for allocations at a batch size the warm-up never ran."""
+    prompts = [Prompt(text=str(i)) for i in range(6)]
+    backend = ScriptedBackend([[1.0] * 4, [1.0] * 6], calls_in_flight=4)
+    measure(backend, prompts, warmup=1)
+    assert backend.passes == [4, 6]

@@ -70,6 +70,14 @@ def test_rerun_reuses_stages_and_force_recomputes(tmp_path):
     ft = [r for r in _runs(env) if r.data.tags.get("arm") == "finetuned"]
     # One always-on box either way: the cost per call scales with its price, $1/h against the cpu-2core $0.08925/h.
     assert ft[-1].data.metrics["cost_per_call_usd"] == pytest.approx(ft[-2].data.metrics["cost_per_call_usd"] / 0.08925)
+    # Another machine (here: another thread count) re-measures the local arms' timings; the adapter stands.
+    import torch
+
+    threads = "1" if torch.get_num_threads() > 1 else "2"
+    other = roi("run", CONFIG, *TINY, f"output_dir={out}", env={**env, "OMP_NUM_THREADS": threads}, cwd=tmp_path)
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert "reusing the trained adapter" in other.stdout and "fine-tuning" not in other.stdout
+    assert "reused stored results" not in other.stdout
     forced = roi("run", CONFIG, *TINY, f"output_dir={out}", "--force", env=env, cwd=tmp_path)
     assert forced.returncode == 0 and "model loaded" in forced.stdout and "fine-tuning" in forced.stdout
     assert reused_s < 60

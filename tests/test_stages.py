@@ -1,0 +1,44 @@
+"""What a stored stage's key covers: the code its stage runs (not the report's), and the machine that timed it."""
+
+import shutil
+from pathlib import Path
+
+from pipeline import stages
+
+
+def _version_of(package: Path) -> str:
+    stages.code_version.cache_clear()
+    old, stages._PACKAGE = stages._PACKAGE, package
+    try:
+        return stages.code_version()
+    finally:
+        stages._PACKAGE = old
+        stages.code_version.cache_clear()
+
+
+def test_the_code_version_covers_the_code_stages_run_and_not_the_report(tmp_path):
+    package = tmp_path / "pipeline"
+    shutil.copytree(Path(stages.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    before = _version_of(package)
+    for reporting in ("report.py", "report_html.py", "costing.py", "pricing/catalog.py", "tracking.py", "cli.py"):
+        with open(package / reporting, "a") as f:
+            f.write("\n# a change to how results are priced, reported or logged\n")
+        assert _version_of(package) == before, reporting
+    for running in ("training.py", "backends/local.py", "evaluation.py", "prompts.py"):
+        text = (package / running).read_text()
+        (package / running).write_text(text + "\n# a change to what a stage computes\n")
+        assert _version_of(package) != before, running
+        (package / running).write_text(text)
+    assert _version_of(package) == before
+    (package / "new_module.py").write_text("X = 1\n")  # new code counts until it is listed as reporting-only
+    assert _version_of(package) != before
+
+
+def test_the_machine_names_the_processor_threads_gpu_and_library_versions():
+    import torch
+    import transformers
+
+    here = stages.machine()
+    assert here["cpu"] and here["threads"] == torch.get_num_threads()
+    assert here["torch"] == torch.__version__ and here["transformers"] == transformers.__version__
+    assert here["gpu"] == (torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)

@@ -1,4 +1,4 @@
-"""The `roi` command line: `roi run`, `roi report`, `roi compare`, `roi data check`, `roi serve`, `roi ui`."""
+"""The `roi` command line: `roi run`, `report`, `compare`, `data check`, `serve`, `export`, `ui`."""
 
 from __future__ import annotations
 
@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("config", type=Path, help="experiment YAML, e.g. experiments/default.yaml")
     run.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. finetune.epochs=1 eval.limit=50")
     run.add_argument("--force", action="store_true", help="recompute every stage instead of reusing stored ones")
+    run.add_argument("--processes", type=int, metavar="N",
+                     help="train the LoRA arms on N data-parallel processes (one per GPU, or CPU processes) with "
+                     "torchrun; the same as finetune.processes=N")
 
     report = sub.add_parser("report", help="print the ROI summary of a finished run from the MLflow store")
     report.add_argument("config", type=Path, nargs="?", help="experiment YAML (names the experiment)")
@@ -81,6 +84,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch", type=int, default=32, help="most requests generated together")
     serve.add_argument("--batch-window-ms", type=float, default=10, help="how long a batch waits for more requests")
 
+    export = sub.add_parser("export", help="write an adapter as vLLM and llama.cpp load it, with their serve commands")
+    export.add_argument("source", help="an adapter folder, runs:/RUN_ID/adapter, or a parent or arm run id")
+    export.add_argument("--to", type=Path, required=True, help="output folder")
+    export.add_argument("--arm", help="the arm whose adapter to export, when the run has several")
+    export.add_argument("--name", help="the served adapter name (default: the arm's name)")
+    export.add_argument("--base", help="the base model's hub id, where the adapter does not name it")
+
     ui = sub.add_parser("ui", help="the MLflow UI on the local store, with a link to each experiment's arms view")
     ui.add_argument("--port", type=int, default=5000)
     return parser
@@ -91,9 +101,20 @@ def _cmd_run(args, console) -> int:
     from pipeline.config import load_config_with_data
     from pipeline.run import run_experiment
 
-    cfg, raw = load_config_with_data(args.config, args.overrides)
+    from pipeline.config import ConfigError
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Every rank would run the whole experiment and log its own copy; roi starts its training processes.
+        raise ConfigError(f"roi run was started by a distributed launcher (WORLD_SIZE={os.environ['WORLD_SIZE']}): "
+                          f"run `roi run CONFIG --processes {os.environ['WORLD_SIZE']}` instead, without the launcher")
+    overrides = list(args.overrides)
+    if args.processes is not None:
+        if args.processes < 1:
+            raise ConfigError(f"--processes {args.processes}: give 1 or more")
+        overrides.append(f"finetune.processes={args.processes}")
+    cfg, raw = load_config_with_data(args.config, overrides)
     interrupts.install()
-    run_experiment(cfg, args.config, raw, console, force=args.force, overrides=args.overrides)
+    run_experiment(cfg, args.config, raw, console, force=args.force, overrides=overrides)
     return 0
 
 
@@ -158,6 +179,14 @@ def _cmd_serve(args, console) -> int:
                  host=args.host, port=args.port, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms)
 
 
+def _cmd_export(args, console) -> int:
+    from pipeline.export import export
+
+    for path in export(args.source, args.to, arm=args.arm, name=args.name, base=args.base):
+        console.print(f"wrote {path}")
+    return 0
+
+
 def _cmd_ui(args, console) -> int:
     from pipeline.tracking import ui_server
 
@@ -179,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.debug:
         _quiet_libraries()
     commands = {"run": _cmd_run, "report": _cmd_report, "data": _cmd_data_check, "serve": _cmd_serve, "ui": _cmd_ui,
-                "compare": _cmd_compare}
+                "compare": _cmd_compare, "export": _cmd_export}
     try:
         return commands[args.command](args, console)
     except (ConfigError, DataError, PromptError, ModelError, TrackingError) as exc:

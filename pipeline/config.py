@@ -126,12 +126,25 @@ class FinetuneConfig(_Strict):
         description="LoRA weights and their updates in fp32 on a bf16 base: bf16 adapters train ~1.25x faster "
         "but round small optimizer updates away (84.6% vs 81.6% on the default task)",
     )
+    processes: int = Field(
+        default=1, gt=0, description="data-parallel training processes (one per GPU, or CPU processes with gloo), "
+        "started with torchrun; batch_size stays the global batch (`roi run --processes N` sets this)")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     adapter: Path | None = Field(
         default=None,
         description="a trained LoRA adapter folder (safetensors), e.g. an earlier run's `adapter` artifact: "
         "evaluated instead of training one",
     )
+
+
+    @field_validator("processes")
+    @classmethod
+    def _splits_the_batch(cls, processes: int, info: Any) -> int:
+        batch = info.data.get("batch_size")
+        if batch is not None and batch % processes:
+            raise ValueError(f"finetune.batch_size {batch} (the global batch) does not split evenly over "
+                             f"{processes} processes")
+        return processes
 
 
 class EvalConfig(_Strict):
@@ -149,8 +162,9 @@ class EvalConfig(_Strict):
     )
     prefix_cache: bool = Field(default=True, description="reuse the KV cache of the prompt's static prefix")
     uncached_sample: int = Field(default=16, ge=0, description="rows also timed without the prefix cache")
-    batch1_sample: int = Field(default=16, ge=0, description="rows also timed one call at a time (local arms): "
-                               "what batching is worth")
+    batch1_sample: int = Field(default=16, ge=0, description="rows also timed one call at a time (local arms "
+                               "that batch): the latency percentiles (what one caller waits) and what batching is "
+                               "worth; 0: latency is the batched pass's")
 
 
 ARM_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -272,7 +286,7 @@ def _describe(error: dict) -> str:
     if kind == "literal_error":
         allowed = error.get("ctx", {}).get("expected", "")
         return f"{loc}: {error['input']!r} is not allowed (expected {allowed})"
-    return f"{loc}: {error['msg']} (got {error.get('input')!r})"
+    return f"{loc}: {error['msg'].removeprefix('Value error, ')} (got {error.get('input')!r})"
 
 
 def _resolve_paths(cfg: ExperimentConfig, base: Path) -> ExperimentConfig:

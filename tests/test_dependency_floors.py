@@ -33,6 +33,7 @@ NEEDED = {
     "transformers": ("5.24", "generate()/forward take the KV cache as `cache=` (older 5.x ignore it)"),
     "scipy": ("1.15", "scipy.stats.bootstrap(rng=...)"),
     "torchao": ("0.18", "the int8 weight-only config the int8 arm uses"),
+    "datasketch": ("2.0", "MinHash(scheme='affine32') for the near-duplicate sketches"),
 }
 
 

@@ -98,10 +98,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_run(args, console) -> int:
     from pipeline import interrupts
-    from pipeline.config import load_config_with_data
+    from pipeline.config import ConfigError, load_config_with_data
     from pipeline.run import run_experiment
-
-    from pipeline.config import ConfigError
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Every rank would run the whole experiment and log its own copy; roi starts its training processes.

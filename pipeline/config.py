@@ -136,7 +136,6 @@ class FinetuneConfig(_Strict):
         "evaluated instead of training one",
     )
 
-
     @field_validator("processes")
     @classmethod
     def _splits_the_batch(cls, processes: int, info: Any) -> int:

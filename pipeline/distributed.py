@@ -43,7 +43,7 @@ def train_on_processes(model: ModelConfig, prompts: list[str], completions: list
     import socket
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (RESULT, LOG):
+    for stale in (RESULT, LOG, *(p.name for p in out_dir.glob("error-rank*.txt"))):
         (out_dir / stale).unlink(missing_ok=True)
     job = {"model": model.model_dump(mode="json"), "prompts": prompts, "completions": completions,
            "finetune": cfg.model_dump(mode="json"), "dtype": str(dtype).removeprefix("torch."),
@@ -58,15 +58,15 @@ def train_on_processes(model: ModelConfig, prompts: list[str], completions: list
     if not torch.cuda.is_available():
         # Without it accelerate sees ranks but no GPU and trains each process alone (DistributedType.NO).
         env["ACCELERATE_USE_CPU"] = "true"
-    with open(out_dir / OUTPUT, "w") as output:
-        result = subprocess.run(launch_command(out_dir / JOB, cfg.processes, port), stdout=output,
-                                stderr=subprocess.STDOUT, env=env)
-    if result.returncode != 0 or not (out_dir / RESULT).is_file():
-        lines = (out_dir / OUTPUT).read_text(errors="replace").strip().splitlines()
-        last = next((line for line in reversed(lines) if "Error" in line), lines[-1] if lines else "no output")
-        raise ModelError(f"training on {cfg.processes} processes failed (exit {result.returncode}): "
-                         f"{last.strip()[:200]}; full output: {out_dir / OUTPUT}")
-    (out_dir / JOB).unlink()  # it holds every training row; the adapter and the log are what stay
+    try:
+        returncode = _run_launcher(launch_command(out_dir / JOB, cfg.processes, port), env, out_dir / OUTPUT)
+    finally:
+        (out_dir / JOB).unlink(missing_ok=True)  # it holds every training row; the adapter and the log stay
+    if returncode != 0 or not (out_dir / RESULT).is_file():
+        errors = sorted(out_dir.glob("error-rank*.txt"))  # a rank's own exception, not torchrun's summary
+        lines = (errors[0] if errors else out_dir / OUTPUT).read_text(errors="replace").strip().splitlines()
+        raise ModelError(f"training on {cfg.processes} processes failed (exit {returncode}): "
+                         f"{(lines[-1] if lines else 'no output').strip()[:200]}; full output: {out_dir / OUTPUT}")
     if on_log and (out_dir / LOG).is_file():
         for line in (out_dir / LOG).read_text().splitlines():
             entry = json.loads(line)
@@ -78,8 +78,26 @@ def train_on_processes(model: ModelConfig, prompts: list[str], completions: list
     return figures
 
 
+def _run_launcher(command: list[str], env: dict[str, str], output_file: Path) -> int:
+    """Run torchrun in its own process group; on Ctrl-C or any error, stop it and every rank it started, so no
+    orphaned process goes on writing into the stage folder a re-run resumes from."""
+    import signal
+
+    with open(output_file, "w") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            return process.wait()
+        except BaseException:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+            raise
+
+
 def _worker(job_file: Path) -> None:
-    """One training process (started by `accelerate launch`): all ranks train, rank 0 writes the results."""
+    """One training process (started by torchrun): all ranks train, rank 0 writes the results."""
     from pipeline.models import load_model, load_tokenizer, resolve_source
     from pipeline.training import finetune
 
@@ -111,4 +129,11 @@ def _worker(job_file: Path) -> None:
 
 
 if __name__ == "__main__":
-    _worker(Path(sys.argv[1]))
+    job = Path(sys.argv[1])
+    try:
+        _worker(job)
+    except BaseException as exc:
+        # The one line the recipe reports; torchrun's own summary names only the failed rank.
+        (job.parent / f"error-rank{os.environ.get('RANK', '0')}.txt").write_text(
+            f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}\n")
+        raise

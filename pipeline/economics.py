@@ -39,7 +39,7 @@ class ArmRows:
 
     @classmethod
     def read(cls, path: Path, labels: list[str]) -> "ArmRows":
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
         index = {label: i for i, label in enumerate(labels)}
         return cls(np.array([bool(r["correct"]) for r in rows]),
                    np.array([index.get(r["parsed_label"], -1) for r in rows]),

@@ -209,7 +209,12 @@ def export(spec: str, to: Path, arm: str | None = None, name: str | None = None,
         max_rank = vllm_max_lora_rank(max([int(cfg["r"]), *(cfg.get("rank_pattern") or {}).values()]))
         to = to.resolve()
         folder = to / name
-        shutil.rmtree(folder, ignore_errors=True)
+        source = adapter_dir.resolve()
+        if folder == source or folder in source.parents:
+            raise ModelError(f"--to {to}: {folder} would replace the adapter being exported; pick another folder")
+        if folder.exists() and not (folder / ADAPTER_CONFIG).is_file():
+            raise ModelError(f"--to {to}: {folder} exists and is not an earlier export; pick another --to or --name")
+        shutil.rmtree(folder, ignore_errors=True)  # an earlier export of this name
         folder.mkdir(parents=True)
         for file in (ADAPTER_WEIGHTS, TRAINING_RECORD):
             if (adapter_dir / file).is_file():

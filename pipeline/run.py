@@ -263,10 +263,13 @@ def _batch1_sample(backend, prompts, arm: Arm) -> Measurement | None:
 
 def _record_batch1_latencies(predictions: Path, calls: list) -> None:
     """Each sampled row's latency at batch 1 beside its latency in the batched pass (`latency_ms`)."""
-    rows = [json.loads(line) for line in predictions.read_text(encoding="utf-8").splitlines()]
+    # Split on newlines only: str.splitlines also splits on U+2028 and friends, which JSON leaves unescaped.
+    rows = [json.loads(line) for line in predictions.read_text(encoding="utf-8").split("\n") if line]
     for row, call in zip(rows, calls):
         row["latency_ms_batch1"] = round(call.latency_ms, 3)
-    predictions.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    partial = predictions.with_suffix(".jsonl.tmp")
+    partial.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    partial.replace(predictions)  # an interrupt leaves the old file whole
 
 
 def prediction_row(row_id: int, text: str, gold: str, call, parsed: int, labels: list[str]) -> dict:

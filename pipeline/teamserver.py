@@ -64,8 +64,9 @@ class Postgres:
 
     @property
     def uri(self) -> str:
-        # Trust on loopback only (pg_hba below): no password to leak into logs or MLflow's params.
-        return f"postgresql://{ROLE}@127.0.0.1:{self.port}/{DATABASE}"
+        # initdb -A trust: any local user may connect, so this is a server for one machine's own users; the
+        # README says how to expose it to a team (a proxy with authentication). The driver is named: psycopg 3.
+        return f"postgresql+psycopg://{ROLE}@127.0.0.1:{self.port}/{DATABASE}"
 
     def start(self) -> "Postgres":
         """Create the cluster on first use, start it, and make the mlflow role and database."""
@@ -114,6 +115,14 @@ class MlflowServer:
         with open(self.log, "ab") as log:
             # Its own process group: stopping it stops its uvicorn workers too.
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self._wait_for_health(timeout)
+        except BaseException:  # its own session: Ctrl-C here would not reach it
+            self.stop()
+            raise
+        return self
+
+    def _wait_for_health(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -122,10 +131,9 @@ class MlflowServer:
             try:
                 with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
                     if response.status == 200:
-                        return self
+                        return
             except OSError:
                 time.sleep(0.3)
-        self.stop()
         raise ServerError(f"mlflow server on {self.uri} did not answer within {timeout:.0f} s; log: {self.log}")
 
     def stop(self) -> None:
@@ -164,14 +172,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"MLflow on {server.uri} (PostgreSQL {postgres.uri}, artifacts in {server.artifacts})\n"
           f"on each client: export MLFLOW_TRACKING_URI={server.uri}\nCtrl-C stops both.", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a service manager's stop: stop both, as Ctrl-C does
+    code = 0
     try:
-        server.process.wait()
+        code = server.process.wait()  # returns only when mlflow server exits by itself
+        if code:
+            print(f"roi: error: mlflow server exited with {code}; log: {server.log}", file=sys.stderr)
     except KeyboardInterrupt:
         pass
     finally:
+        # A second Ctrl-C or SIGTERM (a launcher forwarding it, say) must not cut the shutdown short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         server.stop()
         postgres.stop()
-    return 0
+    return 1 if code else 0
 
 
 if __name__ == "__main__":

@@ -74,6 +74,10 @@ def connect(experiment: str) -> str:
     return exp.experiment_id
 
 
+# The tracking server's REST and artifact-proxy paths: the requests the retry notice speaks for.
+MLFLOW_PATHS = ("/api/2.0/mlflow", "/ajax-api/", "/api/3.0/mlflow", "mlflow-artifacts")
+
+
 class _RetryNotice(logging.Handler):
     """One line on stderr each time MLflow's HTTP client retries a request: a run waiting out a server restart
     says so instead of looking hung. (urllib3 logs retries to a logger that prints nowhere by default.)"""
@@ -83,8 +87,12 @@ class _RetryNotice(logging.Handler):
         self.uri = redact(uri)
 
     def emit(self, record: logging.LogRecord) -> None:
+        args = record.args if isinstance(record.args, tuple) else ()
+        url = str(args[-1]) if args else ""
+        if not isinstance(record.msg, str) or not any(p in url for p in MLFLOW_PATHS):
+            return  # another library's request, not the tracking server's
         if record.msg.startswith("Retrying ("):  # a connection refused, reset or timed out
-            reason = type(record.args[1]).__name__ if len(record.args) > 1 else "no answer"
+            reason = type(args[1]).__name__ if len(args) > 1 else "no answer"
         elif record.msg == "Retry: %s":  # a retried status: 429, 500, 502, 503, 504
             reason = "an error status"
         else:
@@ -95,10 +103,13 @@ class _RetryNotice(logging.Handler):
 
 def _say_when_retrying(uri: str) -> None:
     pool_log = logging.getLogger("urllib3.connectionpool")
-    if not any(isinstance(h, _RetryNotice) for h in pool_log.handlers):
-        pool_log.addHandler(_RetryNotice(uri))
-        # Status retries are logged at debug level; the handler passes on everything else.
-        pool_log.setLevel(logging.DEBUG)
+    for handler in pool_log.handlers:
+        if isinstance(handler, _RetryNotice):
+            handler.uri = redact(uri)  # connected again, perhaps elsewhere
+            return
+    pool_log.addHandler(_RetryNotice(uri))
+    # Status retries are logged at debug level; the handler passes on everything else.
+    pool_log.setLevel(logging.DEBUG)
 
 
 @contextmanager

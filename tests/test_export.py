@@ -213,3 +213,22 @@ def test_bad_input_is_one_line_and_exit_2(what, tmp_path, roi_env):
     result = roi("export", source, "--to", str(tmp_path / "out"), env=roi_env)
     assert result.returncode == 2 and result.stderr.startswith("roi: error: "), result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr and expected in result.stderr
+
+
+def test_an_export_never_replaces_its_source_or_a_folder_it_did_not_write(source, tmp_path):
+    import shutil
+
+    from pipeline.export import export
+    from pipeline.models import ModelError
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(source[1], adapter)
+    weights = (adapter / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(ModelError, match="would replace the adapter being exported"):
+        export(str(adapter), tmp_path)  # TO/NAME is the source itself
+    assert (adapter / "adapter_model.safetensors").read_bytes() == weights
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    with pytest.raises(ModelError, match="exists and is not an earlier export"):
+        export(str(adapter), tmp_path, name="notes")
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"

@@ -81,3 +81,18 @@ def test_the_prefix_is_held_once_whatever_the_batch(model_fp32, tokenizer, engin
     assert suffix_64 == pytest.approx(64 * width_64 * per_token, rel=0.02)
     # A copy of the prefix per row (the copying cache) would hold 64 x the prefix, plus the same suffixes.
     assert prefix_64 + suffix_64 < (64 * prefix_64 + suffix_64) / 5
+
+
+def test_models_whose_attention_it_does_not_compute_keep_the_copying_cache():
+    from transformers import LlamaConfig, MistralConfig
+
+    from pipeline.backends.shared_prefix import fits
+
+    assert fits(LlamaConfig())
+    assert not fits(MistralConfig(sliding_window=4096))
+    soft = LlamaConfig()
+    soft.attn_logit_softcapping = 50.0
+    assert not fits(soft)
+    mixed = LlamaConfig()
+    mixed.layer_types = ["full_attention", "sliding_attention"]
+    assert not fits(mixed)

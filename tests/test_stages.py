@@ -42,3 +42,27 @@ def test_the_machine_names_the_processor_threads_gpu_and_library_versions():
     assert here["cpu"] and here["threads"] == torch.get_num_threads()
     assert here["torch"] == torch.__version__ and here["transformers"] == transformers.__version__
     assert here["gpu"] == (torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+
+
+def test_the_retry_notice_speaks_for_the_tracking_server_only(capsys):
+    import logging
+
+    from pipeline.tracking import _RetryNotice
+
+    notice = _RetryNotice("http://user:secret@127.0.0.1:5000")
+
+    def record(msg, *args):
+        return logging.LogRecord("urllib3.connectionpool", logging.WARNING, __file__, 1, msg, args, None)
+
+    notice.emit(record("Retrying (%r) after connection broken by '%r': %s", "Retry(total=6)",
+                       ConnectionRefusedError(), "/api/2.0/mlflow/runs/log-batch"))
+    notice.emit(record("Retry: %s", "/api/2.0/mlflow/runs/create"))
+    notice.emit(record("Retrying (%r) after connection broken by '%r': %s", "Retry(total=6)",
+                       ConnectionRefusedError(), "/v1/chat/completions"))  # another client's request
+    notice.emit(record("Starting new HTTP connection (%d): %s:%s", 1, "127.0.0.1", 5000))
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        "roi: note: tracking server http://user:***@127.0.0.1:5000 did not answer (ConnectionRefusedError); "
+        "retrying with backoff",
+        "roi: note: tracking server http://user:***@127.0.0.1:5000 did not answer (an error status); "
+        "retrying with backoff"]

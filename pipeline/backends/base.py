@@ -41,7 +41,7 @@ class Backend(Protocol):
 
     kind: str
     tokens_estimated: bool
-    # How many calls it runs at once (a local batch, an API's concurrency): warm-up runs at least this many.
+    # How many calls warm-up runs at least: a local batch (allocations at the timed size); an API client, 1.
     calls_in_flight: int
 
     def run(self, prompts: list[Prompt], on_calls: OnCalls | None = None) -> list[Call]:

@@ -97,9 +97,9 @@ def shared_prefix_length(prefix_ids: list[int], encoded: list[list[int]]) -> int
 class PrefixCache:
     """The KV cache of a shared prompt prefix, computed once at batch 1.
 
-    With `shared` (the default), batches attend to it through shared-prefix attention
-    (`backends.shared_prefix`): it is never copied per row. Otherwise (`shared=False`, kept to measure
-    against) each row holds a copy, rolled back after each call.
+    With `shared`, batches attend to it through shared-prefix attention (`backends.shared_prefix`): it is
+    never copied per row. Otherwise (the GPU default, models whose attention it does not compute, and the
+    benchmark's reference) each row holds a copy, rolled back after each call.
     """
 
     def __init__(self, model: Any, prefix_ids: list[int], shared: bool = True):
@@ -307,9 +307,12 @@ class LocalBackend:
         if len(shared) < self.settings.min_prefix_tokens:
             return None
         if shared != self._cache_for:
+            from pipeline.backends.shared_prefix import fits
+
             use_shared = self.settings.shared_prefix
             if use_shared is None:
                 use_shared = self.model.device.type == "cpu"
+            use_shared = use_shared and fits(self.model.config)
             self._cache = PrefixCache(self.model, list(shared), shared=use_shared)
             self._cache_for = shared
         return self._cache

@@ -67,7 +67,8 @@ class OpenAIBackend:
                  chat_to_text: Callable[[list[dict]], str] | None = None):
         check_api_key(spec, "model")
         self.spec = spec
-        self.calls_in_flight = spec.max_concurrency
+        # Warm-up opens the connection; a full round of concurrent calls would only cost money.
+        self.calls_in_flight = 1
         self.max_new_tokens = max_new_tokens
         self.labels = list(labels) if labels else None
         self.count_tokens = count_tokens

@@ -94,6 +94,9 @@ def shared_prefix_attention(module: Any, query: torch.Tensor, key: torch.Tensor,
     cache = _ACTIVE.get()
     if cache is None:
         raise RuntimeError(f"attn_implementation={IMPLEMENTATION!r} is only for generation on a shared prefix")
+    unsupported = [k for k in ("softcap", "sliding_window", "s_aux") if kwargs.get(k) is not None]
+    if unsupported:  # plain softmax attention only; `fits` keeps such models on the copying cache
+        raise RuntimeError(f"shared-prefix attention does not compute {', '.join(unsupported)}")
     scaling = module.head_dim ** -0.5 if scaling is None else scaling
     return _merged_attention(query, cache.layers[module.layer_idx], key, value, attention_mask, scaling), None
 
@@ -103,13 +106,23 @@ AttentionInterface.register(IMPLEMENTATION, shared_prefix_attention)
 AttentionMaskInterface.register(IMPLEMENTATION, eager_mask)
 
 
+def fits(config: Any) -> bool:
+    """Whether the model's attention is plain softmax over every earlier token, all this module computes:
+    no sliding window, logit soft-capping or attention sinks, and values as wide as keys."""
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+    head_dim = getattr(config, "head_dim", None)
+    return (all(t == "full_attention" for t in layer_types) and not getattr(config, "sliding_window", None)
+            and not getattr(config, "attn_logit_softcapping", None) and not getattr(config, "use_sinks", False)
+            and getattr(config, "v_head_dim", head_dim) == head_dim)
+
+
 @contextmanager
 def attending_shared_prefix(model: Any, cache: SharedPrefixCache):
     """Generate with shared-prefix attention on `cache`; the model's own attention comes back afterwards."""
     previous = model.config._attn_implementation
     token = _ACTIVE.set(cache)
-    model.set_attn_implementation(IMPLEMENTATION)
     try:
+        model.set_attn_implementation(IMPLEMENTATION)
         yield cache
     finally:
         model.set_attn_implementation(previous)

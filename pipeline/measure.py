@@ -48,14 +48,15 @@ def measure(backend: Backend, prompts: list[Prompt], warmup: int = 0, repeats: i
 
     def timed_apart(batch: list[Call]) -> None:
         started = time.perf_counter()
-        (on_calls or (lambda _calls: None))(batch)
+        on_calls(batch)
         bookkeeping[0] += time.perf_counter() - started
 
     for repeat in range(max(repeats, 1)):
         bookkeeping[0] = 0.0
         started = time.perf_counter()
         # Later passes only time; they stop on Ctrl-C like the first (whose callback checks it).
-        results = backend.run(prompts, timed_apart if repeat == 0 else lambda _calls: interrupts.check())
+        first = timed_apart if on_calls else None
+        results = backend.run(prompts, first if repeat == 0 else lambda _calls: interrupts.check())
         pass_seconds.append(time.perf_counter() - started - bookkeeping[0])
         if repeat == 0:
             calls = results

@@ -1,8 +1,10 @@
 """Engineered-prompt evaluation speed: shared-prefix attention, batched, vs per-example model.generate.
 
 Three paths run in this process on the same rows and the same model, alternating, `--repeats` times:
-per-example generate on the full prompt (the baseline), the prefix KV cache copied into every batch
-row (the previous path), and shared-prefix attention (the prefix held once, at batch 1). The ratio of
+`model.generate` on each full prompt at batch 1 (the baseline: what a notebook does), the local
+backend with the prefix KV cache copied into every batch row, and the local backend with shared-prefix
+attention (the prefix held once, at batch 1). Both backend paths decode with `backends.decoding`
+(finished rows leave the batch). The ratio of
 each repeat is taken against the baseline of the same repeat, and the median is printed, so it holds on
 a noisy shared machine where absolute times do not. Last line: RATIO <shared path / baseline>.
 
@@ -75,10 +77,11 @@ def main() -> None:
         settings = LocalSettings(batch_size, cfg.eval.max_new_tokens, prefix_cache=prefix, shared_prefix=shared)
         return LocalBackend(model, tokenizer, settings, prefix_probe=renderer.prefix_probe() if prefix else None)
 
-    paths = {"baseline": backend(1, prefix=False), "copied": backend(args.batch_size, True, shared=False),
+    baseline = PerExampleGenerate(model, tokenizer, cfg.eval.max_new_tokens)
+    paths = {"baseline": baseline, "copied": backend(args.batch_size, True, shared=False),
              "shared": backend(args.batch_size, True)}
-    for path in paths.values():  # warm-up at each path's own batch size; builds the prefix caches
-        path.run(prompts[: min(len(prompts), args.batch_size if path.settings.batch_size > 1 else 2)])
+    for name, path in paths.items():  # warm-up at each path's own batch size; builds the prefix caches
+        path.run(prompts[: 2 if name == "baseline" else min(len(prompts), args.batch_size)])
     seconds: dict[str, list[float]] = {name: [] for name in paths}
     outputs = {}
     for _ in range(args.repeats):
@@ -107,17 +110,55 @@ def main() -> None:
     print(f"RATIO {ratio:.2f}")
 
 
+class PerExampleGenerate:
+    """The baseline: `model.generate` on each full prompt, one at a time, greedy, up to the same stop tokens."""
+
+    def __init__(self, model, tokenizer, max_new_tokens: int):
+        from pipeline.backends.local import stop_token_ids
+
+        self.model, self.tokenizer, self.max_new_tokens = model, tokenizer, max_new_tokens
+        self.stop_ids = stop_token_ids(model, tokenizer)
+
+    def run(self, prompts):
+        import torch
+
+        from pipeline.backends.base import Call
+
+        calls = []
+        for prompt in prompts:
+            ids = self.tokenizer(prompt.to_string(self.tokenizer), add_special_tokens=False)["input_ids"]
+            with torch.inference_mode():
+                out = self.model.generate(
+                    input_ids=torch.tensor([ids], device=self.model.device), max_new_tokens=self.max_new_tokens,
+                    do_sample=False, temperature=None, top_p=None, top_k=None, eos_token_id=self.stop_ids,
+                    pad_token_id=self.stop_ids[0])
+            calls.append(Call(self.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True), len(ids), 0, 0.0))
+        return calls
+
+
 def matmul_flops(fn) -> tuple[float, float]:
-    """FLOPs of the matmuls `fn` runs (torch.profiler's count) and its wall time without the profiler."""
+    """FLOPs of the matmuls `fn` runs and its wall time without the profiler: torch.profiler's count for the
+    matmul ops, and for the fused CPU attention kernel (which it does not count) 4 x query rows x keys x head
+    dim x heads, from the shapes it recorded (its mask, where there is one, is not subtracted)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    with torch_profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+    with torch_profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=True) as prof:
         fn()
     flops = sum(e.flops for e in prof.key_averages() if e.key in MATMUL_OPS)
+    flops += sum(attention_flops(e.input_shapes) for e in prof.events() if e.name == FUSED_ATTENTION)
     t0 = time.perf_counter()
     fn()
     return flops, time.perf_counter() - t0
+
+
+FUSED_ATTENTION = "aten::_scaled_dot_product_flash_attention_for_cpu"
+
+
+def attention_flops(shapes) -> int:
+    """Scores and weighted values of one attention call: query [N, H, q, D], keys [N, H, k, D]."""
+    (n, heads, q, dim), (_, _, k, _) = shapes[0], shapes[1]
+    return 4 * n * heads * q * k * dim
 
 
 def matmul_tflops(dtype, device: str = "cpu", n: int = 2048, reps: int = 10) -> float:
@@ -146,18 +187,19 @@ def profile(name: str, fn, peak: float) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    with torch_profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+    with torch_profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=True) as prof:
         t0 = time.perf_counter()
         fn()
         wall = time.perf_counter() - t0
     events = prof.key_averages()
-    mm = [e for e in events if e.key in MATMUL_OPS]
+    mm = [e for e in events if e.key in MATMUL_OPS or e.key == FUSED_ATTENTION]
     mm_s = sum(e.self_cpu_time_total for e in mm) / 1e6
-    flops = sum(e.flops for e in mm)
+    flops = sum(e.flops for e in mm if e.key in MATMUL_OPS)
+    flops += sum(attention_flops(e.input_shapes) for e in prof.events() if e.name == FUSED_ATTENTION)
     attention_s = sum(e.self_cpu_time_total for e in events if "attention" in e.key or e.key == "aten::_softmax") / 1e6
     ops = sum(e.count for e in events)
     print(f"--- profile: {name} ({wall:.2f} s wall under the profiler, {ops:,} ops) ---")
-    print(f"matmuls: {mm_s:.2f} s ({100 * mm_s / wall:.0f}% of wall), {flops / 1e12:.3f} TFLOP, "
+    print(f"matmuls and attention: {mm_s:.2f} s ({100 * mm_s / wall:.0f}% of wall), {flops / 1e12:.3f} TFLOP, "
           f"{flops / mm_s / 1e12:.3f} TFLOP/s inside them = {100 * flops / mm_s / 1e12 / peak:.0f}% of the "
           f"machine's rate; over the whole wall time {flops / wall / 1e12:.3f} TFLOP/s = "
           f"{100 * flops / wall / 1e12 / peak:.0f}%")

@@ -29,7 +29,7 @@ def generate_calls(model, tokenizer, prompts, batch_size, max_new_tokens, prefix
 def _prefill_widths(model):
     """Record the sequence width of every forward pass (the first one of each batch is its prefill)."""
     widths = []
-    handle = model.register_forward_pre_hook(
+    handle = model.get_decoder().register_forward_pre_hook(
         lambda _m, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
     return widths, handle
 

@@ -17,8 +17,9 @@ def _reference(query, keys, values, mask, scaling):
     return (torch.softmax(scores, dim=-1) @ values).transpose(1, 2)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["cpu-flash-kernel", "matmuls"])
 @pytest.mark.parametrize("q_len", [1, 5])  # a decoding step, and a prefill of the suffixes
-def test_the_merge_is_softmax_attention_over_prefix_and_suffix(q_len):
+def test_the_merge_is_softmax_attention_over_prefix_and_suffix(q_len, fused):
     torch.manual_seed(0)
     batch, heads, kv_heads, dim, prefix, suffix = 3, 6, 2, 8, 11, 7
     query = torch.randn(batch, heads, q_len, dim, dtype=torch.float64)
@@ -32,7 +33,7 @@ def test_the_merge_is_softmax_attention_over_prefix_and_suffix(q_len):
         allowed[:, :, i, prefix + suffix - q_len + i + 1 :] = False
     mask = torch.zeros(allowed.shape, dtype=torch.float64).masked_fill(~allowed, torch.finfo(torch.float64).min)
     layer = SharedPrefixLayer(prefix_k, prefix_v)
-    merged = _merged_attention(query, layer, keys, values, mask, scaling=0.3)
+    merged = _merged_attention(query, layer, keys, values, mask, scaling=0.3, fused=fused)
     expected = _reference(query, torch.cat([prefix_k.expand(batch, -1, -1, -1), keys], 2),
                           torch.cat([prefix_v.expand(batch, -1, -1, -1), values], 2), mask, 0.3)
     assert merged.shape == (batch, q_len, heads, dim)
@@ -53,24 +54,28 @@ def test_shared_prefix_generation_gives_the_plain_and_copied_cache_predictions(m
     assert model_fp32.config._attn_implementation != "roi_shared_prefix"
 
 
-def test_the_prefix_is_held_once_whatever_the_batch(model_fp32, tokenizer, engineered, monkeypatch):
+def test_the_prefix_is_held_once_whatever_the_batch(model_fp32, tokenizer, engineered):
     """Cache memory at batch 64 vs 8: the prefix stays at batch 1; only the rows' own suffix tokens grow."""
     renderer, prompts = engineered
     sizes = {}
-    clear = SharedPrefixCache.clear_suffix
 
-    def record_then_clear(cache):  # the cache at its largest: the end of a batch's generation
+    def record(_module, _args, kwargs, _output):  # the cache after each forward pass; kept at its widest batch
+        cache = kwargs["cache"]
         layer = cache.layers[0]
-        sizes[layer.keys.shape[0]] = (sum(t.numel() for la in cache.layers for t in (la.prefix_keys, la.prefix_values)),
-                                      sum(t.numel() for la in cache.layers for t in (la.keys, la.values)),
-                                      layer.keys.shape[2], layer.prefix_keys.shape[0])
-        clear(cache)
+        if isinstance(cache, SharedPrefixCache) and layer.keys.shape[0] not in sizes:
+            sizes[layer.keys.shape[0]] = (
+                sum(t.numel() for la in cache.layers for t in (la.prefix_keys, la.prefix_values)),
+                sum(t.numel() for la in cache.layers for t in (la.keys, la.values)),
+                layer.keys.shape[2], layer.prefix_keys.shape[0])
 
-    monkeypatch.setattr(SharedPrefixCache, "clear_suffix", record_then_clear)
-    for batch in (8, 64):
-        settings = LocalSettings(batch_size=batch, max_new_tokens=3, shared_prefix=True)
-        backend = LocalBackend(model_fp32, tokenizer, settings, prefix_probe=renderer.prefix_probe())
-        backend.run((prompts * 11)[:batch])
+    hook = model_fp32.get_decoder().register_forward_hook(record, with_kwargs=True)
+    try:
+        for batch in (8, 64):
+            settings = LocalSettings(batch_size=batch, max_new_tokens=3, shared_prefix=True)
+            backend = LocalBackend(model_fp32, tokenizer, settings, prefix_probe=renderer.prefix_probe())
+            backend.run((prompts * 11)[:batch])
+    finally:
+        hook.remove()
     prefix_8, suffix_8, width_8, rows_8 = sizes[8]
     prefix_64, suffix_64, width_64, rows_64 = sizes[64]
     assert rows_8 == rows_64 == 1 and prefix_64 == prefix_8  # one copy of the prefix at any batch size

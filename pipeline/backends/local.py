@@ -1,4 +1,4 @@
-"""The local backend: a model in this process, batched greedy generation with a prefix KV cache.
+"""The local backend: a model in this process, batched greedy decoding with a prefix KV cache.
 
 Prompt arms and fine-tuned arms differ only in the text they send and in the weights
 (base vs base + merged adapter); both go through `LocalBackend`.
@@ -6,14 +6,14 @@ Prompt arms and fine-tuned arms differ only in the text they send and in the wei
 
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from pipeline.backends.base import Call, OnCalls
+from pipeline.backends.decoding import Answer, LabelConstraint, RowCaches, greedy_answers
 from pipeline.prompts import Prompt, static_prefix
 
 
@@ -24,61 +24,6 @@ def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return ids
-
-
-def _completion_length(new_tokens: list[int], stop_ids: list[int]) -> int:
-    """Generated tokens up to and including the first stop token (later ones are padding)."""
-    for i, token in enumerate(new_tokens):
-        if token in stop_ids:
-            return i + 1
-    return len(new_tokens)
-
-
-def _decode_new_tokens(tokenizer: Any, new_tokens: torch.Tensor, stop_ids: list[int]) -> list[tuple[str, int]]:
-    """Each row's answer text and its completion token count (through the first stop token)."""
-    results = []
-    for row in new_tokens.tolist():
-        n = _completion_length(row, stop_ids)
-        results.append((tokenizer.decode(row[:n], skip_special_tokens=True), n))
-    return results
-
-
-class LabelConstraint:
-    """Greedy decoding restricted to one label of the set, then a stop token (a trie over label tokens).
-
-    Each label is tokenized as the answer alone, the way the fine-tuned arm learns it and the
-    prompt arms' chat turns present it; an output can then only be a label, so none is invalid.
-    """
-
-    _END = -1
-
-    def __init__(self, tokenizer: Any, labels: list[str], stop_ids: list[int]):
-        self.stop_ids = list(stop_ids)
-        self.trie: dict[int, dict] = {}
-        self.longest = 0
-        for label in labels:
-            ids = tokenizer(label, add_special_tokens=False)["input_ids"]
-            node = self.trie
-            for token in ids:
-                node = node.setdefault(token, {})
-            node[self._END] = {}
-            self.longest = max(self.longest, len(ids))
-
-    def allowed(self, generated: list[int]) -> list[int]:
-        """Tokens that may follow `generated` (the answer so far)."""
-        node = self.trie
-        for token in generated:
-            if token in self.stop_ids:
-                return self.stop_ids  # the answer is finished; what follows is padding
-            node = node.get(token)
-            if node is None:
-                return self.stop_ids
-        tokens = [t for t in node if t != self._END]
-        return tokens + self.stop_ids if self._END in node else tokens
-
-    def for_prompt_width(self, width: int) -> Callable[[int, torch.Tensor], list[int]]:
-        """The `prefix_allowed_tokens_fn` for a batch whose prompts are `width` tokens wide."""
-        return lambda _row, ids: self.allowed(ids[width:].tolist())
 
 
 def shared_prefix_length(prefix_ids: list[int], encoded: list[list[int]]) -> int:
@@ -99,7 +44,7 @@ class PrefixCache:
 
     With `shared`, batches attend to it through shared-prefix attention (`backends.shared_prefix`): it is
     never copied per row. Otherwise (the GPU default, models whose attention it does not compute, and the
-    benchmark's reference) each row holds a copy, rolled back after each call.
+    benchmark's reference) each new row starts from a copy.
     """
 
     def __init__(self, model: Any, prefix_ids: list[int], shared: bool = True):
@@ -107,7 +52,7 @@ class PrefixCache:
 
         from pipeline.backends.shared_prefix import SharedPrefixCache
 
-        self.length = len(prefix_ids)
+        self.length, self.config = len(prefix_ids), model.config
         self.cache = DynamicCache(config=model.config)
         with torch.inference_mode():
             model(input_ids=torch.tensor([prefix_ids], device=model.device), cache=self.cache,
@@ -119,89 +64,26 @@ class PrefixCache:
             raise ModelError(f"the prefix KV cache holds {self.cache.get_seq_length()} of {self.length} tokens: "
                                "this transformers version does not fill a cache passed as `cache=` (need >= 5.24)")
         self.shared = SharedPrefixCache(self.cache) if shared else None
-        self._batch = 1
 
     @contextmanager
-    def generating(self, model: Any, size: int):
-        """The cache to pass to `generate` for a batch of `size` rows, and the attention it needs."""
+    def rows(self, model: Any):
+        """Where each new row's cache starts, on this prefix, and the attention it needs, for one pass."""
         if self.shared is None:
-            try:
-                yield self.for_batch(size)
-            finally:
-                self.rollback()
+            yield RowCaches(self._copied, self.length, held_per_row=self.length)
             return
-        from pipeline.backends.shared_prefix import attending_shared_prefix
+        from pipeline.backends.shared_prefix import SharedPrefixCache, attending_shared_prefix
 
-        with attending_shared_prefix(model, self.shared) as cache:
-            yield cache
+        with attending_shared_prefix(model, self.shared):
+            yield RowCaches(lambda _n: SharedPrefixCache(self.cache), self.length, held_per_row=0)
 
-    def for_batch(self, size: int) -> Any:
-        if size != self._batch:
-            # Rebuild the batch dimension from the first row: every row holds the same prefix.
-            for layer in self.cache.layers:
-                layer.keys = layer.keys[:1].repeat(size, 1, 1, 1)
-                layer.values = layer.values[:1].repeat(size, 1, 1, 1)
-            self._batch = size
-        return self.cache
+    def _copied(self, rows: int) -> Any:
+        from transformers import DynamicCache
 
-    def rollback(self) -> None:
-        extra = self.cache.get_seq_length() - self.length
-        if extra > 0:
-            self.cache.crop(-extra)
-
-
-@torch.inference_mode()
-def _generate_batch(model: Any, tokenizer: Any, batch_ids: list[list[int]], max_new_tokens: int,
-                    stop_ids: list[int], constraint: LabelConstraint | None = None,
-                    prefix: PrefixCache | None = None) -> list[tuple[str, int]]:
-    """Greedy answers for one batch: each row's text and completion token count.
-
-    Rows are padded on the left of their own part, so every prompt's last token sits at the
-    same position. With a prefix cache, only the per-call suffixes run and the padding goes
-    between prefix and suffix, masked out; position ids follow the attention mask, so each
-    row sees the positions it would unpadded.
-    """
-    shared = prefix.length if prefix else 0
-    suffixes = [ids[shared:] for ids in batch_ids]
-    width = max(len(s) for s in suffixes)
-    pad = tokenizer.pad_token_id
-    head = batch_ids[0][:shared]
-    input_ids = torch.tensor([head + [pad] * (width - len(s)) + s for s in suffixes])
-    attention = torch.tensor([[1] * shared + [0] * (width - len(s)) + [1] * len(s) for s in suffixes])
-    extra: dict[str, Any] = {}
-    if constraint:
-        extra["prefix_allowed_tokens_fn"] = constraint.for_prompt_width(input_ids.shape[1])
-    with prefix.generating(model, len(batch_ids)) if prefix else nullcontext() as cache:
-        if cache is not None:
-            extra["cache"] = cache
-        out = model.generate(
-            input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
-            max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
-            eos_token_id=stop_ids, pad_token_id=pad, **extra,
-        )
-    return _decode_new_tokens(tokenizer, out[:, input_ids.shape[1] :], stop_ids)
-
-
-@contextmanager
-def _foldable_output_projection(model: Any):
-    """Let torch fold the last-token projection into a single matmul.
-
-    torch.matmul folds a [batch, 1, hidden] slice into one [batch, hidden] matmul only when the
-    weight requires grad; for a frozen weight (peft freezes everything) it takes a batched path
-    that copies the vocabulary matrix once per row, which halves decoding speed on CPU. Under
-    inference_mode the flag records nothing, so it is set for the duration of generation only.
-    """
-    head = model.get_output_embeddings()
-    weight = getattr(head, "weight", None)
-    frozen = weight is not None and not weight.requires_grad
-    if frozen:
-        weight.requires_grad_(True)
-    try:
-        yield
-    finally:
-        if frozen:
-            weight.requires_grad_(False)
-
+        cache = DynamicCache(config=self.config)
+        for i, layer in enumerate(self.cache.layers):
+            cache.update(layer.keys.expand(rows, -1, -1, -1).contiguous(),
+                         layer.values.expand(rows, -1, -1, -1).contiguous(), i)
+        return cache
 
 
 @dataclass
@@ -214,8 +96,8 @@ class LocalSettings:
     labels: list[str] | None = None  # constrained decoding: every answer is one of these
     min_prefix_tokens: int = 16
     # Attend to one batch-1 copy of the prefix (shared-prefix attention) rather than a copy per row.
-    # None: per device, as measured (bench/prompt_arm.py, 812-token prefix, batch 32-64): on CPU it is 1.2x faster
-    # than copying; on an H200 copying is (117 vs 66 calls/s: the copy is cheap there, the extra kernels are not).
+    # None: per device, as measured (bench/prompt_arm.py, 812-token prefix, batch 32-64): on CPU it is 1.6x faster
+    # than copying; on an H200 copying was (117 vs 66 calls/s: the copy is cheap there, the extra kernels are not).
     shared_prefix: bool | None = None
     # Without a template's static prefix (a server sees only requests), cache what a pass's prompts share.
     auto_prefix: bool = False
@@ -228,8 +110,10 @@ class LocalBackend:
 
     With a prefix shared by all prompts (system text, label list, few-shot examples), its KV
     cache is computed once and each call runs only its own suffix. With `labels`, every
-    answer is one of them. Each call's latency is the wall time of the batch it was sent in:
-    what its caller waits.
+    answer is one of them. Up to `batch_size` prompts are answered together; a row leaves when it
+    has answered and the next prompts join (`backends.decoding`). Each call's latency runs from
+    the moment it joined to the step that gave its last token: what its caller waits when answers
+    are returned as they finish.
     """
 
     kind = "local"
@@ -269,19 +153,21 @@ class LocalBackend:
         encoded = [self.encode(p) for p in prompts]
         cache = self._prefix_cache(encoded)
         max_new_tokens = self.max_new_tokens if self.constraint or max_new_tokens is None else max_new_tokens
+        shared = cache.length if cache else 0
         calls: list[Call] = []
-        with _foldable_output_projection(self.model):
-            for start in range(0, len(encoded), self.settings.batch_size):
-                batch = encoded[start : start + self.settings.batch_size]
-                t0 = time.perf_counter()
-                results = _generate_batch(self.model, self.tokenizer, batch, max_new_tokens, self.stop_ids,
-                                          self.constraint, cache)
-                latency_ms = (time.perf_counter() - t0) * 1000
-                done = [Call(text, len(ids), n_new, latency_ms, cached_tokens=cache.length if cache else 0)
-                        for ids, (text, n_new) in zip(batch, results)]
-                calls.extend(done)
-                if on_calls:
-                    on_calls(done)
+
+        def answered(start: int, answers: list[Answer]) -> None:
+            done = [Call(self.tokenizer.decode(a.tokens, skip_special_tokens=True), len(encoded[start + i]),
+                         len(a.tokens), (a.finished_at - a.admitted_at) * 1000, cached_tokens=shared)
+                    for i, a in enumerate(answers)]
+            calls.extend(done)
+            if on_calls:
+                on_calls(done)
+
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
+        with cache.rows(self.model) if cache else nullcontext() as caches:
+            greedy_answers(self.model, [ids[shared:] for ids in encoded], max_new_tokens, self.stop_ids,
+                           self.settings.batch_size, pad, caches, self.constraint, answered)
         return calls
 
     def _prefix_cache(self, encoded: list[list[int]]) -> PrefixCache | None:

@@ -51,35 +51,45 @@ class SharedPrefixCache(Cache):
     def __init__(self, prefix: Cache):
         super().__init__(layers=[SharedPrefixLayer(layer.keys, layer.values) for layer in prefix.layers])
 
-    def clear_suffix(self) -> None:
-        """Back to the prefix alone, ready for the next batch (any batch size)."""
-        for layer in self.layers:
-            DynamicLayer.reset(layer)
+
+def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+            scaling: float, fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of `query` [N, H, q, D] over `keys` [N, H, k, D] with an additive `mask`
+    [N, 1, q, k]: the output and the log-sum-exp of the scores [N, H, q, 1], in at least fp32.
+
+    On CPU (`fused` None or True) torch's flash-attention kernel for CPU computes both in one pass over
+    the keys, the kernel `scaled_dot_product_attention` runs there but which also returns the log-sum-exp:
+    4x faster than the matmuls below at a prefill. Elsewhere, the matmuls (softmax at least in fp32, as
+    eager attention does).
+    """
+    exact = torch.promote_types(query.dtype, torch.float32)
+    if fused or (fused is None and query.device.type == "cpu"):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, keys, values, 0.0, False, attn_mask=None if mask is None else mask.to(query.dtype), scale=scaling)
+        return out.to(exact), lse.unsqueeze(-1).to(exact)
+    scores = torch.matmul(query, keys.transpose(-1, -2)).to(exact) * scaling
+    if mask is not None:
+        scores = scores + mask.to(exact)
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    return torch.matmul(torch.exp(scores - lse).to(values.dtype), values).to(exact), lse
 
 
 def _merged_attention(query: torch.Tensor, layer: SharedPrefixLayer, keys: torch.Tensor, values: torch.Tensor,
-                      mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+                      mask: torch.Tensor | None, scaling: float, fused: bool | None = None) -> torch.Tensor:
     """Softmax attention of `query` [B, H, q, D] over the prefix then the suffix `keys` [B, KV, S, D]; [B, q, H, D]."""
     batch, heads, q_len, dim = query.shape
     kv_heads, suffix = keys.shape[1], keys.shape[2]
     group = heads // kv_heads  # query heads sharing one key/value head (grouped-query attention)
-    exact = torch.promote_types(query.dtype, torch.float32)  # softmax and merge at least in fp32, as eager does
-    grouped = query.reshape(batch, kv_heads, group, q_len, dim)
-    # Prefix: every row and grouped head as extra query rows of one matmul per key/value head.
-    rows = grouped.permute(1, 0, 2, 3, 4).reshape(kv_heads, batch * group * q_len, dim)
-    scores = torch.matmul(rows, layer.prefix_keys[0].transpose(-1, -2)).to(exact) * scaling
-    lse_p = torch.logsumexp(scores, dim=-1, keepdim=True)
-    out_p = torch.matmul(torch.exp(scores - lse_p).to(values.dtype), layer.prefix_values[0]).to(exact)
-    out_p = out_p.reshape(kv_heads, batch, group, q_len, dim).permute(1, 0, 2, 3, 4)
-    lse_p = lse_p.reshape(kv_heads, batch, group, q_len, 1).permute(1, 0, 2, 3, 4)
-    # Suffix: each row's own keys, under the causal and padding mask (its last `suffix` columns).
-    scores = torch.matmul(grouped.reshape(batch, kv_heads, group * q_len, dim), keys.transpose(-1, -2)).to(exact)
-    scores = scores.view(batch, kv_heads, group, q_len, suffix) * scaling
-    if mask is not None:
-        scores = scores + mask[..., -suffix:].unsqueeze(2).to(exact)
-    lse_s = torch.logsumexp(scores, dim=-1, keepdim=True)
-    probs = torch.exp(scores - lse_s).to(values.dtype).view(batch, kv_heads, group * q_len, suffix)
-    out_s = torch.matmul(probs, values).to(exact).view(batch, kv_heads, group, q_len, dim)
+    grouped = query.reshape(batch, kv_heads, group * q_len, dim)
+    # Prefix: every row and grouped head as extra query rows of one attention per key/value head.
+    rows = grouped.transpose(0, 1).reshape(1, kv_heads, batch * group * q_len, dim)
+    out_p, lse_p = _attend(rows, layer.prefix_keys, layer.prefix_values, None, scaling, fused)
+    out_p = out_p.reshape(kv_heads, batch, group * q_len, dim).transpose(0, 1)
+    lse_p = lse_p.reshape(kv_heads, batch, group * q_len, 1).transpose(0, 1)
+    # Suffix: each row's own keys, under the causal and padding mask (its last `suffix` columns), the same
+    # for every query head of a group.
+    mask = None if mask is None else mask[..., -suffix:].repeat(1, 1, group, 1)
+    out_s, lse_s = _attend(grouped, keys, values, mask, scaling, fused)
     # Merge by log-sum-exp: weights proportional to each part's softmax mass.
     top = torch.maximum(lse_p, lse_s)
     w_p, w_s = torch.exp(lse_p - top), torch.exp(lse_s - top)
@@ -118,7 +128,8 @@ def fits(config: Any) -> bool:
 
 @contextmanager
 def attending_shared_prefix(model: Any, cache: SharedPrefixCache):
-    """Generate with shared-prefix attention on `cache`; the model's own attention comes back afterwards."""
+    """Run the model with shared-prefix attention on the prefix `cache` holds (any `SharedPrefixCache` made from
+    the same prefix can be passed to the model meanwhile); the model's own attention comes back afterwards."""
     previous = model.config._attn_implementation
     token = _ACTIVE.set(cache)
     try:
@@ -127,4 +138,3 @@ def attending_shared_prefix(model: Any, cache: SharedPrefixCache):
     finally:
         model.set_attn_implementation(previous)
         _ACTIVE.reset(token)
-        cache.clear_suffix()

@@ -197,6 +197,7 @@ def profile(name: str, fn, peak: float) -> None:
     flops = sum(e.flops for e in mm if e.key in MATMUL_OPS)
     flops += sum(attention_flops(e.input_shapes) for e in prof.events() if e.name == FUSED_ATTENTION)
     attention_s = sum(e.self_cpu_time_total for e in events if "attention" in e.key or e.key == "aten::_softmax") / 1e6
+    # (the fused kernel's time is in both lines: it is attention, and its FLOPs are counted with the matmuls)
     ops = sum(e.count for e in events)
     print(f"--- profile: {name} ({wall:.2f} s wall under the profiler, {ops:,} ops) ---")
     print(f"matmuls and attention: {mm_s:.2f} s ({100 * mm_s / wall:.0f}% of wall), {flops / 1e12:.3f} TFLOP, "

@@ -1,5 +1,6 @@
 """Greedy decoding in which finished rows leave the batch: `generate`'s answers, fewer rows per step."""
 
+import pytest
 import torch
 
 from pipeline.backends.decoding import LabelConstraint, greedy_answers
@@ -8,6 +9,7 @@ from pipeline.backends.local import stop_token_ids
 # Answers of different lengths: the chat model stops early on some and runs on for others.
 MESSAGES = ["Is water wet? yes or no.", "Count from one to twenty in words.", "Answer in one word: what is 2+2?",
             "Name a colour."]
+MORE_MESSAGES = ["Say yes.", "Reply with one word: hello.", "Write a long sentence about the sea.", "Is fire cold?"]
 
 
 def _prompts(tokenizer, messages):
@@ -49,39 +51,60 @@ def test_answers_are_generates_and_finished_rows_leave_the_batch(model_fp32, tok
     assert answers[order[0]].finished_at < answers[order[-1]].finished_at
 
 
-def test_the_next_prompts_join_when_half_the_batch_has_answered(model_fp32, tokenizer):
+def test_the_next_prompts_join_a_running_batch_and_answers_come_in_order(model_fp32, tokenizer):
     stop = stop_token_ids(model_fp32, tokenizer)
-    prompts = _prompts(tokenizer, MESSAGES * 2)
+    prompts = _prompts(tokenizer, MESSAGES + MORE_MESSAGES)
     rows_per_step, hook = _rows_per_forward(model_fp32)
     reported = []
     try:
-        answers = greedy_answers(model_fp32, prompts, 20, stop, batch_size=2, pad_id=stop[0],
+        answers = greedy_answers(model_fp32, prompts, 20, stop, batch_size=4, pad_id=stop[0],
                                  on_answers=lambda start, done: reported.append((start, len(done))))
     finally:
         hook.remove()
     # Joining a batch on its own padding and positions changes no answer.
     assert [a.tokens for a in answers] == [_generate_one(model_fp32, p, 20, stop) for p in prompts]
     lengths = [len(a.tokens) for a in answers]
-    # Every row of every forward pass made a token of an unfinished answer, never more than 2 rows at once...
-    assert sum(rows_per_step) == sum(lengths) and max(rows_per_step) == 2
-    # ...and the third prompt joined while the first two were still answering: it did not wait for the
-    # longer of them, as a fixed batch of 2 would.
-    assert lengths[0] != lengths[1]
-    assert answers[2].admitted_at < max(answers[0].finished_at, answers[1].finished_at)
+    # Every row of every forward pass made a token of an unfinished answer, never more than 4 rows at once...
+    assert sum(rows_per_step) == sum(lengths) and max(rows_per_step) == 4
+    # ...and some prompt joined while another, admitted before it, was still answering: it did not wait for
+    # the batch to drain, as with fixed batches.
+    assert any(a.admitted_at < b.admitted_at < a.finished_at for a in answers for b in answers)
     # Answers were handed over in prompt order, each once, as soon as those before them were done.
-    assert [start for start, _ in reported] == sorted({start for start, _ in reported})
-    assert sum(n for _, n in reported) == len(prompts) and reported[0][0] == 0
+    starts = [0] + [start + n for start, n in reported]
+    assert [start for start, _ in reported] == starts[:-1] and starts[-1] == len(prompts)
     assert all(a.admitted_at <= a.finished_at for a in answers)
-    assert answers[-1].admitted_at > answers[0].admitted_at  # the last prompts joined later
+
+
+def test_rows_join_only_caches_whose_layers_hold_every_key():
+    from transformers import DynamicCache, LlamaConfig, MistralConfig
+
+    from pipeline.backends.decoding import _joinable
+
+    shape = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2)
+    assert _joinable(DynamicCache(config=LlamaConfig(**shape)))
+    # A sliding-window layer keeps its window only: padding inserted after the prefix would land elsewhere.
+    assert not _joinable(DynamicCache(config=MistralConfig(sliding_window=4, **shape)))
 
 
 def test_the_constraint_mask_allows_what_the_trie_allows(tokenizer):
     stop = [tokenizer.eos_token_id]
-    constraint = LabelConstraint(tokenizer, ["card", "card_arrival", "refund", "billing"], stop)
+    labels = ["card", "card_arrival", "refund", "billing"]
+    constraint = LabelConstraint(tokenizer, labels, stop)
     mask = constraint.mask(len(tokenizer), torch.device("cpu"))
     assert mask.shape == (len(constraint.next_state), len(tokenizer))
-    for state in range(len(constraint.next_state)):
-        assert sorted(mask[state].nonzero().flatten().tolist()) == sorted(constraint.allowed_in(state))
+    ids = [tokenizer(label, add_special_tokens=False)["input_ids"] for label in labels]
+    # Each state is reached by a label's first k tokens; it allows the next token of every label that starts
+    # that way, and a stop token where a label ends there (computed from the token lists, not the trie).
+    for seq in ids:
+        state = 0
+        for k in range(len(seq) + 1):
+            prefix = seq[:k]
+            expected = {other[k] for other in ids if other[:k] == prefix and len(other) > k}
+            expected |= set(stop) if prefix in ids else set()
+            assert set(mask[state].nonzero().flatten().tolist()) == expected, (seq, k)
+            if k < len(seq):
+                state = constraint.next_state[state][seq[k]]
     assert constraint.mask(len(tokenizer), torch.device("cpu")) is mask  # built once
 
 
@@ -94,3 +117,37 @@ def test_constrained_answers_are_labels_and_leave_when_they_end(model_fp32, toke
     for answer in answers:
         assert answer.tokens[-1] in stop
         assert tokenizer.decode(answer.tokens, skip_special_tokens=True) in labels
+
+
+@pytest.mark.parametrize("held_per_row", [3, 0], ids=["prefix-copied-per-row", "prefix-held-once"])
+def test_joined_rows_keep_each_key_under_its_own_mask_column(held_per_row):
+    """After a join, every row's unmasked mask columns still point at its own keys, in order (the padding goes
+    after the prefix in both), whether each row's keys hold the 3-token prefix or only the suffix."""
+    from transformers.cache_utils import DynamicCache
+
+    from pipeline.backends.decoding import RowCaches, _Rows
+
+    prefix = 3
+
+    def rows(masks):
+        mask = torch.tensor(masks)
+        keys = torch.randn(len(masks), 1, mask.shape[1] - prefix + held_per_row, 2)
+        cache = DynamicCache()
+        cache.update(keys, keys + 1, 0)
+        group = _Rows(list(range(len(masks))), cache, mask, None)
+        group.last = torch.zeros(len(masks), dtype=torch.long)
+        return group, keys
+
+    def own_keys(keys, mask):  # a row's keys in the order of its unmasked columns
+        return keys[:, mask[prefix - held_per_row:].bool()]
+
+    old, old_keys = rows([[1, 1, 1, 0, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0, 1, 1]])
+    new, new_keys = rows([[1, 1, 1, 1, 1]])
+    before = [own_keys(old_keys[0], old.mask[0]), own_keys(old_keys[1], old.mask[1]),
+              own_keys(new_keys[0], new.mask[0])]
+    joined = old.join(new, RowCaches(lambda _n: None, prefix, held_per_row))
+    layer = joined.cache.layers[0]
+    assert joined.mask.shape == (3, 8) and layer.keys.shape[2] == 8 - prefix + held_per_row
+    for row in range(3):
+        assert torch.equal(own_keys(layer.keys[row], joined.mask[row]), before[row])
+        assert torch.equal(own_keys(layer.values[row], joined.mask[row]), before[row] + 1)

@@ -31,6 +31,7 @@ def test_the_merge_is_softmax_attention_over_prefix_and_suffix(q_len, fused):
     allowed[1, :, :, prefix : prefix + 2] = False
     for i in range(q_len):
         allowed[:, :, i, prefix + suffix - q_len + i + 1 :] = False
+    allowed[2, :, 0, prefix:] = False  # a query that sees no suffix key at all (a padding row of a prefill)
     mask = torch.zeros(allowed.shape, dtype=torch.float64).masked_fill(~allowed, torch.finfo(torch.float64).min)
     layer = SharedPrefixLayer(prefix_k, prefix_v)
     merged = _merged_attention(query, layer, keys, values, mask, scaling=0.3, fused=fused)
@@ -42,14 +43,25 @@ def test_the_merge_is_softmax_attention_over_prefix_and_suffix(q_len, fused):
 
 def test_shared_prefix_generation_gives_the_plain_and_copied_cache_predictions(model_fp32, tokenizer, engineered):
     renderer, prompts = engineered
-    plain = [c.output for c in generate_calls(model_fp32, tokenizer, prompts, batch_size=1, max_new_tokens=8).calls]
-    assert any(plain)
+    plain = generate_calls(model_fp32, tokenizer, prompts, batch_size=1, max_new_tokens=16).calls
+    assert any(c.output for c in plain)
+    assert len({c.completion_tokens for c in plain}) > 1  # answers that end apart, so rows join a running batch
     for shared in (True, False):
-        settings = LocalSettings(batch_size=4, max_new_tokens=8, shared_prefix=shared)
+        settings = LocalSettings(batch_size=2, max_new_tokens=16, shared_prefix=shared)
         backend = LocalBackend(model_fp32, tokenizer, settings, prefix_probe=renderer.prefix_probe())
-        calls = backend.run(prompts)
-        assert [c.output for c in calls] == plain, f"shared_prefix={shared}"
+        backend.run(prompts[:1])  # builds the prefix cache
+        passes = []
+        hook = model_fp32.get_decoder().register_forward_pre_hook(
+            lambda _m, _a, kwargs: passes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+        try:
+            calls = backend.run(prompts)
+        finally:
+            hook.remove()
+        assert [c.output for c in calls] == [c.output for c in plain], f"shared_prefix={shared}"
         assert all(c.cached_tokens > 100 for c in calls)
+        # A prompt joined rows that were mid-answer: a decoding step ran more rows than the prefill before it.
+        assert any(rows > prefill[0] for prefill, (rows, width) in zip(passes, passes[1:])
+                   if prefill[1] > 1 and width == 1), (shared, passes)
     # The model's own attention is back after generation.
     assert model_fp32.config._attn_implementation != "roi_shared_prefix"
 
@@ -59,7 +71,7 @@ def test_the_prefix_is_held_once_whatever_the_batch(model_fp32, tokenizer, engin
     renderer, prompts = engineered
     sizes = {}
 
-    def record(_module, _args, kwargs, _output):  # the cache after each forward pass; kept at its widest batch
+    def record(_module, _args, kwargs, _output):  # the cache after the first forward pass (the prefill) at each batch size
         cache = kwargs["cache"]
         layer = cache.layers[0]
         if isinstance(cache, SharedPrefixCache) and layer.keys.shape[0] not in sizes:

@@ -51,11 +51,9 @@ class LabelConstraint:
         return tokens + self.stop_ids if self.complete[state] else tokens
 
     def allowed(self, generated: list[int]) -> list[int]:
-        """Tokens that may follow `generated` (the answer so far)."""
+        """Tokens that may follow `generated`, a partial answer (the label tokens so far)."""
         state = 0
         for token in generated:
-            if token in self.stop_ids or token not in self.next_state[state]:
-                return self.stop_ids  # the answer is finished; what follows is padding
             state = self.next_state[state][token]
         return self.allowed_in(state)
 
@@ -91,6 +89,16 @@ class RowCaches:
     held_per_row: int = 0
 
 
+# Prompts join in order of length within windows of this many batches: rows of one prefill are padded to the
+# longest of them, which on the default task wasted a third of the prefill. Answers are handed over in prompt
+# order, so at most one window's answers wait for those before them.
+WINDOW_BATCHES = 8
+# The next prompts join once a quarter of the batch (1 / JOIN_WHEN_FREE) has answered. Waiting for half left
+# decoding steps narrow (a third of the time went to passes of ~15 of 32 rows); joining at every free row would
+# make each prefill a row or two wide.
+JOIN_WHEN_FREE = 4
+
+
 class _Rows:
     """The rows being answered together: their prompt indices, KV cache, attention mask (over what the
     cache holds), last chosen token and constraint states."""
@@ -99,27 +107,39 @@ class _Rows:
         self.prompts, self.cache, self.mask, self.states = prompts, cache, mask, states
         self.last: torch.Tensor | None = None
 
-    def keep(self, keep: list[int]) -> None:
-        if len(keep) == len(self.prompts):
+    def select(self, indices: list[int]) -> None:
+        """Keep only the rows at `indices` (those still answering)."""
+        if len(indices) == len(self.prompts):
             return
-        index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+        index = torch.tensor(indices, dtype=torch.long, device=self.mask.device)
         self.cache.batch_select_indices(index)
         self.mask, self.last = self.mask[index], self.last[index]
-        self.prompts = [self.prompts[i] for i in keep]
-        self.states = [self.states[i] for i in keep] if self.states is not None else None
+        self.prompts = [self.prompts[i] for i in indices]
+        self.states = [self.states[i] for i in indices] if self.states is not None else None
 
-    def join(self, other: "_Rows", caches: RowCaches) -> "_Rows":
+    def join(self, other: "_Rows", row_caches: RowCaches) -> "_Rows":
         """These rows and `other`'s in one batch: the shorter caches are padded (masked out) after the prefix."""
         if not self.prompts:
             return other
         for mine, theirs in zip(self.cache.layers, other.cache.layers):
-            mine.keys = _cat_padded(mine.keys, theirs.keys, caches.held_per_row)
-            mine.values = _cat_padded(mine.values, theirs.values, caches.held_per_row)
-        self.mask = _cat_padded(self.mask, other.mask, caches.prefix_length)
+            mine.keys = _cat_padded(mine.keys, theirs.keys, row_caches.held_per_row)
+            mine.values = _cat_padded(mine.values, theirs.values, row_caches.held_per_row)
+        self.mask = _cat_padded(self.mask, other.mask, row_caches.prefix_length)
         self.last = torch.cat([self.last, other.last])
         self.prompts += other.prompts
         self.states = self.states + other.states if self.states is not None else None
         return self
+
+
+def _joinable(cache: Any) -> bool:
+    """Whether rows can join a running batch of this cache: every layer holds all its keys in one tensor
+    (`_Rows.join` pads them). A sliding-window layer keeps only its window and its own length count, so a
+    model with one decodes each admitted group to its end before the next prompts start."""
+    from transformers.cache_utils import DynamicLayer
+
+    from pipeline.backends.shared_prefix import SharedPrefixLayer
+
+    return all(type(layer) in (DynamicLayer, SharedPrefixLayer) for layer in cache.layers)
 
 
 def _cat_padded(a: torch.Tensor, b: torch.Tensor, at: int) -> torch.Tensor:
@@ -135,57 +155,67 @@ def _cat_padded(a: torch.Tensor, b: torch.Tensor, at: int) -> torch.Tensor:
     return torch.cat([a, b])
 
 
+class _Clock:
+    """`time.perf_counter()` less the time spent in the caller's callback, which a caller's wait excludes."""
+
+    def __init__(self):
+        self.outside = 0.0
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.outside
+
+    def excluding(self, callback: Callable[..., None], *args: Any) -> None:
+        started = time.perf_counter()
+        callback(*args)
+        self.outside += time.perf_counter() - started
+
+
 @torch.inference_mode()
 def greedy_answers(model: Any, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int], batch_size: int,
-                   pad_id: int, caches: RowCaches | None = None, constraint: LabelConstraint | None = None,
+                   pad_id: int, row_caches: RowCaches | None = None, constraint: LabelConstraint | None = None,
                    on_answers: Callable[[int, list[Answer]], None] | None = None) -> list[Answer]:
     """Greedy answers to `prompts` (token ids after the cached prefix), at most `batch_size` rows at a time.
 
-    A row leaves the batch when it has answered; when a quarter of the batch has left, the next prompts'
-    prefill runs and they join it (continuous batching), so decoding steps stay wide. `on_answers(start, answers)`
-    receives answers in prompt order as soon as all before them are done. Position ids follow the mask,
-    so each row sees the positions it would unpadded.
+    A row leaves the batch when it has answered; when a quarter of the batch has left (or all the prompts
+    left fit), the next prompts' prefill runs and they join it (continuous batching), so decoding steps
+    stay wide. `on_answers(start, answers)` receives answers in prompt order as soon as all before them
+    are done; its time is left out of their latencies. Position ids follow the mask, so each row sees
+    the positions it would unpadded.
     """
     from transformers import DynamicCache
 
-    caches = caches or RowCaches(lambda _n: DynamicCache(config=model.config))
-    device = model.device
-    answers = [Answer([]) for _ in prompts]
+    if max_new_tokens < 1 or not all(prompts):
+        raise ValueError("greedy_answers needs max_new_tokens >= 1 and at least one token in every prompt")
+    row_caches = row_caches or RowCaches(lambda _n: DynamicCache(config=model.config))
+    clock, answers = _Clock(), [Answer([]) for _ in prompts]
     pending = deque(_by_length_in_windows(prompts, WINDOW_BATCHES * batch_size))
-    rows = _Rows([], None, torch.zeros(0, 0, dtype=torch.long, device=device), None)
-    reported = 0
+    rows = _Rows([], None, torch.zeros(0, 0, dtype=torch.long, device=model.device), None)
+    reported, joinable = 0, True
     while pending or rows.prompts:
-        if pending and batch_size - len(rows.prompts) >= max(1, batch_size // JOIN_WHEN_FREE):
-            joining = [pending.popleft() for _ in range(min(len(pending), batch_size - len(rows.prompts)))]
-            now = time.perf_counter()
+        free = batch_size - len(rows.prompts)
+        enough = min(max(1, batch_size // JOIN_WHEN_FREE), len(pending))
+        if pending and free >= enough and (joinable or not rows.prompts):
+            joining = [pending.popleft() for _ in range(min(len(pending), free))]
             for i in joining:
-                answers[i].admitted_at = now
-            new, input_ids, positions = _prefill(model, [prompts[i] for i in joining], joining, pad_id, caches,
+                answers[i].admitted_at = clock()
+            new, input_ids, positions = _prefill(model, [prompts[i] for i in joining], joining, pad_id, row_caches,
                                                  constraint)
-            finished = _choose(model, new, answers, stop_ids, max_new_tokens, constraint, input_ids, positions)
-            rows = rows.join(new, caches) if new.prompts else rows
+            joinable = joinable and _joinable(new.cache)
+            finished = _step(model, new, answers, stop_ids, max_new_tokens, constraint, input_ids, positions, clock)
+            rows = rows.join(new, row_caches) if new.prompts else rows
         else:
             rows.mask = torch.cat([rows.mask, rows.mask.new_ones(len(rows.prompts), 1)], dim=-1)
             positions = rows.mask.sum(-1, keepdim=True) - 1
-            finished = _choose(model, rows, answers, stop_ids, max_new_tokens, constraint, rows.last[:, None],
-                               positions)
+            finished = _step(model, rows, answers, stop_ids, max_new_tokens, constraint, rows.last[:, None],
+                             positions, clock)
         if finished and on_answers:
             done = reported
             while done < len(answers) and _finished(answers[done], stop_ids, max_new_tokens):
                 done += 1
             if done > reported:
-                on_answers(reported, answers[reported:done])
+                clock.excluding(on_answers, reported, answers[reported:done])
                 reported = done
     return answers
-
-
-# Prompts join in order of length within windows of this many batches: rows of one prefill are padded to the
-# longest of them, which on the default task wasted a third of the prefill; answers are handed over in prompt
-# order, so at most one window's answers wait for those before them.
-WINDOW_BATCHES = 8
-# The next prompts join once this fraction of the batch (1/4) has answered: later, and the decoding steps run
-# narrow (a third of the time went to passes of ~15 of 32 rows); every step, and each prefill is a row or two.
-JOIN_WHEN_FREE = 4
 
 
 def _by_length_in_windows(prompts: list[list[int]], window: int) -> list[int]:
@@ -199,22 +229,22 @@ def _finished(answer: Answer, stop_ids: list[int], max_new_tokens: int) -> bool:
     return bool(answer.tokens) and (answer.tokens[-1] in stop_ids or len(answer.tokens) >= max_new_tokens)
 
 
-def _prefill(model: Any, suffixes: list[list[int]], indices: list[int], pad_id: int, caches: RowCaches,
+def _prefill(model: Any, suffixes: list[list[int]], indices: list[int], pad_id: int, row_caches: RowCaches,
              constraint: LabelConstraint | None) -> tuple[_Rows, torch.Tensor, torch.Tensor]:
     """New rows, left-padded after the prefix, and their prefill's input ids and position ids."""
     width = max(len(s) for s in suffixes)
     device = model.device
     input_ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in suffixes], device=device)
-    mask = torch.tensor([[1] * caches.prefix_length + [0] * (width - len(s)) + [1] * len(s) for s in suffixes],
+    mask = torch.tensor([[1] * row_caches.prefix_length + [0] * (width - len(s)) + [1] * len(s) for s in suffixes],
                         device=device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -width:]
-    rows = _Rows(list(indices), caches.fresh(len(suffixes)), mask, [0] * len(suffixes) if constraint else None)
+    rows = _Rows(list(indices), row_caches.fresh(len(suffixes)), mask, [0] * len(suffixes) if constraint else None)
     return rows, input_ids, positions
 
 
-def _choose(model: Any, rows: _Rows, answers: list[Answer], stop_ids: list[int], max_new_tokens: int,
-            constraint: LabelConstraint | None, input_ids: torch.Tensor, positions: torch.Tensor) -> bool:
-    """One forward step of `rows`: each row's next token; rows that have answered leave. Whether any did.
+def _step(model: Any, rows: _Rows, answers: list[Answer], stop_ids: list[int], max_new_tokens: int,
+          constraint: LabelConstraint | None, input_ids: torch.Tensor, positions: torch.Tensor, clock: _Clock) -> bool:
+    """One forward pass of `rows`: each row's next token; rows that have answered leave. Whether any did.
 
     The output projection runs on the last position only, as a [rows, hidden] matmul: torch.matmul takes
     a slow batched path for a [rows, 1, hidden] slice through a frozen weight (a copy of the vocabulary
@@ -226,16 +256,16 @@ def _choose(model: Any, rows: _Rows, answers: list[Answer], stop_ids: list[int],
         allowed = constraint.mask(logits.shape[-1], logits.device)[torch.tensor(rows.states, device=logits.device)]
         logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
     rows.last = logits.argmax(-1)
-    now = time.perf_counter()
-    keep = []
+    now = clock()
+    answering = []
     for i, (prompt, token) in enumerate(zip(rows.prompts, rows.last.tolist())):
         answer = answers[prompt]
         answer.tokens.append(token)
         answer.finished_at = now
         if not _finished(answer, stop_ids, max_new_tokens):
-            keep.append(i)
+            answering.append(i)
             if rows.states is not None:
                 rows.states[i] = constraint.next_state[rows.states[i]][token]
-    answered = len(keep) < len(rows.prompts)
-    rows.keep(keep)
+    answered = len(answering) < len(rows.prompts)
+    rows.select(answering)
     return answered

@@ -212,7 +212,7 @@ class LocalBackend:
         return plain
 
     def at_batch_size(self, batch_size: int) -> "LocalBackend":
-        """The same model, prefix cache and settings, sending `batch_size` prompts per generate call."""
+        """The same model, prefix cache and settings, answering up to `batch_size` prompts at a time."""
         import copy
         import dataclasses
 

@@ -46,7 +46,7 @@ class SharedPrefixLayer(DynamicLayer):
 
 
 class SharedPrefixCache(Cache):
-    """The cache `generate` runs on: positions and masks count the prefix; `update` returns the suffix only."""
+    """The cache a batch decodes on: positions and masks count the prefix; `update` returns the suffix only."""
 
     def __init__(self, prefix: Cache):
         super().__init__(layers=[SharedPrefixLayer(layer.keys, layer.values) for layer in prefix.layers])
@@ -57,10 +57,10 @@ def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask:
     """Softmax attention of `query` [N, H, q, D] over `keys` [N, H, k, D] with an additive `mask`
     [N, 1, q, k]: the output and the log-sum-exp of the scores [N, H, q, 1], in at least fp32.
 
-    On CPU (`fused` None or True) torch's flash-attention kernel for CPU computes both in one pass over
-    the keys, the kernel `scaled_dot_product_attention` runs there but which also returns the log-sum-exp:
-    4x faster than the matmuls below at a prefill. Elsewhere, the matmuls (softmax at least in fp32, as
-    eager attention does).
+    On CPU (`fused` None or True) both come from torch's flash-attention kernel for CPU, the one
+    `scaled_dot_product_attention` runs there, called directly because it also returns the log-sum-exp:
+    4x faster than the matmuls below at a prefill. It is CPU-only, so elsewhere (`fused` None or False)
+    the matmuls run, with the softmax at least in fp32 as eager attention does.
     """
     exact = torch.promote_types(query.dtype, torch.float32)
     if fused or (fused is None and query.device.type == "cpu"):

@@ -1,9 +1,10 @@
-"""Greedy decoding for a batch of prompts, in which a row leaves the batch when it has answered.
+"""Greedy decoding with continuous batching: a row leaves the batch when it has answered, the next prompts join.
 
 `model.generate` keeps every row in the batch until the last one stops: on the default task the
 answers average 7 tokens while each batch ran to its longest (24), so most of the decoding work went
 to rows that had already finished. Here each step runs only the rows still answering (the KV cache
-keeps their rows, `Cache.batch_select_indices`), each row's finishing time is recorded, and the label
+keeps their rows, `Cache.batch_select_indices`), the next prompts' prefill joins the running batch
+once a quarter of it has left, each row's finishing time is recorded, and the label
 constraint is a token mask per trie state, precomputed once, instead of a Python callback per row and
 step. Greedy choice on the same logits as `generate` (a test holds it to `generate`'s answers):
 sampling settings and penalties in a model's generation config are not applied; every arm answers greedily.
@@ -71,7 +72,7 @@ class LabelConstraint:
 @dataclass
 class Answer:
     """One prompt's generated tokens (through its stop token); when it joined the batch and when it was
-    answered (`time.perf_counter()`)."""
+    answered, in seconds of a clock that leaves out the caller's callbacks (`_Clock`)."""
 
     tokens: list[int]
     admitted_at: float = 0.0

@@ -77,12 +77,17 @@ class PrefixCache:
             yield RowCaches(lambda _n: SharedPrefixCache(self.cache), self.length, held_per_row=0)
 
     def _copied(self, rows: int) -> Any:
-        from transformers import DynamicCache
+        """A cache for `rows` new rows, each with its own copy of the prefix. The layers are copied whole, so
+        what a layer counts besides its keys (a sliding window's length seen) carries over."""
+        import copy
 
-        cache = DynamicCache(config=self.config)
-        for i, layer in enumerate(self.cache.layers):
-            cache.update(layer.keys.expand(rows, -1, -1, -1).contiguous(),
-                         layer.values.expand(rows, -1, -1, -1).contiguous(), i)
+        cache = copy.copy(self.cache)
+        cache.layers = []
+        for layer in self.cache.layers:
+            row_layer = copy.copy(layer)
+            row_layer.keys = layer.keys.expand(rows, -1, -1, -1).contiguous()
+            row_layer.values = layer.values.expand(rows, -1, -1, -1).contiguous()
+            cache.layers.append(row_layer)
         return cache
 
 

@@ -145,14 +145,19 @@ def matmul_flops(fn) -> tuple[float, float]:
 
     with torch_profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=True) as prof:
         fn()
-    flops = sum(e.flops for e in prof.key_averages() if e.key in MATMUL_OPS)
-    flops += sum(attention_flops(e.input_shapes) for e in prof.events() if e.name == FUSED_ATTENTION)
+    flops = counted_flops(prof)
     t0 = time.perf_counter()
     fn()
     return flops, time.perf_counter() - t0
 
 
 FUSED_ATTENTION = "aten::_scaled_dot_product_flash_attention_for_cpu"
+
+
+def counted_flops(prof) -> float:
+    """The matmuls' FLOPs (torch.profiler's count) plus the fused attention kernel's, from its recorded shapes."""
+    flops = sum(e.flops for e in prof.key_averages() if e.key in MATMUL_OPS)
+    return flops + sum(attention_flops(e.input_shapes) for e in prof.events() if e.name == FUSED_ATTENTION)
 
 
 def attention_flops(shapes) -> int:
@@ -194,8 +199,7 @@ def profile(name: str, fn, peak: float) -> None:
     events = prof.key_averages()
     mm = [e for e in events if e.key in MATMUL_OPS or e.key == FUSED_ATTENTION]
     mm_s = sum(e.self_cpu_time_total for e in mm) / 1e6
-    flops = sum(e.flops for e in mm if e.key in MATMUL_OPS)
-    flops += sum(attention_flops(e.input_shapes) for e in prof.events() if e.name == FUSED_ATTENTION)
+    flops = counted_flops(prof)
     attention_s = sum(e.self_cpu_time_total for e in events if "attention" in e.key or e.key == "aten::_softmax") / 1e6
     # (the fused kernel's time is in both lines: it is attention, and its FLOPs are counted with the matmuls)
     ops = sum(e.count for e in events)

@@ -40,7 +40,7 @@ def train_on_processes(model: ModelConfig, prompts: list[str], completions: list
     """Train on `cfg.processes` processes; returns rank 0's figures (train_time_s, train_tokens,
     train_loss, trainer_args, resumed_from) once every process has exited cleanly. The adapter is
     in `out_dir/adapter`; `on_log` receives rank 0's log entries afterwards, in order."""
-    import socket
+    from pipeline.loopback import free_port
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in (RESULT, LOG, *(p.name for p in out_dir.glob("error-rank*.txt"))):
@@ -49,9 +49,7 @@ def train_on_processes(model: ModelConfig, prompts: list[str], completions: list
            "finetune": cfg.model_dump(mode="json"), "dtype": str(dtype).removeprefix("torch."),
            "out_dir": str(out_dir)}
     (out_dir / JOB).write_text(json.dumps(job))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     # Each process gets its share of the cores: N processes with all cores' threads each thrash.
     threads = max(1, (os.cpu_count() or 1) // cfg.processes)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), ROI_TRAIN_THREADS=str(threads))

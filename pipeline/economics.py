@@ -7,7 +7,6 @@ The math itself is in `costing` and `stats`; this module only feeds it what was 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -21,6 +20,7 @@ from pipeline.config import ExperimentConfig
 from pipeline.pricing.prices import PerTokenPrice, PricingConfig
 from pipeline.costing import (ArmCost, Deployment, cached_call_cost, monthly_break_even, one_off_break_even,
                               quality_adjusted_per_call, ratio, sensitivity)
+from pipeline.evaluation import read_predictions
 from pipeline.stats import bootstrap_intervals, macro_f1_present, mcnemar_exact
 
 # How far past the configured volume the monthly break-even is searched.
@@ -39,7 +39,7 @@ class ArmRows:
 
     @classmethod
     def read(cls, path: Path, labels: list[str]) -> "ArmRows":
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+        rows = read_predictions(path)
         index = {label: i for i, label in enumerate(labels)}
         return cls(np.array([bool(r["correct"]) for r in rows]),
                    np.array([index.get(r["parsed_label"], -1) for r in rows]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -14,6 +15,12 @@ _LOOSE = re.compile(r"[\s_\-]+")  # the search parser treats these alike too
 # Wrapping a model may put around an answer: quotes, backticks, markdown bold, a final period.
 _WRAPPING = " \t\"'`*.:;,!?()[]{}<>"
 _QUOTES = " \t\"'`*"
+
+
+def read_predictions(path: Path) -> list[dict]:
+    """The rows of a `predictions.jsonl`. Split on newlines only: str.splitlines also splits on U+2028 and its
+    kin, which JSON leaves unescaped inside strings."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 def _key(text: str) -> str:

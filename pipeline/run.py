@@ -24,7 +24,7 @@ from pipeline.arms import Arm, resolved_config, resolved_params
 from pipeline.config import ExperimentConfig, flatten, project_root_for
 from pipeline.costing import finetune_fixed_cost
 from pipeline.data import TaskData, eval_rows, load_task
-from pipeline.evaluation import PARSERS, call_metrics
+from pipeline.evaluation import PARSERS, call_metrics, read_predictions
 from pipeline.measure import Measurement, measure
 from pipeline.prompts import PromptRenderer, PromptTemplate, load_template, pick_examples
 from pipeline.report import Summary, plot_cost_vs_volume, print_table, summary_markdown
@@ -263,8 +263,7 @@ def _batch1_sample(backend, prompts, arm: Arm) -> Measurement | None:
 
 def _record_batch1_latencies(predictions: Path, calls: list) -> None:
     """Each sampled row's latency at batch 1 beside its latency in the batched pass (`latency_ms`)."""
-    # Split on newlines only: str.splitlines also splits on U+2028 and friends, which JSON leaves unescaped.
-    rows = [json.loads(line) for line in predictions.read_text(encoding="utf-8").split("\n") if line]
+    rows = read_predictions(predictions)
     for row, call in zip(rows, calls):
         row["latency_ms_batch1"] = round(call.latency_ms, 3)
     partial = predictions.with_suffix(".jsonl.tmp")

@@ -25,7 +25,7 @@ DONE = "done.json"
 # output, so it is left out of the code version (a new report layout does not retrain or re-measure).
 # Everything else is in, new modules included, so a change that could alter a result always invalidates.
 NOT_STAGE_CODE = ("report.py", "report_facts.py", "report_html.py", "economics.py", "costing.py", "pricing/",
-                  "stats.py", "compare.py", "tracking.py", "cli.py", "serve.py", "teamserver.py", "export.py")
+                  "stats.py", "compare.py", "tracking.py", "cli.py", "serve.py", "teamserver.py", "export.py", "loopback.py")
 
 
 @lru_cache(maxsize=1)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.loopback import free_port  # noqa: F401  (the tests' port helper)
+
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -84,14 +86,6 @@ def wait_for_health(base_url: str, process, timeout: float, what: str) -> None:
         except OSError:
             assert time.monotonic() < deadline and process.poll() is None, f"{what} did not start"
             time.sleep(1)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Served:

@@ -4,7 +4,6 @@ import json
 import math
 import re
 import statistics
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY, roi, wait_for_health
+from conftest import ROOT, TINY, free_port, roi, wait_for_health
 
 CONTRACT = ["accuracy", "macro_f1", "invalid_rate", "prompt_tokens_mean", "completion_tokens_mean", "latency_p50_ms",
             "latency_p95_ms", "latency_p99_ms", "throughput_calls_per_s", "cost_per_call_usd"]
@@ -310,14 +309,8 @@ def test_report_on_an_empty_store_is_one_line(roi_env):
     assert result.returncode == 2 and "nothing-here" in result.stderr and "Traceback" not in result.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_tracking_server_fails_fast_naming_the_uri(roi_env):
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     roi_env["MLFLOW_TRACKING_URI"] = uri
     started = time.perf_counter()
     result = roi("run", "experiments/default.yaml", "eval.limit=2", env=roi_env)
@@ -327,7 +320,7 @@ def test_unreachable_tracking_server_fails_fast_naming_the_uri(roi_env):
 
 
 def test_run_logs_to_a_real_mlflow_server_over_http(tmp_path, roi_env):
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
@@ -355,7 +348,7 @@ def test_credentials_in_the_tracking_uri_never_reach_the_output(roi_env):
 
     assert redact("http://ana:s3cret@127.0.0.1:5000/x") == "http://ana:***@127.0.0.1:5000/x"
     assert redact("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
-    roi_env["MLFLOW_TRACKING_URI"] = f"http://ana:s3cret@127.0.0.1:{_free_port()}"
+    roi_env["MLFLOW_TRACKING_URI"] = f"http://ana:s3cret@127.0.0.1:{free_port()}"
     result = roi("run", "experiments/default.yaml", "eval.limit=2", env=roi_env)
     assert result.returncode == 2 and "s3cret" not in result.stderr + result.stdout
     assert "ana:***@127.0.0.1" in result.stderr

@@ -80,18 +80,21 @@ def test_label_trie_allows_exactly_the_label_sequences(tokenizer):
     trie = LabelConstraint(tokenizer, labels, stop)
     ids = {label: tokenizer(label, add_special_tokens=False)["input_ids"] for label in labels}
     # Walk every path the trie allows; the finished answers are exactly the labels.
-    finished, frontier = set(), [[]]
+    finished, frontier = set(), [([], 0)]
     while frontier:
-        seq = frontier.pop()
-        for token in trie.allowed(seq):
+        seq, state = frontier.pop()
+        for token in trie.allowed_in(state):
             if token in stop:
                 finished.add(tokenizer.decode(seq))
             else:
-                frontier.append(seq + [token])
+                frontier.append((seq + [token], trie.next_state[state][token]))
     assert finished == set(labels)
     assert trie.longest == max(len(v) for v in ids.values())
     # "card" is complete and a prefix of "card_arrival": both the stop token and the continuation are allowed.
-    after_card = trie.allowed(ids["card"])
+    state = 0
+    for token in ids["card"]:
+        state = trie.next_state[state][token]
+    after_card = trie.allowed_in(state)
     assert stop[0] in after_card and ids["card_arrival"][len(ids["card"])] in after_card
 
 

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx2 as httpx  # the HTTP client the openai SDK is built on
 import pytest
 
-from conftest import ROOT, roi
+from conftest import ROOT, free_port, roi
 
 NAME = "SmolLM2-135M-Instruct"
 SYSTEM = ("You are the support assistant of Acme Cloud, a hosting company. Answer in one short sentence, "
@@ -23,12 +22,6 @@ QUESTIONS = ["How do I get a refund?", "My site is down.", "How do I reset my pa
              "How do I close my account?"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, request):
     """A running `roi serve`; a wide batch window so concurrent test requests surely share a batch.
@@ -36,7 +29,7 @@ def server(tmp_path_factory, request):
     One torch thread: on a small shared machine two threads contending for a core run ~10x slower.
     """
     logs = tmp_path_factory.mktemp("serve")
-    port = _free_port()
+    port = free_port()
     with open(logs / "stdout", "w") as out, open(logs / "stderr", "w") as err:
         proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline.cli", "serve", "--model", "embedded", "--dtype", "float32",
@@ -174,7 +167,7 @@ def test_bad_requests_get_openai_style_errors_and_the_server_lives_on(server, re
 
 def test_a_folder_that_is_not_an_adapter_is_one_line_and_exit_2(tmp_path, roi_env):
     (tmp_path / "notes.txt").write_text("not an adapter")
-    result = roi("serve", "--adapter", str(tmp_path), "--port", str(_free_port()), env=roi_env, timeout=180)
+    result = roi("serve", "--adapter", str(tmp_path), "--port", str(free_port()), env=roi_env, timeout=180)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("roi: error:") and str(tmp_path) in lines[0]

@@ -131,7 +131,6 @@ def test_two_experiments_at_once_on_postgres_lose_nothing_and_cross_nothing(team
     # The artifacts are on the server's side (--artifacts-destination), not in the clients' folders.
     import mlflow
 
-    from pipeline.teamserver import DATABASE  # noqa: F401  (the recipe under test)
     exp = mlflow.tracking.MlflowClient(tracking_uri=server.uri).get_experiment_by_name("team-a")
     assert exp.artifact_location.startswith("mlflow-artifacts:")
     assert any(server.artifacts.rglob("predictions.jsonl"))

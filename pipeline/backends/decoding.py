@@ -51,13 +51,6 @@ class LabelConstraint:
         tokens = list(self.next_state[state])
         return tokens + self.stop_ids if self.complete[state] else tokens
 
-    def allowed(self, generated: list[int]) -> list[int]:
-        """Tokens that may follow `generated`, a partial answer (the label tokens so far)."""
-        state = 0
-        for token in generated:
-            state = self.next_state[state][token]
-        return self.allowed_in(state)
-
     def mask(self, vocab: int, device: torch.device) -> torch.Tensor:
         """[states, vocab] booleans: row s allows exactly `allowed_in(s)`. Built once per vocabulary and device."""
         key = (vocab, device)

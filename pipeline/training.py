@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 
 from pipeline import interrupts
+from pipeline.completion_head import score_completions_only
 from pipeline.config import FinetuneConfig
 from pipeline.models import ModelError
 
@@ -254,6 +255,7 @@ def finetune(model: Any, tokenizer: Any, prompts: list[str], completions: list[s
                          processing_class=tokenizer, callbacks=callbacks)
     for printer in (PrinterCallback, ProgressCallback):  # they print raw log dicts between our output
         trainer.remove_callback(printer)
+    score_completions_only(peft_model.get_base_model())  # after SFTTrainer has added its fused head
     checkpoint, clock.before = last_complete_checkpoint(trainer_dir) if trainer_dir.is_dir() else (None, 0.0)
     if checkpoint and on_resume:
         on_resume(checkpoint)

@@ -1,0 +1,82 @@
+"""The training loss's output projection on the completion tokens only, where trl would project every position.
+
+trl's SFTTrainer scores each batch through a fused LM head (`trl.trainer.utils.add_fused_lm_head`). On
+CUDA it projects only the positions whose label counts; elsewhere it projects every position, in
+chunks, and its backward accumulates in fp32. On the default task a row is ~28 tokens of which the
+loss reads 3-5, so on CPU most of that work (a [tokens, 49,152] projection forward, again backward,
+and the softmax statistics over it) went to prompt and padding positions whose loss is zero.
+`score_completions_only` replaces that head, on CPU, with one that projects the labelled positions and
+returns the same fields; the loss, gradients and logged metrics are the same (a test holds them to
+trl's head).
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from typing import Any
+
+import torch
+
+# Config fields that rescale the logits before the softmax (softcapping, logit scales): trl's head applies
+# them; this one does not, so a model that has any keeps trl's head.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                     "logits_scaling")
+
+
+def score_completions_only(model: Any) -> bool:
+    """On CPU, replace the fused LM head trl added to `model` by one that projects only labelled positions.
+
+    Whether it did: not on CUDA/XPU (trl's own head already compacts there), and not for a model whose
+    config rescales its logits or returns router losses (trl's head handles those). `model` is the one
+    trl patched: the PEFT model's base model.
+    """
+    text_config = model.config.get_text_config()
+    if model.device.type in ("cuda", "xpu") or any(getattr(text_config, name, None) is not None
+                                                   for name in _LOGIT_TRANSFORMS):
+        return False
+    if getattr(text_config, "output_router_logits", False):
+        return False
+    fused_forward = model.forward  # trl's: the original forward when called without `fused_lm_head`
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
+                **kwargs):
+        if not fused_lm_head:
+            return fused_forward(*args, labels=labels, shift_labels=shift_labels,
+                                 num_items_in_batch=num_items_in_batch, **kwargs)
+        return _labelled_positions_output(self, args, kwargs, labels, shift_labels, num_items_in_batch)
+
+    model.forward = types.MethodType(forward, model)
+    return True
+
+
+def _labelled_positions_output(model: Any, args: tuple, kwargs: dict, labels: torch.Tensor | None,
+                               shift_labels: torch.Tensor | None, num_items_in_batch: Any) -> Any:
+    """trl's `FusedCausalLMOutput` for one batch, projecting only the positions whose next-token label counts."""
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    kwargs["use_cache"] = False
+    hidden = model.base_model(*args, **kwargs).last_hidden_state
+    if shift_labels is None:  # position t predicts token t + 1
+        hidden, targets = hidden[:, :-1], labels[:, 1:]
+    else:
+        targets = shift_labels
+    mask = targets != -100
+    wanted = targets[mask]
+    logits = model.get_output_embeddings()(hidden[mask]).float()  # [labelled positions, vocab]
+    log_z = logits.logsumexp(-1)
+    log_probs = logits.gather(-1, wanted[:, None]).squeeze(-1) - log_z
+    with torch.no_grad():  # metrics only, as in trl's SFT loss
+        probs = (logits - log_z[:, None]).exp()
+        entropy = log_z - (probs * logits).sum(-1)
+        is_top1 = logits.argmax(-1) == wanted
+
+    def spread(values: torch.Tensor) -> torch.Tensor:
+        # masked_scatter keeps the graph connected when no position is labelled (a differentiable zero)
+        return values.new_zeros(mask.shape).masked_scatter(mask, values)
+
+    log_probs = spread(log_probs)
+    count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    return FusedCausalLMOutput(loss=-log_probs.sum() / count, log_probs=log_probs, entropy=spread(entropy),
+                               is_top1=spread(is_top1), label_mask=mask)

@@ -65,11 +65,10 @@ def _labelled_positions_output(model: Any, args: tuple, kwargs: dict, labels: to
     mask = targets != -100
     wanted = targets[mask]
     logits = model.get_output_embeddings()(hidden[mask]).float()  # [labelled positions, vocab]
-    log_z = logits.logsumexp(-1)
-    log_probs = logits.gather(-1, wanted[:, None]).squeeze(-1) - log_z
+    log_softmax = logits.log_softmax(-1)
+    log_probs = log_softmax.gather(-1, wanted[:, None]).squeeze(-1)
     with torch.no_grad():  # metrics only, as in trl's SFT loss
-        probs = (logits - log_z[:, None]).exp()
-        entropy = log_z - (probs * logits).sum(-1)
+        entropy = -(log_softmax.exp() * log_softmax).sum(-1)
         is_top1 = logits.argmax(-1) == wanted
 
     def spread(values: torch.Tensor) -> torch.Tensor:

@@ -209,7 +209,7 @@ def _sft_args(cfg: FinetuneConfig, dtype: torch.dtype, trainer_dir: Path) -> Any
         dataloader_pin_memory=use_cuda,
         # Rows of similar length share a batch, so little compute goes to padding.
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
-        warmup_steps=0.05,
+        warmup_steps=cfg.warmup_ratio,  # below 1: a fraction of the steps
         # trl turns this on by default to save memory; a 135M model does not need it and it costs a forward pass.
         gradient_checkpointing=False,
         lr_scheduler_type="linear",

@@ -229,7 +229,7 @@ def evaluate(exp: Experiment, arm: Arm, backend, template: PromptTemplate, predi
     metrics["prefix_tokens"] = float(renderer.static_prefix_tokens()) if renderer.tokenizer else 0.0
     if backend.tokens_estimated:
         metrics["tokens_estimated"] = 1.0
-    if hasattr(backend, "retries_total"):
+    if backend.retries_total is not None:
         metrics["retries_total"] = float(backend.retries_total)
     metrics.update(_uncached_sample(backend, prompts, arm, timed, at_batch1=batch1 is not None))
     return metrics
@@ -238,10 +238,10 @@ def evaluate(exp: Experiment, arm: Arm, backend, template: PromptTemplate, predi
 def _uncached_sample(backend, prompts, arm: Arm, timed: Measurement, at_batch1: bool) -> dict[str, float]:
     """The first rows again without the prefix cache: what the cache saves, and a check it changes nothing.
     Timed as `latency_p50_ms` is (one call at a time where the arm's latency is), so the two compare."""
-    plain = backend.uncached() if hasattr(backend, "uncached") and arm.eval.uncached_sample else None
+    plain = backend.uncached() if arm.eval.uncached_sample else None
     if plain is None:
         return {}
-    plain = plain.at_batch_size(1) if at_batch1 else plain
+    plain = (plain.at_batch_size(1) or plain) if at_batch1 else plain
     sample = prompts[: arm.eval.uncached_sample]
     # Warmed like the cached pass, so neither pays one-off costs the other does not.
     calls = measure(plain, sample, warmup=min(arm.eval.warmup, len(sample)), repeats=arm.eval.repeats).calls
@@ -254,10 +254,11 @@ def _uncached_sample(backend, prompts, arm: Arm, timed: Measurement, at_batch1: 
 def _batch1_sample(backend, prompts, arm: Arm) -> Measurement | None:
     """The first rows again one call at a time (a local arm that batches): what one interactive caller waits
     (the latency percentiles), and the throughput, so the cost, of serving without batching."""
-    if not hasattr(backend, "at_batch_size") or arm.eval.batch_size == 1 or not arm.eval.batch1_sample:
+    one_at_a_time = backend.at_batch_size(1) if arm.eval.batch_size > 1 and arm.eval.batch1_sample else None
+    if one_at_a_time is None:
         return None
     sample = prompts[: arm.eval.batch1_sample]
-    return measure(backend.at_batch_size(1), sample, warmup=min(arm.eval.warmup, len(sample)),
+    return measure(one_at_a_time, sample, warmup=min(arm.eval.warmup, len(sample)),
                    repeats=arm.eval.repeats)
 
 

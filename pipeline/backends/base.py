@@ -43,10 +43,21 @@ class Backend(Protocol):
     tokens_estimated: bool
     # How many calls warm-up runs at least: a local batch (allocations at the timed size); an API client, 1.
     calls_in_flight: int
+    # Calls retried over all passes so far; None where the backend never retries (a local model).
+    retries_total: int | None
 
     def run(self, prompts: list[Prompt], on_calls: OnCalls | None = None) -> list[Call]:
         """One pass: a Call per prompt, in prompt order. `on_calls` sees finished calls as they
         come, in prompt order (a backend that finishes calls out of order holds them back)."""
+        ...
+
+    def uncached(self) -> "Backend | None":
+        """The same backend without its prefix cache, to time what the cache saves; None where it has none."""
+        ...
+
+    def at_batch_size(self, batch_size: int) -> "Backend | None":
+        """The same backend answering `batch_size` calls at a time; None where the batch is not the client's
+        to choose (an API's server batches as it likes)."""
         ...
 
     def close(self) -> None:

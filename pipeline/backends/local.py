@@ -123,6 +123,7 @@ class LocalBackend:
 
     kind = "local"
     tokens_estimated = False
+    retries_total = None  # a local model call is not retried
 
     def __init__(self, model: Any, tokenizer: Any, settings: LocalSettings, prefix_probe: Prompt | None = None):
         self.model, self.tokenizer, self.settings = model, tokenizer, settings

@@ -83,6 +83,14 @@ class OpenAIBackend:
         self.retries_total += sum(c.retries for c in calls)
         return calls
 
+    def uncached(self) -> None:
+        """None: a server's prompt cache is its own (its hits are reported as `cached_tokens`)."""
+        return None
+
+    def at_batch_size(self, batch_size: int) -> None:
+        """None: the server batches concurrent requests as it likes."""
+        return None
+
     def close(self) -> None:
         """Nothing to release: each pass opens and closes its own client inside its event loop."""
 

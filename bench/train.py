@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
 
     import torch
     from datasets import Dataset
@@ -97,6 +99,7 @@ def main() -> None:
     models = {}
     for repeat in range(args.repeats):  # alternating, so a slow spell of the machine hits both
         for name, train_path in (("baseline", baseline), ("new", new)):
+            models.pop(name, None)  # the previous repeat's model, freed before the next one loads
             rate, models[name] = train_path(out / f"{name}-{repeat}")
             rates[name].append(rate)
             print(f"repeat {repeat + 1}: {name:<8} {rate:7.0f} tokens/s", flush=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,9 +90,10 @@ class ArmModels:
             return stage_key("adapter", files=hash_files([arm.finetune.adapter / ADAPTER_CONFIG,
                                                           arm.finetune.adapter / ADAPTER_WEIGHTS]),
                              **self.identity(arm))
+        # trl's version too: its SFTTrainer (and the fused head completion_head replaces) does the training
         return stage_key("finetune", data=exp.task.content_hash, prompt=template.sha, examples=exp.examples,
                          finetune=arm.finetune.model_dump(), train_dtype=str(self._train_dtype(arm)),
-                         **self.identity(arm))
+                         trl=version("trl"), **self.identity(arm))
 
     def _train_dtype(self, arm: Arm):
         return pick_dtype(arm.model.dtype if arm.finetune.dtype == "auto" else arm.finetune.dtype)

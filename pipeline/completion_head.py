@@ -6,8 +6,9 @@ chunks, and its backward accumulates in fp32. On the default task a row is ~28 t
 loss reads 3-5, so on CPU most of that work (a [tokens, 49,152] projection forward, again backward,
 and the softmax statistics over it) went to prompt and padding positions whose loss is zero.
 `score_completions_only` replaces that head, on CPU, with one that projects the labelled positions and
-returns the same fields; the loss, gradients and logged metrics are the same (a test holds them to
-trl's head).
+returns the fields SFT reads (log-probabilities, entropy, top-1 hits, label mask); the loss, gradients
+and logged metrics are trl's (a test holds them to trl's head, exactly in fp32 and to bf16's precision
+on the bf16 base that CPU training uses).
 """
 
 from __future__ import annotations
@@ -22,33 +23,42 @@ import torch
 # them; this one does not, so a model that has any keeps trl's head.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
                      "logits_scaling")
+# A batch with more labelled positions than this (long completions) goes to trl's head, which projects in
+# chunks: this one holds [positions, vocab] fp32 logits and their log-softmax at once (~0.8 GB each at
+# 4,096 x 49,152). Classification labels are a few tokens a row.
+MAX_LABELLED_POSITIONS = 4096
 
 
 def score_completions_only(model: Any) -> bool:
     """On CPU, replace the fused LM head trl added to `model` by one that projects only labelled positions.
 
-    Whether it did: not on CUDA/XPU (trl's own head already compacts there), and not for a model whose
-    config rescales its logits or returns router losses (trl's head handles those). `model` is the one
-    trl patched: the PEFT model's base model.
+    Whether it did: only on CPU (on CUDA trl's own head compacts; elsewhere trl keeps shapes fixed to spare
+    recompiles), and not for a model whose config rescales its logits, that returns router losses, or
+    whose output layer carries LoRA weights (trl's head reads the raw weight). `model` is the one trl
+    patched: the PEFT model's base model.
     """
     text_config = model.config.get_text_config()
-    if model.device.type in ("cuda", "xpu") or any(getattr(text_config, name, None) is not None
-                                                   for name in _LOGIT_TRANSFORMS):
-        return False
-    if getattr(text_config, "output_router_logits", False):
+    if (model.device.type != "cpu" or any(getattr(text_config, name, None) is not None for name in _LOGIT_TRANSFORMS)
+            or getattr(text_config, "output_router_logits", False)
+            or hasattr(model.get_output_embeddings(), "lora_A")):
         return False
     fused_forward = model.forward  # trl's: the original forward when called without `fused_lm_head`
 
     @functools.wraps(type(model).forward)
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
                 **kwargs):
-        if not fused_lm_head:
-            return fused_forward(*args, labels=labels, shift_labels=shift_labels,
+        if not fused_lm_head or _labelled_positions(labels, shift_labels) > MAX_LABELLED_POSITIONS:
+            return fused_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
                                  num_items_in_batch=num_items_in_batch, **kwargs)
         return _labelled_positions_output(self, args, kwargs, labels, shift_labels, num_items_in_batch)
 
+    forward.labelled_positions_only = True  # how a test tells this head from trl's
     model.forward = types.MethodType(forward, model)
     return True
+
+
+def _labelled_positions(labels: torch.Tensor, shift_labels: torch.Tensor | None) -> int:
+    return int(((labels[:, 1:] if shift_labels is None else shift_labels) != -100).sum())
 
 
 def _labelled_positions_output(model: Any, args: tuple, kwargs: dict, labels: torch.Tensor | None,
@@ -72,7 +82,7 @@ def _labelled_positions_output(model: Any, args: tuple, kwargs: dict, labels: to
         is_top1 = logits.argmax(-1) == wanted
 
     def spread(values: torch.Tensor) -> torch.Tensor:
-        # masked_scatter keeps the graph connected when no position is labelled (a differentiable zero)
+        # back to trl's [batch, positions] layout, zero where the label is ignored
         return values.new_zeros(mask.shape).masked_scatter(mask, values)
 
     log_probs = spread(log_probs)

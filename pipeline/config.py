@@ -115,8 +115,9 @@ class FinetuneConfig(_Strict):
     max_steps: int = Field(default=-1, description="-1: as many as epochs need")
     learning_rate: float = Field(default=1e-3, gt=0)
     warmup_ratio: float = Field(
-        default=0.0, ge=0, lt=1, description="fraction of the steps over which the learning rate rises from 0 "
-        "(trl's default, 0: on a short training even one warm-up step is a batch spent at a rate of 0)")
+        default=0.0, ge=0, lt=1, description="fraction of the steps over which the learning rate rises from 0, "
+        "rounded up to whole steps (the Trainer's default, 0: on a short training one warm-up step is a batch "
+        "spent at a rate of 0)")
     batch_size: int = Field(default=16, gt=0)
     max_length: int = Field(default=256, gt=8)
     dtype: Literal["auto", "bfloat16", "float32"] = Field(default="auto", description="auto: the model's dtype")

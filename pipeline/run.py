@@ -21,6 +21,7 @@ import yaml
 from pipeline import economics, interrupts, tracking
 from pipeline.arm_models import ArmModels
 from pipeline.arms import Arm, resolved_config, resolved_params
+from pipeline.backends.base import Backend
 from pipeline.config import ExperimentConfig, flatten, project_root_for
 from pipeline.costing import finetune_fixed_cost
 from pipeline.data import TaskData, eval_rows, load_task
@@ -190,7 +191,7 @@ def log_label_scores(exp: Experiment, arm: Arm, rows: economics.ArmRows) -> None
     mlflow.log_artifact(str(image))
 
 
-def evaluate(exp: Experiment, arm: Arm, backend, template: PromptTemplate, predictions: Path) -> dict[str, float]:
+def evaluate(exp: Experiment, arm: Arm, backend: Backend, template: PromptTemplate, predictions: Path) -> dict[str, float]:
     """Measure every test row on the backend, parse and score it; predictions are written as they come
     (so they are kept on Ctrl-C), one row per test row, in test-row order."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -235,7 +236,7 @@ def evaluate(exp: Experiment, arm: Arm, backend, template: PromptTemplate, predi
     return metrics
 
 
-def _uncached_sample(backend, prompts, arm: Arm, timed: Measurement, at_batch1: bool) -> dict[str, float]:
+def _uncached_sample(backend: Backend, prompts, arm: Arm, timed: Measurement, at_batch1: bool) -> dict[str, float]:
     """The first rows again without the prefix cache: what the cache saves, and a check it changes nothing.
     Timed as `latency_p50_ms` is (one call at a time where the arm's latency is), so the two compare."""
     plain = backend.uncached() if arm.eval.uncached_sample else None
@@ -251,7 +252,7 @@ def _uncached_sample(backend, prompts, arm: Arm, timed: Measurement, at_batch1: 
             "prefix_cache_agreement": sum(a.output == b.output for a, b in zip(calls, timed.calls)) / len(calls)}
 
 
-def _batch1_sample(backend, prompts, arm: Arm) -> Measurement | None:
+def _batch1_sample(backend: Backend, prompts, arm: Arm) -> Measurement | None:
     """The first rows again one call at a time (a local arm that batches): what one interactive caller waits
     (the latency percentiles), and the throughput, so the cost, of serving without batching."""
     one_at_a_time = backend.at_batch_size(1) if arm.eval.batch_size > 1 and arm.eval.batch1_sample else None

@@ -14,7 +14,7 @@ from pipeline.prompts import Prompt
 class ScriptedBackend:
     """Answers with the pass number and reports scripted latencies, one list per pass."""
 
-    kind, tokens_estimated = "scripted", False
+    kind, tokens_estimated, retries_total = "scripted", False, None
 
     def __init__(self, latencies_per_pass, calls_in_flight=1):
         self.latencies = list(latencies_per_pass)
@@ -28,6 +28,12 @@ class ScriptedBackend:
         if on_calls:
             on_calls(calls)
         return calls
+
+    def uncached(self):
+        return None
+
+    def at_batch_size(self, batch_size):
+        return None
 
     def close(self):
         pass

@@ -91,6 +91,12 @@ def test_resume_skips_a_checkpoint_killed_while_saving(first_run, damage, tmp_pa
     assert worst <= 0.02 * max(float(a[k].float().abs().max()) for k in a), worst
 
 
+def test_training_on_cpu_scores_the_loss_on_completion_positions_only(first_run):
+    """The head trl would use projects every position on CPU; a trl or transformers release that trips one of
+    completion_head's guards would silently bring it back."""
+    assert getattr(first_run.result.model.get_base_model().forward, "labelled_positions_only", False)
+
+
 def test_training_shows_a_progress_bar_and_prints_no_raw_logs(tmp_path, tokenizer, capfd, monkeypatch):
     bars = []
 

@@ -51,11 +51,11 @@ class Backend(Protocol):
         come, in prompt order (a backend that finishes calls out of order holds them back)."""
         ...
 
-    def uncached(self) -> "Backend | None":
+    def uncached(self) -> Backend | None:
         """The same backend without its prefix cache, to time what the cache saves; None where it has none."""
         ...
 
-    def at_batch_size(self, batch_size: int) -> "Backend | None":
+    def at_batch_size(self, batch_size: int) -> Backend | None:
         """The same backend answering `batch_size` calls at a time; None where the batch is not the client's
         to choose (an API's server batches as it likes)."""
         ...

@@ -191,7 +191,8 @@ def log_label_scores(exp: Experiment, arm: Arm, rows: economics.ArmRows) -> None
     mlflow.log_artifact(str(image))
 
 
-def evaluate(exp: Experiment, arm: Arm, backend: Backend, template: PromptTemplate, predictions: Path) -> dict[str, float]:
+def evaluate(exp: Experiment, arm: Arm, backend: Backend, template: PromptTemplate,
+             predictions: Path) -> dict[str, float]:
     """Measure every test row on the backend, parse and score it; predictions are written as they come
     (so they are kept on Ctrl-C), one row per test row, in test-row order."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

@@ -34,7 +34,8 @@ NEEDED = {
     "scipy": ("1.15", "scipy.stats.bootstrap(rng=...)"),
     "torchao": ("0.18", "the int8 weight-only config the int8 arm uses"),
     "datasketch": ("2.0", "MinHash(scheme='affine32') for the near-duplicate sketches"),
-    "trl": ("1.15", "SFTTrainer scores through a fused LM head (`fused_lm_head=True`) that completion_head replaces"),
+    "trl": ("1.15", "SFTTrainer scores through a fused LM head (`fused_lm_head=True`), which completion_head "
+                    "replaces on CPU"),
     "torch": ("2.4", "aten._scaled_dot_product_flash_attention_for_cpu with attn_mask, returning the log-sum-exp"),
 }
 

@@ -47,33 +47,31 @@ def score_completions_only(model: Any) -> bool:
     @functools.wraps(type(model).forward)
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
                 **kwargs):
-        if not fused_lm_head or _labelled_positions(labels, shift_labels) > MAX_LABELLED_POSITIONS:
-            return fused_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
-                                 num_items_in_batch=num_items_in_batch, **kwargs)
-        return _labelled_positions_output(self, args, kwargs, labels, shift_labels, num_items_in_batch)
+        if fused_lm_head:
+            # position t predicts token t + 1, unless the caller has shifted the labels already
+            targets = labels[:, 1:] if shift_labels is None else shift_labels
+            mask = targets != -100
+            if int(mask.sum()) <= MAX_LABELLED_POSITIONS:
+                return _labelled_positions_output(self, args, kwargs, targets[mask], mask, shift_labels is None,
+                                                  num_items_in_batch)
+        return fused_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
+                             num_items_in_batch=num_items_in_batch, **kwargs)
 
     forward.labelled_positions_only = True  # how a test tells this head from trl's
     model.forward = types.MethodType(forward, model)
     return True
 
 
-def _labelled_positions(labels: torch.Tensor, shift_labels: torch.Tensor | None) -> int:
-    return int(((labels[:, 1:] if shift_labels is None else shift_labels) != -100).sum())
-
-
-def _labelled_positions_output(model: Any, args: tuple, kwargs: dict, labels: torch.Tensor | None,
-                               shift_labels: torch.Tensor | None, num_items_in_batch: Any) -> Any:
-    """trl's `FusedCausalLMOutput` for one batch, projecting only the positions whose next-token label counts."""
+def _labelled_positions_output(model: Any, args: tuple, kwargs: dict, wanted: torch.Tensor, mask: torch.Tensor,
+                               shifted_here: bool, num_items_in_batch: Any) -> Any:
+    """trl's `FusedCausalLMOutput` for one batch, projecting only the positions `mask` marks ([batch,
+    positions]), whose next tokens are `wanted`. `shifted_here`: the labels were shifted by one here, so the
+    last position predicts nothing."""
     from trl.trainer.utils import FusedCausalLMOutput
 
     kwargs["use_cache"] = False
     hidden = model.base_model(*args, **kwargs).last_hidden_state
-    if shift_labels is None:  # position t predicts token t + 1
-        hidden, targets = hidden[:, :-1], labels[:, 1:]
-    else:
-        targets = shift_labels
-    mask = targets != -100
-    wanted = targets[mask]
+    hidden = hidden[:, :-1] if shifted_here else hidden
     logits = model.get_output_embeddings()(hidden[mask]).float()  # [labelled positions, vocab]
     log_softmax = logits.log_softmax(-1)
     log_probs = log_softmax.gather(-1, wanted[:, None]).squeeze(-1)

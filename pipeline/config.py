@@ -130,6 +130,9 @@ class FinetuneConfig(_Strict):
         description="LoRA weights and their updates in fp32 on a bf16 base: bf16 adapters train ~1.25x faster "
         "but round small optimizer updates away (84.6% vs 81.6% on the default task)",
     )
+    cuda_graphs: bool = Field(
+        default=True, description="on one CUDA GPU, replay each training step's forward and backward as a CUDA "
+        "graph (pipeline.graphed_step): launched kernel by kernel, a small model's step is bound by the host")
     processes: int = Field(
         default=1, gt=0, description="data-parallel training processes (one per GPU, or CPU processes with gloo), "
         "started with torchrun; batch_size stays the global batch (`roi run --processes N` sets this)")

@@ -213,6 +213,8 @@ def _sft_args(cfg: FinetuneConfig, dtype: torch.dtype, trainer_dir: Path) -> Any
         # trl turns this on by default to save memory; a 135M model does not need it and it costs a forward pass.
         gradient_checkpointing=False,
         lr_scheduler_type="linear",
+        # One multi-tensor kernel per step for the ~400 adapter tensors, rather than several per tensor.
+        optim="adamw_torch_fused" if use_cuda else "adamw_torch",
     )
 
 
@@ -256,6 +258,9 @@ def finetune(model: Any, tokenizer: Any, prompts: list[str], completions: list[s
     for printer in (PrinterCallback, ProgressCallback):  # they print raw log dicts between our output
         trainer.remove_callback(printer)
     score_completions_only(peft_model.get_base_model())  # after SFTTrainer has added its fused head
+    graphed = _graphed_step(trainer, peft_model, cfg, dtype)
+    if graphed:
+        trainer.training_step = graphed
     checkpoint, clock.before = last_complete_checkpoint(trainer_dir) if trainer_dir.is_dir() else (None, 0.0)
     if checkpoint and on_resume:
         on_resume(checkpoint)
@@ -272,6 +277,21 @@ def finetune(model: Any, tokenizer: Any, prompts: list[str], completions: list[s
     return FinetuneResult(peft_model.eval(), train_time_s, int(trainer.state.num_input_tokens_seen),
                           float(output.training_loss), adapter_dir, resumed_from=checkpoint,
                           trainer_args=trainer.args.to_json_string())
+
+
+def _graphed_step(trainer: Any, peft_model: Any, cfg: FinetuneConfig, dtype: torch.dtype) -> Any:
+    """The CUDA-graphed training step for this training, or None where it does not apply: off in the config,
+    not on one CUDA device, several processes, fp16 (whose loss scaling the Trainer's own step does)."""
+    from pipeline.graphed_step import GraphedTrainingStep
+
+    model = peft_model.get_base_model()
+    if not cfg.cuda_graphs or model.device.type != "cuda" or cfg.processes > 1 or dtype == torch.float16:
+        return None
+    # The loss reads each row's completion tokens (labels other than -100, built by SFTTrainer): the longest
+    # bounds how many positions a batch's loss projects.
+    labelled_per_row = max(sum(token != -100 for token in row) for row in trainer.train_dataset["labels"])
+    return GraphedTrainingStep(model, cfg.batch_size, max(labelled_per_row, 1),
+                               torch.bfloat16 if dtype == torch.bfloat16 else None)
 
 
 def load_adapter(model: Any, adapter_dir: Path) -> Any:

@@ -141,7 +141,7 @@ def step_bench(folder: str, repeats: int, busy: GpuBusy) -> None:
 
 
 def finetune_bench(folder: str, config: str, overrides: list[str], label: str, busy: GpuBusy,
-                   graphs: list[bool]) -> None:
+                   graphs: list[bool], profile: bool = False) -> None:
     """The project's `finetune` on a task's training split, with and without CUDA graphs."""
     import torch
     from transformers import AutoTokenizer
@@ -166,6 +166,15 @@ def finetune_bench(folder: str, config: str, overrides: list[str], label: str, b
         result = finetune(model, tokenizer, prompts, list(train["label"]), arm.finetune, torch.bfloat16,
                           Path(tempfile.mkdtemp(prefix="gpu-bench-")))
         wall = time.perf_counter() - started
+        if profile:
+            import cProfile
+            import pstats
+
+            profiler = cProfile.Profile()
+            profiler.runcall(finetune, random_model(folder), tokenizer, prompts, list(train["label"]), arm.finetune,
+                             torch.bfloat16, Path(tempfile.mkdtemp(prefix="gpu-bench-")))
+            print(f"{label} profile of one more run (host time, cProfile; its overhead included):")
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
         steps = -(-len(prompts) // cfg.finetune.batch_size) * cfg.finetune.epochs
         print(f"{label} graphs {'on ' if on else 'off'} {len(prompts)} rows x {cfg.finetune.epochs:g} epochs, batch "
               f"{cfg.finetune.batch_size}: {result.train_time_s:6.1f} s training ({wall:.1f} s with set-up), "
@@ -193,6 +202,7 @@ def eval_bench(folder: str, busy: GpuBusy, batch_sizes: list[int], rows: int | N
     examples = pick_examples(task.splits["train"]["text"], task.splits["train"]["label"], cfg.prompts.few_shot_k,
                              cfg.data.seed)
     passes: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
+    steps = _time_static_steps()
 
     def before(module, args, kwargs):
         start = torch.cuda.Event(enable_timing=True)
@@ -208,23 +218,53 @@ def eval_bench(folder: str, busy: GpuBusy, batch_sizes: list[int], rows: int | N
         decoder = model.get_decoder()
         decoder.register_forward_pre_hook(before, with_kwargs=True)
         decoder.register_forward_hook(after, with_kwargs=True)
-    for arm in (a for a in cfg.resolved_arms if a.name in ("naive", "engineered", "finetuned")):
+    runs = [(arm, batch, None) for arm in cfg.resolved_arms if arm.name in ("naive", "engineered", "finetuned")
+            for batch in batch_sizes]
+    # the baseline: the same arm decoded with continuous batching, op by op
+    runs += [(next(a for a in cfg.resolved_arms if a.name == "engineered"), batch_sizes[0], False)]
+    for arm, batch_size, static in runs:
         renderer = PromptRenderer(load_template(arm.prompt), tokenizer, task.labels, examples)
         prompts = [renderer.prompt(t) for t in texts]
-        for batch_size in batch_sizes:
-            settings = LocalSettings(batch_size, cfg.eval.max_new_tokens, prefix_cache=arm.eval.prefix_cache)
-            backend = LocalBackend(model, tokenizer, settings, prefix_probe=renderer.prefix_probe())
-            backend.run(prompts[:batch_size])  # warm-up at the timed batch size; builds the prefix cache
-            passes.clear()
-            started = time.perf_counter()
-            calls = backend.run(prompts)
-            wall = time.perf_counter() - started
-            torch.cuda.synchronize() if DEVICE == "cuda" else None
-            decode = [s.elapsed_time(e) for n, s, e in passes if n == 1 and e is not None] if DEVICE == "cuda" else [0.0]
-            tokens = sum(c.completion_tokens for c in calls)
-            print(f"eval  {arm.name:<10} batch {batch_size:<4} {len(calls) / wall:8.1f} calls/s, {tokens / wall:9,.0f} "
-                  f"generated tokens/s, {len(decode)} decoding passes, median {statistics.median(decode):.2f} ms "
-                  f"(GPU time of the pass); {busy.between(started, time.perf_counter())}")
+        settings = LocalSettings(batch_size, cfg.eval.max_new_tokens, prefix_cache=arm.eval.prefix_cache,
+                                 static_decoding=static)
+        backend = LocalBackend(model, tokenizer, settings, prefix_probe=renderer.prefix_probe())
+        backend.run(prompts[:batch_size])  # warm-up at the timed batch size; builds the prefix cache (and graph)
+        passes.clear()
+        steps.clear()
+        started = time.perf_counter()
+        calls = backend.run(prompts)
+        wall = time.perf_counter() - started
+        torch.cuda.synchronize() if DEVICE == "cuda" else None
+        decode = [s.elapsed_time(e) for n, s, e in passes if n == 1 and e is not None] if DEVICE == "cuda" else []
+        decoder = backend._static.get(batch_size)
+        how = ("continuous batching, op by op" if decoder is None else
+               f"static waves, {'CUDA graph' if decoder.graph is not None else 'no graph'}")
+        step_ms = statistics.median(steps) if decoder is not None and steps else (
+            statistics.median(decode) if decode else float("nan"))
+        tokens = sum(c.completion_tokens for c in calls)
+        print(f"eval  {arm.name:<10} batch {batch_size:<4} {len(calls) / wall:8.1f} calls/s, {tokens / wall:9,.0f} "
+              f"generated tokens/s, decoding step median {step_ms:.2f} ms ({how}); "
+              f"{busy.between(started, time.perf_counter())}")
+        backend.close()
+
+
+def _time_static_steps() -> list[float]:
+    """Wall ms of each static decoding step, its result on the host (what a step costs the decoding loop)."""
+    import torch
+
+    from pipeline.backends.static_decoding import StaticDecoder
+
+    steps: list[float] = []
+    step = StaticDecoder._decode_step
+
+    def timed(self):
+        started = time.perf_counter()
+        step(self)
+        torch.cuda.synchronize() if DEVICE == "cuda" else None
+        steps.append((time.perf_counter() - started) * 1000)
+
+    StaticDecoder._decode_step = timed
+    return steps
 
 
 def main() -> None:
@@ -233,6 +273,8 @@ def main() -> None:
     parser.add_argument("--banking77", metavar="DIR", help="BANKING77's folder (train.csv, test.csv, categories.json)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip", nargs="*", default=[], choices=["step", "finetune", "banking77", "eval"])
+    parser.add_argument("--graphed-only", action="store_true", help="finetune: no run with graphs off")
+    parser.add_argument("--profile", action="store_true", help="finetune: cProfile one more graphed run")
     parser.add_argument("--smoke", action="store_true", help="a check of the script on CPU: tiny sizes, no step part")
     args = parser.parse_args()
 
@@ -251,7 +293,8 @@ def main() -> None:
     smoke = ["data.train_limit=16", "finetune.epochs=1"] if args.smoke else []
     parts = {
         "step": lambda: step_bench(args.random_weights, args.repeats, busy),
-        "finetune": lambda: finetune_bench(args.random_weights, default, smoke, "finetune", busy, [True, False, True]),
+        "finetune": lambda: finetune_bench(args.random_weights, default, smoke, "finetune", busy,
+                                           [True] if args.graphed_only else [True, False, True], profile=args.profile),
         "banking77": lambda: args.banking77 and [
             finetune_bench(args.random_weights, str(ROOT / "experiments" / "banking77.yaml"),
                            [f"task.path={args.banking77}", "data.train_limit=null", "finetune.epochs=1",

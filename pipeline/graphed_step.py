@@ -5,8 +5,9 @@ adapters, their casts), each a few microseconds of GPU work: launched one by one
 sits idle most of the step, whatever the batch. Captured once as a CUDA graph, the step's kernels are
 replayed with one launch. Graphs need fixed shapes and no host syncs, so:
 
-- each batch is padded to `rows` rows and to its length rounded up to `length_multiple` (one graph per
-  length bucket); extra rows and columns carry no labels. The collator pads on the right, so with a
+- each batch is padded to `rows` rows and to its length rounded up to `length_multiple`, at most to the
+  longest row of the training set (one graph per length bucket: a capture costs about two eager steps);
+  extra rows and columns carry no labels. The collator pads on the right, so with a
   causal mask a row's real tokens never see its padding, and no padding mask is needed;
 - the loss projects a fixed number of positions (the labelled ones first, found by a stable sort rather
   than a data-dependent index), so its shape does not depend on how many positions the batch labels.
@@ -55,8 +56,8 @@ class GraphedTrainingStep:
     """
 
     def __init__(self, model: Any, rows: int, labelled_per_row: int, autocast_dtype: torch.dtype | None,
-                 length_multiple: int = 16):
-        self.model, self.rows, self.length_multiple = model, rows, length_multiple
+                 longest: int | None = None, length_multiple: int = 32):
+        self.model, self.rows, self.longest, self.length_multiple = model, rows, longest, length_multiple
         self.positions = rows * labelled_per_row
         self.autocast_dtype = autocast_dtype
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -69,6 +70,8 @@ class GraphedTrainingStep:
         if rows > self.rows:
             raise ValueError(f"a batch of {rows} rows for a step graphed at {self.rows}")
         padded = -(-length // self.length_multiple) * self.length_multiple
+        if self.longest is not None and length <= self.longest:
+            padded = min(padded, self.longest)
         captured = self.graphs.get(padded)
         if captured is None:
             return self._first_step(padded, input_ids, labels)
@@ -89,6 +92,8 @@ class GraphedTrainingStep:
     def _first_step(self, length: int, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The bucket's first batch, run eagerly on a side stream (the warm-up a capture needs), then its graph."""
         device = input_ids.device
+        for param in self.params:
+            param.grad = None  # the eager backward would add to another bucket's graph-held gradients
         static_ids = torch.full((self.rows, length), 0, dtype=input_ids.dtype, device=device)
         static_labels = torch.full((self.rows, length), -100, dtype=labels.dtype, device=device)
         static_ids[: input_ids.shape[0], : input_ids.shape[1]].copy_(input_ids)

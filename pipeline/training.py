@@ -156,6 +156,29 @@ class _ProgressBar:
         return ProgressBar()
 
 
+# With `checkpoint_steps` unset, a checkpoint once this much training time has passed since the last: what a
+# kill can cost, whatever a step takes on this machine.
+CHECKPOINT_EVERY_S = 60.0
+
+
+def _save_every(seconds: float) -> Any:
+    """A Trainer callback that asks for a checkpoint at the first step end `seconds` after the last save."""
+    from transformers import TrainerCallback
+
+    class SaveEveryMinute(TrainerCallback):
+        def __init__(self):
+            self.last = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            # Also at the last step, where the Trainer would save one more: the adapter is saved right after.
+            control.should_save = time.perf_counter() - self.last >= seconds
+
+        def on_save(self, args, state, control, **kwargs):
+            self.last = time.perf_counter()
+
+    return SaveEveryMinute()
+
+
 def _log_callback(on_log: Callable[[dict[str, float], int], None]) -> Any:
     """A Trainer callback that hands each log entry's numbers, at its step, to `on_log`.
 
@@ -195,8 +218,9 @@ def _sft_args(cfg: FinetuneConfig, dtype: torch.dtype, trainer_dir: Path) -> Any
         bf16=use_cuda and dtype == torch.bfloat16,
         fp16=use_cuda and dtype == torch.float16,
         logging_steps=cfg.logging_steps,
-        save_strategy="steps" if cfg.checkpoint_steps else "no",
-        save_steps=cfg.checkpoint_steps or 500,
+        save_strategy="no" if cfg.checkpoint_steps == 0 else "steps",
+        # unset: `_SaveEveryMinute` decides when, so only the clock saves
+        save_steps=cfg.checkpoint_steps or 10**9,
         save_total_limit=2,
         save_only_model=False,
         # No integration: its MLflow callback logs ~170 Trainer and model-config params and unprefixed
@@ -223,7 +247,8 @@ def finetune(model: Any, tokenizer: Any, prompts: list[str], completions: list[s
              on_resume: Callable[[str], None] | None = None, console: Any = None) -> FinetuneResult:
     """Train a LoRA adapter with trl's SFTTrainer, loss on the completion only; save it as safetensors.
 
-    Checkpoints go to `out_dir/trainer` every `cfg.checkpoint_steps` steps; when one is there
+    Checkpoints go to `out_dir/trainer` every `cfg.checkpoint_steps` steps (unset: once a minute of
+    training has passed since the last); when one is there
     (a run was killed), training resumes from the latest complete one with its optimizer, scheduler,
     RNG state and data order, and the reported training time includes the time before the kill.
     With a rich `console`, a transient progress bar shows on it. `on_log(values, step)` receives the
@@ -253,6 +278,8 @@ def finetune(model: Any, tokenizer: Any, prompts: list[str], completions: list[s
     clock = _TrainClock()
     bar = _ProgressBar(console) if console is not None else None
     callbacks = [clock.callback()] + ([bar.callback()] if bar else []) + ([_log_callback(on_log)] if on_log else [])
+    if cfg.checkpoint_steps is None:
+        callbacks.append(_save_every(CHECKPOINT_EVERY_S))
     trainer = SFTTrainer(model=peft_model, args=_sft_args(cfg, dtype, trainer_dir), train_dataset=train,
                          processing_class=tokenizer, callbacks=callbacks)
     for printer in (PrinterCallback, ProgressCallback):  # they print raw log dicts between our output
@@ -261,6 +288,10 @@ def finetune(model: Any, tokenizer: Any, prompts: list[str], completions: list[s
     graphed = _graphed_step(trainer, peft_model, cfg, dtype)
     if graphed:
         trainer.training_step = graphed
+    # The Trainer counts FLOPs each step from the parameter count, which it recounts each step (walking every
+    # module: ~20 ms a step on this CPU, a step's worth on a GPU). Counted once, the same figure.
+    parameters = peft_model.num_parameters(exclude_embeddings=True)
+    trainer.floating_point_ops = lambda inputs: 6 * inputs["input_ids"].numel() * parameters
     checkpoint, clock.before = last_complete_checkpoint(trainer_dir) if trainer_dir.is_dir() else (None, 0.0)
     if checkpoint and on_resume:
         on_resume(checkpoint)
@@ -289,9 +320,10 @@ def _graphed_step(trainer: Any, peft_model: Any, cfg: FinetuneConfig, dtype: tor
         return None
     # The loss reads each row's completion tokens (labels other than -100, built by SFTTrainer): the longest
     # bounds how many positions a batch's loss projects.
-    labelled_per_row = max(sum(token != -100 for token in row) for row in trainer.train_dataset["labels"])
+    labels = trainer.train_dataset["labels"]
+    labelled_per_row = max(sum(token != -100 for token in row) for row in labels)
     return GraphedTrainingStep(model, cfg.batch_size, max(labelled_per_row, 1),
-                               torch.bfloat16 if dtype == torch.bfloat16 else None)
+                               torch.bfloat16 if dtype == torch.bfloat16 else None, longest=max(map(len, labels)))
 
 
 def load_adapter(model: Any, adapter_dir: Path) -> Any:

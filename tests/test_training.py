@@ -137,3 +137,12 @@ def test_progress_bar_draws_on_a_terminal_and_clears_itself():
     assert "3/4" in drawn and "loss 1.234" in drawn and "tokens/s" in drawn
     assert not bar.progress.live.is_started
     assert drawn.endswith("\x1b[1A\x1b[2K")  # transient: it ends by erasing its own line
+
+
+@pytest.mark.parametrize("every_s, kept", [(0.0, ["checkpoint-2", "checkpoint-3"]), (1e9, [])])
+def test_unset_checkpoint_steps_saves_by_training_time(tmp_path, tokenizer, monkeypatch, every_s, kept):
+    """Unset, a checkpoint goes down once CHECKPOINT_EVERY_S of training has passed since the last: at every step
+    when that is 0 (the Trainer keeps the last two), never within a short training when it is long."""
+    monkeypatch.setattr(training, "CHECKPOINT_EVERY_S", every_s)
+    _finetune(tmp_path, tokenizer, CFG.model_copy(update={"max_steps": 3, "checkpoint_steps": None}))
+    assert sorted(p.name for p in (tmp_path / "trainer").glob("checkpoint-*")) == kept

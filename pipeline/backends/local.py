@@ -108,6 +108,10 @@ class LocalSettings:
     auto_prefix: bool = False
     # Keep each prompt's token ids for the next pass (an eval set repeats; a server's requests do not).
     remember_prompts: bool = True
+    # Decode in fixed waves over a static cache, each step a CUDA graph replay (backends.static_decoding), rather
+    # than with rows leaving and joining. None: on CUDA, where a step launched op by op is bound by the host
+    # (~20 ms a step for the default model on an H200, bench/gpu.py); the graph is captured only on CUDA.
+    static_decoding: bool | None = None
 
 
 class LocalBackend:
@@ -135,6 +139,7 @@ class LocalBackend:
         self._encoded: dict[Prompt, list[int]] = {}
         self._cache: PrefixCache | None = None
         self._cache_for: tuple[int, ...] | None = None
+        self._static: dict[int, Any] = {}  # batch size -> StaticDecoder (its CUDA graph outlives a pass)
 
     @property
     def calls_in_flight(self) -> int:
@@ -170,11 +175,40 @@ class LocalBackend:
             if on_calls:
                 on_calls(done)
 
+        suffixes = [ids[shared:] for ids in encoded]
+        decoder = self._static_decoder(cache, suffixes, max_new_tokens)
+        if decoder is not None:
+            from pipeline.backends.static_decoding import greedy_answers_static
+
+            greedy_answers_static(decoder, suffixes, max_new_tokens, self.stop_ids, answered)
+            return calls
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
         with cache.rows(self.model) if cache else nullcontext() as caches:
-            greedy_answers(self.model, [ids[shared:] for ids in encoded], max_new_tokens, self.stop_ids,
-                           self.settings.batch_size, pad, caches, self.constraint, answered)
+            greedy_answers(self.model, suffixes, max_new_tokens, self.stop_ids, self.settings.batch_size, pad, caches,
+                           self.constraint, answered)
         return calls
+
+    def _static_decoder(self, cache: PrefixCache | None, suffixes: list[list[int]], max_new_tokens: int) -> Any:
+        """The static-cache decoder for this pass (kept for the next at the same batch size), or None where
+        this backend decodes with continuous batching: off in the settings, or a model with sliding-window
+        layers, whose static cache keeps only its window."""
+        from pipeline.backends.static_decoding import StaticDecoder, fits_static_cache
+
+        static = self.settings.static_decoding
+        if not (self.model.device.type == "cuda" if static is None else static) or not fits_static_cache(self.model):
+            return None
+        prefix_length = cache.length if cache else 0
+        # Room for the longest prompt and answer, rounded up so that a slightly longer pass reuses the graph.
+        length = -(-(prefix_length + max(map(len, suffixes)) + max_new_tokens + 1) // 64) * 64
+        rows = self.settings.batch_size
+        decoder = self._static.get(rows)
+        if (decoder is None or decoder.length < length or decoder.prefix is not (cache.cache if cache else None)
+                or decoder.constraint is not self.constraint):
+            self._static.pop(rows, None)  # its cache and graph memory go before the new one's
+            decoder = StaticDecoder(self.model, rows, length, cache.cache if cache else None, prefix_length,
+                                    self.constraint, graphs=self.model.device.type == "cuda")
+            self._static[rows] = decoder
+        return decoder
 
     def _prefix_cache(self, encoded: list[list[int]]) -> PrefixCache | None:
         """The cache of what these prompts share with the static prefix; built once, reused by later passes.
@@ -228,6 +262,7 @@ class LocalBackend:
 
     def close(self) -> None:
         self._cache = None
+        self._static.clear()
         self._encoded.clear()
 
 

@@ -205,11 +205,15 @@ def eval_bench(folder: str, busy: GpuBusy, batch_sizes: list[int], rows: int | N
     steps = _time_static_steps()
 
     def before(module, args, kwargs):
+        if torch.cuda.is_current_stream_capturing():  # an event recorded into a graph cannot be timed
+            return
         start = torch.cuda.Event(enable_timing=True)
         start.record()
         passes.append((kwargs["input_ids"].shape[1], start, None))
 
     def after(module, args, kwargs, output):
+        if torch.cuda.is_current_stream_capturing():
+            return
         end = torch.cuda.Event(enable_timing=True)
         end.record()
         passes[-1] = (*passes[-1][:2], end)

@@ -119,6 +119,13 @@ class ArmModels:
         self.console.print(f"model loaded: {self.display_name(arm)} in {time.perf_counter() - t0:.1f} s")
         return model
 
+    def _fresh(self, arm: Arm) -> Any:
+        """A copy of the arm's base weights of its own, to train or merge an adapter into: copied in memory from
+        the shared one (a GGUF is dequantised once a run, not once per fine-tuned arm)."""
+        import copy
+
+        return copy.deepcopy(self._shared(arm))
+
     def _shared(self, arm: Arm) -> Any:
         """The base weights prompt arms share; never trained or merged into."""
         if arm.model_key not in self._models:
@@ -161,13 +168,13 @@ class ArmModels:
             mlflow.set_tags({"adapter_source": str(given)})
             record = self._adapter_records.get(arm.name, {})
             stats = {k: float(record.get(k, 0.0)) for k in ("train_time_s", "train_tokens", "train_loss")}
-            return load_adapter(self._load(arm), given).merge_and_unload(), stats
+            return load_adapter(self._fresh(arm), given).merge_and_unload(), stats
         key = self.adapter_key(arm, exp, template)
         done = None if exp.force else exp.store.load(key)
         if done is not None:
             self.console.print(f"reusing the trained adapter ({key})")
             mlflow.set_tags({"reused_adapter": "true", "reused_stage": key})
-            return load_adapter(self._load(arm), exp.store.path(key) / "adapter").merge_and_unload(), done["train"]
+            return load_adapter(self._fresh(arm), exp.store.path(key) / "adapter").merge_and_unload(), done["train"]
         return self._train(arm, exp, template, key)
 
     def _train(self, arm: Arm, exp: "Experiment", template: PromptTemplate, key: str) -> tuple[Any, dict[str, float]]:
@@ -183,7 +190,7 @@ class ArmModels:
         if arm.finetune.processes > 1:
             return self._train_on_processes(arm, exp, key, prompts, completions, dtype)
         result = finetune(
-            self._load(arm).to(dtype), self.tokenizer_for(arm), prompts, completions, arm.finetune, dtype,
+            self._fresh(arm).to(dtype), self.tokenizer_for(arm), prompts, completions, arm.finetune, dtype,
             exp.store.work_dir(key), on_log=tracking.log_training_step,
             on_resume=lambda checkpoint: self.console.print(f"resuming training from {checkpoint}"),
             console=self.console,
@@ -205,7 +212,7 @@ class ArmModels:
                                      on_log=tracking.log_training_step)
         mlflow.set_tag("train_processes", str(arm.finetune.processes))
         stats = self._record_training(arm, exp, key, {**figures, "adapter_dir": work / "adapter"})
-        return load_adapter(self._load(arm), exp.store.path(key) / "adapter").merge_and_unload(), stats
+        return load_adapter(self._fresh(arm), exp.store.path(key) / "adapter").merge_and_unload(), stats
 
     def _record_training(self, arm: Arm, exp: "Experiment", key: str, result: dict[str, Any]) -> dict[str, float]:
         """Log a finished training, write its record beside the adapter and store the stage; its figures."""

@@ -226,6 +226,8 @@ def test_terminal_table_and_roi_report(tiny_run):
     for arm in ARMS:
         assert arm in result.stdout
     assert "break-even" in result.stdout
+    # The GGUF is dequantised once: the fine-tuned arms train and merge into in-memory copies of that base.
+    assert result.stdout.count("model loaded") == 1, result.stdout
     report = roi("report", "--experiment", "support-triage", env=env)
     assert report.returncode == 0, report.stderr
     assert "finetuned" in report.stdout and "break-even" in report.stdout

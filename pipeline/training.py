@@ -219,7 +219,7 @@ def _sft_args(cfg: FinetuneConfig, dtype: torch.dtype, trainer_dir: Path) -> Any
         fp16=use_cuda and dtype == torch.float16,
         logging_steps=cfg.logging_steps,
         save_strategy="no" if cfg.checkpoint_steps == 0 else "steps",
-        # unset: `_SaveEveryMinute` decides when, so only the clock saves
+        # unset: the `_save_every` callback decides when, by training time
         save_steps=cfg.checkpoint_steps or 10**9,
         save_total_limit=2,
         save_only_model=False,

@@ -50,7 +50,9 @@ class StaticDecoder:
         self.at = torch.zeros(1, dtype=torch.long, device=device)  # where the next token goes in the cache
         self.mask = torch.full((rows, 1, 1, length), self.hidden, dtype=dtype, device=device)
         self.states = torch.zeros(rows, dtype=torch.long, device=device)
-        self.allowed = constraint.mask(model.config.get_text_config().vocab_size, device) if constraint else None
+        # one row of allowed tokens per trie state, as wide as the logits (the output layer's rows)
+        vocab = model.get_output_embeddings().weight.shape[0]
+        self.allowed = constraint.mask(vocab, device) if constraint else None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.captures_failed = 0
         if prefix is not None and prefix_length:

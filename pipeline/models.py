@@ -103,11 +103,58 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
     return tok
 
 
+def dequantized_cache(source: ModelSource, dtype: torch.dtype) -> Path | None:
+    """Where a GGUF model dequantised to `dtype` is kept as safetensors, so later runs load it in a second
+    rather than dequantising again (~10 s for the default model on 2 cores): under $XDG_CACHE_HOME (default
+    ~/.cache)/roi/dequantized, keyed by the GGUF file (path, size, time) and the transformers version."""
+    import hashlib
+    import os
+    from importlib.metadata import version
+
+    if not source.gguf_file:
+        return None
+    gguf = Path(source.folder) / source.gguf_file
+    try:
+        stat = gguf.stat()
+    except OSError:
+        return None
+    key = json.dumps([str(gguf.resolve()), stat.st_size, stat.st_mtime_ns, str(dtype), version("transformers")])
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "roi" / "dequantized"
+    return root / f"{gguf.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _keep_dequantized(model: Any, folder: Path) -> None:
+    """Save the model to `folder` whole or not at all (written aside, then renamed); a failure only costs the
+    next run the dequantisation."""
+    import shutil
+    import tempfile
+
+    aside = None
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        aside = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+        model.save_pretrained(str(aside), safe_serialization=True)
+        aside.rename(folder)
+    except OSError:  # no room, read-only home, or another run renamed its copy first
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+
+
 def load_model(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool = False) -> Any:
-    """Load a causal LM; GGUF weights are dequantised into a plain model peft can adapt."""
+    """Load a causal LM; GGUF weights are dequantised into a plain model peft can adapt (once per machine: the
+    result is kept, `dequantized_cache`)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    cached = dequantized_cache(source, dtype)
+    if cached is not None and (cached / "config.json").is_file():
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype, use_safetensors=True)
+            return model.to(device()).eval()
+        except Exception:  # whatever a damaged copy raises (safetensors' own errors too): the GGUF is the truth
+            import shutil
+
+            shutil.rmtree(cached, ignore_errors=True)  # a damaged copy: dequantise again below, and keep that
     if source.gguf_file:
         from transformers import GgufConfig
 
@@ -130,6 +177,8 @@ def load_model(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool 
         if bars:
             hf_logging.enable_progress_bar()
     logging.getLogger(__name__).debug("loaded %s as %s", source.display_name, dtype)
+    if cached is not None:
+        _keep_dequantized(model, cached)
     return model.to(device()).eval()
 
 

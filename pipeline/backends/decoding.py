@@ -184,7 +184,7 @@ def greedy_answers(model: Any, prompts: list[list[int]], max_new_tokens: int, st
     clock, answers = _Clock(), [Answer([]) for _ in prompts]
     pending = deque(_by_length_in_windows(prompts, WINDOW_BATCHES * batch_size))
     rows = _Rows([], None, torch.zeros(0, 0, dtype=torch.long, device=model.device), None)
-    reported, joinable = 0, True
+    report, joinable = InOrder(answers, stop_ids, max_new_tokens, clock, on_answers), True
     while pending or rows.prompts:
         free = batch_size - len(rows.prompts)
         enough = min(max(1, batch_size // JOIN_WHEN_FREE), len(pending))
@@ -202,14 +202,46 @@ def greedy_answers(model: Any, prompts: list[list[int]], max_new_tokens: int, st
             positions = rows.mask.sum(-1, keepdim=True) - 1
             finished = _step(model, rows, answers, stop_ids, max_new_tokens, constraint, rows.last[:, None],
                              positions, clock)
-        if finished and on_answers:
-            done = reported
-            while done < len(answers) and _finished(answers[done], stop_ids, max_new_tokens):
-                done += 1
-            if done > reported:
-                clock.excluding(on_answers, reported, answers[reported:done])
-                reported = done
+        if finished:
+            report()
     return answers
+
+
+def take_tokens(answers: list[Answer], prompts: list[int], tokens: list[int], rows: Any, states: list[int] | None,
+                constraint: LabelConstraint | None, stop_ids: list[int], max_new_tokens: int, now: float) -> list[int]:
+    """Append each of `rows`' token to its prompt's answer, answered at `now`; the rows still answering, their
+    constraint states moved on. Row r answers prompt `prompts[r]` with `tokens[r]`."""
+    answering = []
+    for row in rows:
+        answer = answers[prompts[row]]
+        answer.tokens.append(tokens[row])
+        answer.finished_at = now
+        if not _finished(answer, stop_ids, max_new_tokens):
+            answering.append(row)
+            if states is not None:
+                states[row] = constraint.next_state[states[row]][tokens[row]]
+    return answering
+
+
+class InOrder:
+    """Hands finished answers to `on_answers(start, answers)` in prompt order, as soon as all before them are
+    done; the time that takes is left out of `clock`."""
+
+    def __init__(self, answers: list[Answer], stop_ids: list[int], max_new_tokens: int, clock: _Clock,
+                 on_answers: Callable[[int, list[Answer]], None] | None):
+        self.answers, self.stop_ids, self.max_new_tokens = answers, stop_ids, max_new_tokens
+        self.clock, self.on_answers = clock, on_answers
+        self.reported = 0
+
+    def __call__(self) -> None:
+        if not self.on_answers:
+            return
+        done = self.reported
+        while done < len(self.answers) and _finished(self.answers[done], self.stop_ids, self.max_new_tokens):
+            done += 1
+        if done > self.reported:
+            self.clock.excluding(self.on_answers, self.reported, self.answers[self.reported:done])
+            self.reported = done
 
 
 def _by_length_in_windows(prompts: list[list[int]], window: int) -> list[int]:
@@ -250,16 +282,8 @@ def _step(model: Any, rows: _Rows, answers: list[Answer], stop_ids: list[int], m
         allowed = constraint.mask(logits.shape[-1], logits.device)[torch.tensor(rows.states, device=logits.device)]
         logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
     rows.last = logits.argmax(-1)
-    now = clock()
-    answering = []
-    for i, (prompt, token) in enumerate(zip(rows.prompts, rows.last.tolist())):
-        answer = answers[prompt]
-        answer.tokens.append(token)
-        answer.finished_at = now
-        if not _finished(answer, stop_ids, max_new_tokens):
-            answering.append(i)
-            if rows.states is not None:
-                rows.states[i] = constraint.next_state[rows.states[i]][token]
+    answering = take_tokens(answers, rows.prompts, rows.last.tolist(), range(len(rows.prompts)), rows.states,
+                            constraint, stop_ids, max_new_tokens, clock())
     answered = len(answering) < len(rows.prompts)
     rows.select(answering)
     return answered

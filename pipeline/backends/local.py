@@ -195,7 +195,7 @@ class LocalBackend:
         from pipeline.backends.static_decoding import StaticDecoder, fits_static_cache
 
         static = self.settings.static_decoding
-        if not (self.model.device.type == "cuda" if static is None else static) or not fits_static_cache(self.model):
+        if not (self.model.device.type == "cuda" if static is None else static):
             return None
         prefix_length = cache.length if cache else 0
         # Room for the longest prompt and answer, rounded up so that a slightly longer pass reuses the graph.
@@ -205,6 +205,8 @@ class LocalBackend:
         if (decoder is None or decoder.length < length or decoder.prefix is not (cache.cache if cache else None)
                 or decoder.constraint is not self.constraint):
             self._static.pop(rows, None)  # its cache and graph memory go before the new one's
+            if not fits_static_cache(self.model):  # asked only when a decoder is to be built, not every pass
+                return None
             decoder = StaticDecoder(self.model, rows, length, cache.cache if cache else None, prefix_length,
                                     self.constraint, graphs=self.model.device.type == "cuda")
             self._static[rows] = decoder

@@ -20,7 +20,8 @@ from typing import Any, Callable
 
 import torch
 
-from pipeline.backends.decoding import Answer, LabelConstraint, _by_length_in_windows, _Clock, _finished
+from pipeline.backends.decoding import (WINDOW_BATCHES, Answer, InOrder, LabelConstraint, _by_length_in_windows,
+                                       _Clock, take_tokens)
 
 
 def fits_static_cache(model: Any) -> bool:
@@ -70,16 +71,8 @@ class StaticDecoder:
         tokens = self._prefill(prompts)
         live = list(range(len(prompts)))
         while True:
-            now = clock()
-            still = []
-            for row in live:
-                answer = answers[indices[row]]
-                answer.tokens.append(tokens[row])
-                answer.finished_at = now
-                if not _finished(answer, stop_ids, max_new_tokens):
-                    still.append(row)
-                    if states is not None:
-                        states[row] = self.constraint.next_state[states[row]][tokens[row]]
+            still = take_tokens(answers, indices, tokens, live, states, self.constraint, stop_ids, max_new_tokens,
+                                clock())
             if len(still) < len(live):
                 on_step()
             live = still
@@ -164,21 +157,11 @@ class StaticDecoder:
 def greedy_answers_static(decoder: StaticDecoder, prompts: list[list[int]], max_new_tokens: int,
                           stop_ids: list[int], on_answers: Callable[[int, list[Answer]], None] | None = None
                           ) -> list[Answer]:
-    """Greedy answers to `prompts` in waves of `decoder.rows` (by length within windows of 8 waves, so a wave's
+    """Greedy answers to `prompts` in waves of `decoder.rows` (by length within windows of waves, so a wave's
     rows pad little); `on_answers(start, answers)` as in `greedy_answers`, its time left out of latencies."""
     clock, answers = _Clock(), [Answer([]) for _ in prompts]
-    order = _by_length_in_windows(prompts, 8 * decoder.rows)
-    reported = 0
-
-    def report() -> None:
-        nonlocal reported
-        done = reported
-        while done < len(answers) and _finished(answers[done], stop_ids, max_new_tokens):
-            done += 1
-        if done > reported and on_answers:
-            clock.excluding(on_answers, reported, answers[reported:done])
-        reported = done
-
+    order = _by_length_in_windows(prompts, WINDOW_BATCHES * decoder.rows)
+    report = InOrder(answers, stop_ids, max_new_tokens, clock, on_answers)
     for start in range(0, len(order), decoder.rows):
         wave = order[start: start + decoder.rows]
         for i in wave:

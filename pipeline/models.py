@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,21 +141,54 @@ def _keep_dequantized(model: Any, folder: Path) -> None:
             shutil.rmtree(aside, ignore_errors=True)
 
 
+@contextmanager
+def _quiet_transformers():
+    """transformers' warnings about dtype choices made on purpose, and the tqdm bars it draws between ours, off."""
+    from transformers.utils import logging as hf_logging
+
+    previous, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool = False) -> Any:
     """Load a causal LM; GGUF weights are dequantised into a plain model peft can adapt (once per machine: the
     result is kept, `dequantized_cache`)."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
     cached = dequantized_cache(source, dtype)
-    if cached is not None and (cached / "config.json").is_file():
-        try:
-            model = AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype, use_safetensors=True)
-            return model.to(device()).eval()
-        except Exception:  # whatever a damaged copy raises (safetensors' own errors too): the GGUF is the truth
-            import shutil
+    with _quiet_transformers():
+        model = _load_kept(cached, dtype) if cached is not None else None
+        if model is None:
+            model = _load_weights(source, dtype, trust_remote_code)
+            if cached is not None:
+                _keep_dequantized(model, cached)
+    logging.getLogger(__name__).debug("loaded %s as %s", source.display_name, dtype)
+    return model.to(device()).eval()
 
-            shutil.rmtree(cached, ignore_errors=True)  # a damaged copy: dequantise again below, and keep that
+
+def _load_kept(folder: Path, dtype: torch.dtype) -> Any:
+    """The dequantised copy kept in `folder`, or None when there is none or it is damaged (then it is removed)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    if not (folder / "config.json").is_file():
+        return None
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, use_safetensors=True)
+    except Exception:  # whatever a damaged copy raises (safetensors' own errors too): the GGUF is the truth
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+
+
+def _load_weights(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool) -> Any:
+    from transformers import AutoModelForCausalLM
+
     if source.gguf_file:
         from transformers import GgufConfig
 
@@ -163,23 +197,11 @@ def load_model(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool 
                                   "quantization_config": GgufConfig(dequantize=True)}
     else:
         kwargs = {"use_safetensors": True}
-    previous, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # the GGUF loader warns about dtype choices we make on purpose
-    hf_logging.disable_progress_bar()  # and draws tqdm bars between ours
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source.folder, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
-        )
+        return AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                    **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(f"model {source.display_name}: cannot load weights ({str(exc).splitlines()[0]})") from None
-    finally:
-        hf_logging.set_verbosity(previous)
-        if bars:
-            hf_logging.enable_progress_bar()
-    logging.getLogger(__name__).debug("loaded %s as %s", source.display_name, dtype)
-    if cached is not None:
-        _keep_dequantized(model, cached)
-    return model.to(device()).eval()
 
 
 ADAPTER_CONFIG = "adapter_config.json"

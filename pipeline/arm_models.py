@@ -170,7 +170,7 @@ class ArmModels:
             stats = {k: float(record.get(k, 0.0)) for k in ("train_time_s", "train_tokens", "train_loss")}
             return load_adapter(self._fresh(arm), given).merge_and_unload(), stats
         key = self.adapter_key(arm, exp, template)
-        done = None if exp.force else exp.store.load(key)
+        done = exp.store.load(key)
         if done is not None:
             self.console.print(f"reusing the trained adapter ({key})")
             mlflow.set_tags({"reused_adapter": "true", "reused_stage": key})

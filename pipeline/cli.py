@@ -19,6 +19,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 # torchao (which peft and transformers import when it is installed) registers enums with torch's pytree,
 # and torch logs a deprecation line for each on every start; set before anything imports torch.
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+# torchao's wheel carries kernels built for other Pythons and GPUs; on import it logs a "Failed to load" warning
+# for each one this machine cannot load (none of them is used here).
+logging.getLogger("torchao").setLevel(logging.ERROR)
 
 EXIT_USAGE = 2
 

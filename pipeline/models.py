@@ -92,22 +92,50 @@ def device() -> torch.device:
 
 
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
+    """The model's tokenizer; a GGUF's is read from its metadata once per machine and kept (`kept_copy`),
+    since reading it takes ~7 s on 2 cores."""
     from transformers import AutoTokenizer
 
-    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    try:
-        tok = AutoTokenizer.from_pretrained(source.folder, trust_remote_code=trust_remote_code, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"model {source.display_name}: cannot load tokenizer ({str(exc).splitlines()[0]})") from None
+    kept = kept_copy(source, "tokenizers")
+    tok = _load_kept_tokenizer(kept) if kept is not None else None
+    if tok is None:
+        kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+        try:
+            tok = AutoTokenizer.from_pretrained(source.folder, trust_remote_code=trust_remote_code, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"model {source.display_name}: cannot load tokenizer ({str(exc).splitlines()[0]})") from None
+        if kept is not None:
+            _keep(tok, kept)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
+def _load_kept_tokenizer(folder: Path) -> Any:
+    """The tokenizer kept in `folder`, or None when there is none or it is damaged (then it is removed)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    if not (folder / "tokenizer_config.json").is_file():
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception:  # whatever a damaged copy raises: the GGUF is the truth
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+
+
 def dequantized_cache(source: ModelSource, dtype: torch.dtype) -> Path | None:
     """Where a GGUF model dequantised to `dtype` is kept as safetensors, so later runs load it in a second
-    rather than dequantising again (~10 s for the default model on 2 cores): under $XDG_CACHE_HOME (default
-    ~/.cache)/roi/dequantized, keyed by the GGUF file (path, size, time) and the transformers version."""
+    rather than dequantising again (~10 s for the default model on 2 cores); see `kept_copy`."""
+    return kept_copy(source, "dequantized", str(dtype))
+
+
+def kept_copy(source: ModelSource, kind: str, *variant: str) -> Path | None:
+    """Where what is read from a GGUF file (its dequantised weights, its tokenizer) is kept for later runs:
+    under $XDG_CACHE_HOME (default ~/.cache)/roi/`kind`, keyed by the GGUF file (path, size, time), the
+    `variant` and the transformers version that read it. None for a model that is not a GGUF file."""
     import hashlib
     import os
     from importlib.metadata import version
@@ -119,14 +147,14 @@ def dequantized_cache(source: ModelSource, dtype: torch.dtype) -> Path | None:
         stat = gguf.stat()
     except OSError:
         return None
-    key = json.dumps([str(gguf.resolve()), stat.st_size, stat.st_mtime_ns, str(dtype), version("transformers")])
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "roi" / "dequantized"
+    key = json.dumps([str(gguf.resolve()), stat.st_size, stat.st_mtime_ns, *variant, version("transformers")])
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "roi" / kind
     return root / f"{gguf.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
-def _keep_dequantized(model: Any, folder: Path) -> None:
-    """Save the model to `folder` whole or not at all (written aside, then renamed); a failure only costs the
-    next run the dequantisation."""
+def _keep(loaded: Any, folder: Path) -> None:
+    """Save a model or tokenizer to `folder` whole or not at all (written aside, then renamed); a failure only
+    costs the next run the reading of the GGUF."""
     import shutil
     import tempfile
 
@@ -134,7 +162,7 @@ def _keep_dequantized(model: Any, folder: Path) -> None:
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         aside = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-        model.save_pretrained(str(aside), safe_serialization=True)
+        loaded.save_pretrained(str(aside))
         aside.rename(folder)
     except OSError:  # no room, read-only home, or another run renamed its copy first
         if aside is not None:
@@ -166,7 +194,7 @@ def load_model(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool 
         if model is None:
             model = _load_weights(source, dtype, trust_remote_code)
             if cached is not None:
-                _keep_dequantized(model, cached)
+                _keep(model, cached)
     logging.getLogger(__name__).debug("loaded %s as %s", source.display_name, dtype)
     return model.to(device()).eval()
 

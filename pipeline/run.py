@@ -101,8 +101,9 @@ def prepare(cfg: ExperimentConfig, console, force: bool) -> Experiment:
     # Second resolution plus a random suffix: two runs started in the same second get their own folder.
     run_dir = cfg.output_dir / cfg.experiment / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    return Experiment(cfg, task, rows, examples, templates, models, StageStore(cfg.output_dir / "stages"), run_dir,
-                      console, force, notes=task.notes + models.notes)
+    store = StageStore(cfg.output_dir / "stages", recompute=force)
+    return Experiment(cfg, task, rows, examples, templates, models, store, run_dir, console, force,
+                      notes=task.notes + models.notes)
 
 
 def log_parent_inputs(exp: Experiment, config_path: Path, raw_config: dict) -> None:
@@ -150,7 +151,7 @@ def run_arm(exp: Experiment, arm: Arm) -> dict[str, float]:
                         **({"quantize": arm.quantize} if arm.quantize else {}),
                         # A local arm's timings hold only on the machine and libraries that measured them.
                         **({"machine": machine()} if arm.backend == "local" else {}))
-        done = None if exp.force else exp.store.load(key)
+        done = exp.store.load(key)
         if done is not None:
             # Same inputs, same code: the stored evaluation stands; say so in the run.
             metrics, predictions = done["metrics"], exp.store.path(key) / "predictions.jsonl"

@@ -70,16 +70,24 @@ def stage_key(kind: str, **inputs: Any) -> str:
 
 
 class StageStore:
-    """Stage directories under `root` (by default `<output_dir>/stages`)."""
+    """Stage directories under `root` (by default `<output_dir>/stages`).
 
-    def __init__(self, root: Path):
+    With `recompute` (`roi run --force`), stages finished before this store was opened count as never
+    finished; one finished through it is reused like any other (two arms that share an adapter train it once).
+    """
+
+    def __init__(self, root: Path, recompute: bool = False):
         self.root = root
+        self.recompute = recompute
+        self.finished_here: set[str] = set()
 
     def path(self, key: str) -> Path:
         return self.root / key
 
     def load(self, key: str) -> dict | None:
-        """The stage's record, or None when it never finished."""
+        """The stage's record, or None when it never finished (or, recomputing, not through this store)."""
+        if self.recompute and key not in self.finished_here:
+            return None
         done = self.path(key) / DONE
         if not done.is_file():
             return None
@@ -103,6 +111,7 @@ class StageStore:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(record, f, indent=1, default=str)
         os.replace(tmp, path / DONE)
+        self.finished_here.add(key)
 
     def forget(self, key: str) -> None:
         shutil.rmtree(self.path(key), ignore_errors=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy.stats import binomtest, bootstrap
-from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 INVALID = -1  # a prediction that parsed to no label
 
@@ -46,10 +46,22 @@ def mcnemar_exact(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> float
 
 
 def macro_f1_present(predictions: Sequence[int], references: Sequence[int]) -> float:
-    """Macro-F1 over the labels present in `references`; an invalid prediction (-1) counts as wrong."""
+    """Macro-F1 over the labels present in `references`; an invalid prediction (-1) counts as wrong.
+
+    Counted with bincount rather than sklearn's f1_score: the bootstrap calls it a thousand times per arm,
+    where sklearn's input checks took ~3 ms a call.
+    """
     # A label no evaluated row has would score F1 = 0 and drag the mean down for nothing the arm did.
-    labels = sorted(set(references))
-    return float(f1_score(references, predictions, labels=labels, average="macro", zero_division=0))
+    predicted, gold = np.asarray(predictions, dtype=np.int64), np.asarray(references, dtype=np.int64)
+    size = int(max(gold.max(initial=-1), predicted.max(initial=-1))) + 1
+    gold_count = np.bincount(gold, minlength=size)
+    predicted_count = np.bincount(predicted[predicted != INVALID], minlength=size)
+    true_positive = np.bincount(gold[predicted == gold], minlength=size)
+    present = gold_count > 0
+    if not present.any():
+        return 0.0
+    # F1 = 2 TP / (2 TP + FP + FN), and 2 TP + FP + FN = predicted + gold; gold > 0 for a present label.
+    return float(np.mean(2 * true_positive[present] / (predicted_count[present] + gold_count[present])))
 
 
 def _present(predictions: Sequence[int], references: Sequence[int]) -> list[int]:

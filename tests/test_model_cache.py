@@ -44,3 +44,34 @@ def test_a_dequantized_model_is_kept_and_loads_with_the_same_weights(tmp_path, m
     assert folders[2:] == [str(kept), source.folder]  # the damaged copy failed, the GGUF was read again
     assert torch.equal(third(ids).logits, first(ids).logits)
     assert models.load_model(source, torch.bfloat16) is not None and folders[-1] == str(kept)  # and it was kept
+
+
+def test_a_gguf_tokenizer_is_kept_and_encodes_and_templates_the_same(tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    source = models.resolve_source(ModelConfig())
+    kept = models.kept_copy(source, "tokenizers")
+    assert kept.parent == tmp_path / "roi" / "tokenizers"
+    folders = []
+    original = AutoTokenizer.from_pretrained.__func__
+
+    def spy(cls, folder, *args, **kwargs):
+        folders.append(str(folder))
+        return original(cls, folder, *args, **kwargs)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(spy))
+    first, second = models.load_tokenizer(source), models.load_tokenizer(source)
+    assert folders == [source.folder, str(kept)]  # the GGUF's metadata once, then the kept copy
+    chat = [{"role": "system", "content": "Pick a team."}, {"role": "user", "content": "My card was charged twice"}]
+    text = first.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert second.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == text
+    assert "Pick a team." in text and first(text)["input_ids"] == second(text)["input_ids"]
+    for name in ("eos_token_id", "bos_token_id", "pad_token_id", "vocab_size"):
+        assert getattr(first, name) == getattr(second, name), name
+    assert first.pad_token is not None
+
+    (kept / "tokenizer.json").write_text("{not json")
+    third = models.load_tokenizer(source)
+    assert folders[2:] == [str(kept), source.folder]  # the damaged copy failed, the GGUF was read again
+    assert third(text)["input_ids"] == first(text)["input_ids"]

@@ -66,3 +66,15 @@ def test_the_retry_notice_speaks_for_the_tracking_server_only(capsys):
         "retrying with backoff",
         "roi: note: tracking server http://user:***@127.0.0.1:5000 did not answer (an error status); "
         "retrying with backoff"]
+
+
+def test_recomputing_ignores_earlier_stages_but_reuses_one_finished_in_this_run(tmp_path):
+    from pipeline.stages import StageStore
+
+    StageStore(tmp_path).finish("finetune-a", {"train": 1})
+    assert StageStore(tmp_path).load("finetune-a") == {"train": 1}
+    forced = StageStore(tmp_path, recompute=True)  # roi run --force
+    assert forced.load("finetune-a") is None
+    forced.finish("finetune-a", {"train": 2})
+    assert forced.load("finetune-a") == {"train": 2}  # a second arm with the same adapter does not retrain it
+    assert forced.load("eval-b") is None

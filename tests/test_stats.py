@@ -123,6 +123,19 @@ def test_macro_f1_ignores_labels_no_row_has():
     assert macro_f1_present(predictions, references) == pytest.approx(11 / 18)
 
 
+def test_macro_f1_matches_sklearn_on_random_outcomes():
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        n, labels = int(rng.integers(1, 60)), int(rng.integers(1, 12))
+        references = rng.integers(0, labels, n)
+        predictions = np.where(rng.random(n) < 0.2, -1, rng.integers(0, labels + 2, n))  # invalid and unseen labels
+        expected = f1_score(references, predictions, labels=sorted(set(references.tolist())), average="macro",
+                            zero_division=0)
+        assert macro_f1_present(predictions, references) == pytest.approx(expected, abs=1e-12)
+
+
 def test_per_label_table_lists_gold_or_predicted_labels():
     references = [0, 0, 1, 1, 2, 2]
     predictions = [0, 1, 1, 3, 2, -1]

@@ -237,8 +237,9 @@ def _sft_args(cfg: FinetuneConfig, dtype: torch.dtype, trainer_dir: Path) -> Any
         # trl turns this on by default to save memory; a 135M model does not need it and it costs a forward pass.
         gradient_checkpointing=False,
         lr_scheduler_type="linear",
-        # One multi-tensor kernel per step for the ~400 adapter tensors, rather than several per tensor.
-        optim="adamw_torch_fused" if use_cuda else "adamw_torch",
+        # One multi-tensor kernel per step for the ~400 adapter tensors, rather than several per tensor: on CPU
+        # 6 ms a step against 22 ms for the default model's adapters.
+        optim="adamw_torch_fused",
     )
 
 
@@ -285,6 +286,7 @@ def finetune(model: Any, tokenizer: Any, prompts: list[str], completions: list[s
     for printer in (PrinterCallback, ProgressCallback):  # they print raw log dicts between our output
         trainer.remove_callback(printer)
     score_completions_only(peft_model.get_base_model())  # after SFTTrainer has added its fused head
+    _walk_trainable_only(trainer, peft_model)
     graphed = _graphed_step(trainer, peft_model, cfg, dtype)
     if graphed:
         trainer.training_step = graphed
@@ -308,6 +310,27 @@ def finetune(model: Any, tokenizer: Any, prompts: list[str], completions: list[s
     return FinetuneResult(peft_model.eval(), train_time_s, int(trainer.state.num_input_tokens_seen),
                           float(output.training_loss), adapter_dir, resumed_from=checkpoint,
                           trainer_args=trainer.args.to_json_string())
+
+
+def _walk_trainable_only(trainer: Any, peft_model: Any) -> None:
+    """Gradient clipping and zeroing over the adapter's tensors only (420 for the default model), not every
+    parameter of the model (692): the Trainer walks `model.parameters()` for both after each step, which costs
+    ~9 ms a step on this CPU and, on a GPU, host time beside a ~20 ms step. The frozen base has no gradients,
+    so the norm, the clipping and the zeroing are the same."""
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+
+    def clip(_model: Any) -> Any:
+        return trainer.accelerator.clip_grad_norm_(trainable, trainer.args.max_grad_norm)
+
+    def zero_grad(set_to_none: bool = True) -> None:
+        for parameter in trainable:
+            if set_to_none:
+                parameter.grad = None
+            elif parameter.grad is not None:
+                parameter.grad.zero_()
+
+    trainer._clip_grad_norm = clip
+    peft_model.zero_grad = zero_grad  # what the Trainer calls on the model it trains, in one process
 
 
 def _graphed_step(trainer: Any, peft_model: Any, cfg: FinetuneConfig, dtype: torch.dtype) -> Any:

@@ -146,3 +146,31 @@ def test_unset_checkpoint_steps_saves_by_training_time(tmp_path, tokenizer, monk
     monkeypatch.setattr(training, "CHECKPOINT_EVERY_S", every_s)
     _finetune(tmp_path, tokenizer, CFG.model_copy(update={"max_steps": 3, "checkpoint_steps": None}))
     assert sorted(p.name for p in (tmp_path / "trainer").glob("checkpoint-*")) == kept
+
+
+def test_clipping_and_zeroing_walk_the_adapter_only_and_change_nothing(tmp_path, tokenizer, monkeypatch):
+    """The Trainer clips and zeroes over every model parameter; over the adapter's alone the gradient norms
+    and the trained adapter are the same."""
+    import torch
+
+    clipped = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def spy(parameters, *args, **kwargs):
+        parameters = list(parameters)
+        clipped.append(len(parameters))
+        return clip(parameters, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    cfg = CFG.model_copy(update={"max_steps": 3, "checkpoint_steps": 0, "logging_steps": 1})
+    norms = {"adapter": [], "model": []}
+    lean = _finetune(tmp_path / "lean", tokenizer, cfg, on_log=lambda v, step: norms["adapter"].append(v["grad_norm"]))
+    adapter_tensors = sum(p.requires_grad for p in lean.model.parameters())
+    assert clipped == [adapter_tensors] * 3 and adapter_tensors < len(list(lean.model.parameters()))
+
+    monkeypatch.setattr(training, "_walk_trainable_only", lambda trainer, model: None)  # the Trainer's own walks
+    _finetune(tmp_path / "whole", tokenizer, cfg, on_log=lambda v, step: norms["model"].append(v["grad_norm"]))
+    assert clipped[3:] == [len(list(lean.model.parameters()))] * 3
+    assert len(norms["adapter"]) == 3 and norms["adapter"] == norms["model"]
+    a, b = _adapter(tmp_path / "lean"), _adapter(tmp_path / "whole")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

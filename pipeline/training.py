@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -13,6 +14,7 @@ from typing import Any, Callable
 import torch
 
 from pipeline import interrupts
+from pipeline.adapter_matmuls import adapter_matmuls_in_input_dtype
 from pipeline.completion_head import score_completions_only
 from pipeline.config import FinetuneConfig
 from pipeline.models import ModelError
@@ -297,8 +299,11 @@ def finetune(model: Any, tokenizer: Any, prompts: list[str], completions: list[s
     checkpoint, clock.before = last_complete_checkpoint(trainer_dir) if trainer_dir.is_dir() else (None, 0.0)
     if checkpoint and on_resume:
         on_resume(checkpoint)
+    # fp32 adapters on a bf16 base on CPU: their matmuls in bf16, as the Trainer's autocast does on a GPU.
+    bf16_adapters = not torch.cuda.is_available() and dtype == torch.bfloat16 and cfg.adapter_fp32
     try:
-        output = trainer.train(resume_from_checkpoint=checkpoint)
+        with adapter_matmuls_in_input_dtype(peft_model) if bf16_adapters else nullcontext():
+            output = trainer.train(resume_from_checkpoint=checkpoint)
     finally:
         if bar:
             bar.close()

@@ -7,18 +7,19 @@ from pipeline import models
 from pipeline.config import ModelConfig
 
 
-def _loads_from(monkeypatch):
-    """The folder each `from_pretrained` call loads from."""
+def _loads_from(monkeypatch, auto_class=None):
+    """The folder each `auto_class.from_pretrained` call loads from (default: AutoModelForCausalLM)."""
     from transformers import AutoModelForCausalLM
 
+    auto_class = auto_class or AutoModelForCausalLM
     folders = []
-    original = AutoModelForCausalLM.from_pretrained.__func__
+    original = auto_class.from_pretrained.__func__
 
     def spy(cls, folder, *args, **kwargs):
         folders.append(str(folder))
         return original(cls, folder, *args, **kwargs)
 
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+    monkeypatch.setattr(auto_class, "from_pretrained", classmethod(spy))
     return folders
 
 
@@ -53,14 +54,7 @@ def test_a_gguf_tokenizer_is_kept_and_encodes_and_templates_the_same(tmp_path, m
     source = models.resolve_source(ModelConfig())
     kept = models.kept_copy(source, "tokenizers")
     assert kept.parent == tmp_path / "roi" / "tokenizers"
-    folders = []
-    original = AutoTokenizer.from_pretrained.__func__
-
-    def spy(cls, folder, *args, **kwargs):
-        folders.append(str(folder))
-        return original(cls, folder, *args, **kwargs)
-
-    monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(spy))
+    folders = _loads_from(monkeypatch, AutoTokenizer)
     first, second = models.load_tokenizer(source), models.load_tokenizer(source)
     assert folders == [source.folder, str(kept)]  # the GGUF's metadata once, then the kept copy
     chat = [{"role": "system", "content": "Pick a team."}, {"role": "user", "content": "My card was charged twice"}]

@@ -19,13 +19,15 @@ import torch.nn.functional as F
 
 
 def _plain_lora(module: Any) -> bool:
-    """A peft LoRA linear layer with one active, unmerged, plain adapter (no DoRA or other variant)."""
+    """A peft LoRA linear layer with one active, unmerged, plain adapter (no DoRA or other variant, no LoRA bias)
+    whose forward nothing else has replaced (accelerate's offloading hooks do)."""
     from peft.tuners.lora import Linear
 
     if not isinstance(module, Linear) or module.merged or module.disable_adapters or module.fan_in_fan_out:
         return False
     active = module.active_adapters
     return (len(active) == 1 and active[0] in module.lora_A and active[0] not in module.lora_variant
+            and not module.lora_bias.get(active[0], False) and "forward" not in vars(module)
             and isinstance(module.base_layer, torch.nn.Linear))
 
 
@@ -40,7 +42,8 @@ def _forward(base: Any, down: Any, up: Any, dropout: Any, scaling: float, x: tor
 @contextmanager
 def adapter_matmuls_in_input_dtype(model: Any) -> Iterator[int]:
     """Within the block, every plain LoRA linear layer of `model` computes its adapter in its input's dtype;
-    yields how many layers do. Their own forward comes back on exit (a merge or a save sees peft's layers)."""
+    yields how many layers do. Their own forward comes back on exit (a merge or a save sees peft's layers).
+    The adapter, its scaling and dropout are read on entry: the block is for training, which changes none."""
     replaced = []
     for module in model.modules():
         if _plain_lora(module):

@@ -164,7 +164,7 @@ def _keep(loaded: Any, folder: Path) -> None:
         aside = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
         loaded.save_pretrained(str(aside))
         aside.rename(folder)
-    except OSError:  # no room, read-only home, or another run renamed its copy first
+    except Exception:  # no room, a read-only home, another run renamed its copy first, a tokenizer that cannot save
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
 

@@ -46,7 +46,7 @@ def mcnemar_exact(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> float
 
 
 def macro_f1_present(predictions: Sequence[int], references: Sequence[int]) -> float:
-    """Macro-F1 over the labels present in `references`; an invalid prediction (-1) counts as wrong.
+    """Macro-F1 over the labels present in `references` (label ids >= 0); an invalid prediction (-1) counts as wrong.
 
     Counted with bincount rather than sklearn's f1_score: the bootstrap calls it a thousand times per arm,
     where sklearn's input checks took ~3 ms a call.

@@ -6,10 +6,10 @@ import json
 import math
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -275,8 +275,8 @@ def finetune(model: Any, tokenizer: Any, prompts: list[str], completions: list[s
         model.set_attn_implementation("eager")
     # The adapter's random init comes from the seed too, not from whatever ran before.
     set_seed(cfg.seed)
-    # fp32 adapters on a bf16 base cost a cast per matmul (~1.25x slower on CPU), but in bf16 the optimizer's
-    # small updates round away: 3 points of accuracy on the default task (bench/train.py).
+    # fp32 adapters on a bf16 base, so that the optimizer's small updates do not round away; their matmuls still
+    # run in bf16 (autocast on a GPU, adapter_matmuls on CPU).
     peft_model = get_peft_model(model, lora, autocast_adapter_dtype=dtype == torch.float32 or cfg.adapter_fp32)
     clock = _TrainClock()
     bar = _ProgressBar(console) if console is not None else None
@@ -288,7 +288,6 @@ def finetune(model: Any, tokenizer: Any, prompts: list[str], completions: list[s
     for printer in (PrinterCallback, ProgressCallback):  # they print raw log dicts between our output
         trainer.remove_callback(printer)
     score_completions_only(peft_model.get_base_model())  # after SFTTrainer has added its fused head
-    _walk_trainable_only(trainer, peft_model)
     graphed = _graphed_step(trainer, peft_model, cfg, dtype)
     if graphed:
         trainer.training_step = graphed
@@ -302,7 +301,8 @@ def finetune(model: Any, tokenizer: Any, prompts: list[str], completions: list[s
     # fp32 adapters on a bf16 base on CPU: their matmuls in bf16, as the Trainer's autocast does on a GPU.
     bf16_adapters = not torch.cuda.is_available() and dtype == torch.bfloat16 and cfg.adapter_fp32
     try:
-        with adapter_matmuls_in_input_dtype(peft_model) if bf16_adapters else nullcontext():
+        with _walking_trainable_only(trainer, peft_model), \
+                adapter_matmuls_in_input_dtype(peft_model) if bf16_adapters else nullcontext():
             output = trainer.train(resume_from_checkpoint=checkpoint)
     finally:
         if bar:
@@ -317,11 +317,13 @@ def finetune(model: Any, tokenizer: Any, prompts: list[str], completions: list[s
                           trainer_args=trainer.args.to_json_string())
 
 
-def _walk_trainable_only(trainer: Any, peft_model: Any) -> None:
+@contextmanager
+def _walking_trainable_only(trainer: Any, peft_model: Any) -> Iterator[None]:
     """Gradient clipping and zeroing over the adapter's tensors only (420 for the default model), not every
     parameter of the model (692): the Trainer walks `model.parameters()` for both after each step, which costs
     ~9 ms a step on this CPU and, on a GPU, host time beside a ~20 ms step. The frozen base has no gradients,
-    so the norm, the clipping and the zeroing are the same."""
+    so the norm, the clipping and the zeroing are the same. (One process: several wrap the model in DDP,
+    whose own zero_grad the Trainer calls; the clipping is the same there too.) Undone on exit."""
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
 
     def clip(_model: Any) -> Any:
@@ -336,6 +338,10 @@ def _walk_trainable_only(trainer: Any, peft_model: Any) -> None:
 
     trainer._clip_grad_norm = clip
     peft_model.zero_grad = zero_grad  # what the Trainer calls on the model it trains, in one process
+    try:
+        yield
+    finally:
+        del trainer._clip_grad_norm, peft_model.zero_grad
 
 
 def _graphed_step(trainer: Any, peft_model: Any, cfg: FinetuneConfig, dtype: torch.dtype) -> Any:

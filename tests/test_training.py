@@ -7,6 +7,7 @@ import math
 import shutil
 import time
 import warnings
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -168,9 +169,36 @@ def test_clipping_and_zeroing_walk_the_adapter_only_and_change_nothing(tmp_path,
     adapter_tensors = sum(p.requires_grad for p in lean.model.parameters())
     assert clipped == [adapter_tensors] * 3 and adapter_tensors < len(list(lean.model.parameters()))
 
-    monkeypatch.setattr(training, "_walk_trainable_only", lambda trainer, model: None)  # the Trainer's own walks
+    assert "zero_grad" not in vars(lean.model) and "_clip_grad_norm" not in vars(lean.model)  # undone after training
+    monkeypatch.setattr(training, "_walking_trainable_only", lambda trainer, model: nullcontext())  # the Trainer's own
     _finetune(tmp_path / "whole", tokenizer, cfg, on_log=lambda v, step: norms["model"].append(v["grad_norm"]))
     assert clipped[3:] == [len(list(lean.model.parameters()))] * 3
     assert len(norms["adapter"]) == 3 and norms["adapter"] == norms["model"]
     a, b = _adapter(tmp_path / "lean"), _adapter(tmp_path / "whole")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cpu_training_runs_the_adapters_in_bf16_on_every_linear_layer(tmp_path, tokenizer, monkeypatch):
+    """finetune() turns adapter_matmuls on for fp32 adapters on a bf16 base on CPU, and off for bf16 adapters."""
+    import torch
+    from peft.tuners.lora import Linear as LoraLinear
+
+    if torch.cuda.is_available() or pick_dtype("auto") != torch.bfloat16:
+        pytest.skip("the bf16 adapter matmuls are for fp32 adapters on a bf16 base on CPU")
+    layers = []
+    original = training.adapter_matmuls_in_input_dtype
+
+    @contextmanager
+    def spy(model):
+        with original(model) as replaced:
+            layers.append(replaced)
+            yield replaced
+
+    monkeypatch.setattr(training, "adapter_matmuls_in_input_dtype", spy)
+    cfg = CFG.model_copy(update={"max_steps": 1, "checkpoint_steps": 0})
+    result = _finetune(tmp_path / "fp32", tokenizer, cfg)
+    assert layers == [30 * 7]  # every linear layer of the default model's 30 blocks
+    lora_layers = [m for m in result.model.modules() if isinstance(m, LoraLinear)]
+    assert len(lora_layers) == 30 * 7 and not any("forward" in vars(m) for m in lora_layers)  # peft's forward is back
+    _finetune(tmp_path / "bf16", tokenizer, cfg.model_copy(update={"adapter_fp32": False}))
+    assert layers == [30 * 7]  # bf16 adapters compute in bf16 already

@@ -180,7 +180,7 @@ class ArmModels:
     def _train(self, arm: Arm, exp: "Experiment", template: PromptTemplate, key: str) -> tuple[Any, dict[str, float]]:
         from pipeline.training import finetune
 
-        if exp.force:
+        if exp.store.recompute:
             exp.store.forget(key)
         train = exp.task.splits["train"]
         renderer = PromptRenderer(template, self.tokenizer_for(arm), exp.task.labels, exp.examples)

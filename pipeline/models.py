@@ -97,7 +97,7 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     kept = kept_copy(source, "tokenizers")
-    tok = _load_kept_tokenizer(kept) if kept is not None else None
+    tok = _load_kept(kept, "tokenizer_config.json", AutoTokenizer.from_pretrained) if kept is not None else None
     if tok is None:
         kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
         try:
@@ -109,21 +109,6 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
-
-
-def _load_kept_tokenizer(folder: Path) -> Any:
-    """The tokenizer kept in `folder`, or None when there is none or it is damaged (then it is removed)."""
-    import shutil
-
-    from transformers import AutoTokenizer
-
-    if not (folder / "tokenizer_config.json").is_file():
-        return None
-    try:
-        return AutoTokenizer.from_pretrained(str(folder))
-    except Exception:  # whatever a damaged copy raises: the GGUF is the truth
-        shutil.rmtree(folder, ignore_errors=True)
-        return None
 
 
 def dequantized_cache(source: ModelSource, dtype: torch.dtype) -> Path | None:
@@ -188,9 +173,12 @@ def _quiet_transformers():
 def load_model(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool = False) -> Any:
     """Load a causal LM; GGUF weights are dequantised into a plain model peft can adapt (once per machine: the
     result is kept, `dequantized_cache`)."""
+    from transformers import AutoModelForCausalLM
+
     cached = dequantized_cache(source, dtype)
     with _quiet_transformers():
-        model = _load_kept(cached, dtype) if cached is not None else None
+        model = (_load_kept(cached, "config.json", AutoModelForCausalLM.from_pretrained, dtype=dtype,
+                            use_safetensors=True) if cached is not None else None)
         if model is None:
             model = _load_weights(source, dtype, trust_remote_code)
             if cached is not None:
@@ -199,16 +187,15 @@ def load_model(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool 
     return model.to(device()).eval()
 
 
-def _load_kept(folder: Path, dtype: torch.dtype) -> Any:
-    """The dequantised copy kept in `folder`, or None when there is none or it is damaged (then it is removed)."""
+def _load_kept(folder: Path, marker: str, from_pretrained: Any, **kwargs: Any) -> Any:
+    """What `_keep` kept in `folder` (a model or tokenizer, loaded by `from_pretrained`), or None when there is
+    none (no `marker` file) or it is damaged (then it is removed)."""
     import shutil
 
-    from transformers import AutoModelForCausalLM
-
-    if not (folder / "config.json").is_file():
+    if not (folder / marker).is_file():
         return None
     try:
-        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, use_safetensors=True)
+        return from_pretrained(str(folder), **kwargs)
     except Exception:  # whatever a damaged copy raises (safetensors' own errors too): the GGUF is the truth
         shutil.rmtree(folder, ignore_errors=True)
         return None

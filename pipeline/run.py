@@ -47,7 +47,6 @@ class Experiment:
     store: StageStore
     run_dir: Path
     console: Any
-    force: bool = False
     notes: list[str] = field(default_factory=list)
     parent_run_id: str = ""
     outcomes: dict[str, Any] = field(default_factory=dict)  # arm name -> economics.ArmRows
@@ -102,7 +101,7 @@ def prepare(cfg: ExperimentConfig, console, force: bool) -> Experiment:
     run_dir = cfg.output_dir / cfg.experiment / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     run_dir.mkdir(parents=True, exist_ok=True)
     store = StageStore(cfg.output_dir / "stages", recompute=force)
-    return Experiment(cfg, task, rows, examples, templates, models, store, run_dir, console, force,
+    return Experiment(cfg, task, rows, examples, templates, models, store, run_dir, console,
                       notes=task.notes + models.notes)
 
 

@@ -330,11 +330,7 @@ def _walking_trainable_only(trainer: Any, peft_model: Any) -> Iterator[None]:
         return trainer.accelerator.clip_grad_norm_(trainable, trainer.args.max_grad_norm)
 
     def zero_grad(set_to_none: bool = True) -> None:
-        for parameter in trainable:
-            if set_to_none:
-                parameter.grad = None
-            elif parameter.grad is not None:
-                parameter.grad.zero_()
+        trainer.optimizer.zero_grad(set_to_none=set_to_none)  # built over the trainable tensors alone
 
     trainer._clip_grad_norm = clip
     peft_model.zero_grad = zero_grad  # what the Trainer calls on the model it trains, in one process

@@ -54,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run an experiment: naive prompt, engineered prompt, LoRA fine-tune")
     run.add_argument("config", type=Path, help="experiment YAML, e.g. experiments/default.yaml")
     run.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. finetune.epochs=1 eval.limit=50")
-    run.add_argument("--force", action="store_true", help="recompute every stage instead of reusing stored ones (each once: arms that share an "
+    run.add_argument("--force", action="store_true",
+                     help="recompute every stage instead of reusing stored ones (each once: arms that share an "
                      "adapter train it once)")
     run.add_argument("--processes", type=int, metavar="N",
                      help="train the LoRA arms on N data-parallel processes (one per GPU, or CPU processes) with "

@@ -3,8 +3,9 @@
 Three paths run in this process on the same rows and the same model, alternating, `--repeats` times:
 `model.generate` on each full prompt at batch 1 (the baseline: what a notebook does), the local
 backend with the prefix KV cache copied into every batch row, and the local backend with shared-prefix
-attention (the prefix held once, at batch 1). Both backend paths decode with `backends.decoding`
-(finished rows leave the batch). The ratio of
+attention (the prefix held once, at batch 1), with the plain weights and with the weights packed for
+oneDNN (`backends.packed_weights`, what `roi run` uses on CPU). The backend paths decode with
+`backends.decoding` (finished rows leave the batch). The ratio of
 each repeat is taken against the baseline of the same repeat, and the median is printed, so it holds on
 a noisy shared machine where absolute times do not. Last line: RATIO <shared path / baseline>.
 
@@ -18,6 +19,7 @@ over its wall time (the matmuls' FLOPs, counted by torch.profiler, over the wall
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -73,13 +75,14 @@ def main() -> None:
     print(f"{len(prompts)} engineered prompts, {sum(tokens) / len(tokens):.0f} tokens each on average "
           f"({renderer.static_prefix_tokens()} shared), {dtype}, {where}, batch {args.batch_size}")
 
-    def backend(batch_size: int, prefix: bool, shared: bool = True) -> LocalBackend:
-        settings = LocalSettings(batch_size, cfg.eval.max_new_tokens, prefix_cache=prefix, shared_prefix=shared)
+    def backend(batch_size: int, prefix: bool, shared: bool = True, packed: bool = True) -> LocalBackend:
+        settings = LocalSettings(batch_size, cfg.eval.max_new_tokens, prefix_cache=prefix, shared_prefix=shared,
+                                 packed_weights=packed)
         return LocalBackend(model, tokenizer, settings, prefix_probe=renderer.prefix_probe() if prefix else None)
 
     baseline = PerExampleGenerate(model, tokenizer, cfg.eval.max_new_tokens)
     paths = {"baseline": baseline, "copied": backend(args.batch_size, True, shared=False),
-             "shared": backend(args.batch_size, True)}
+             "unpacked": backend(args.batch_size, True, packed=False), "shared": backend(args.batch_size, True)}
     for name, path in paths.items():  # warm-up at each path's own batch size; builds the prefix caches
         path.run(prompts[: 2 if name == "baseline" else min(len(prompts), args.batch_size)])
     seconds: dict[str, list[float]] = {name: [] for name in paths}
@@ -96,6 +99,8 @@ def main() -> None:
               f"{', '.join(f'{c:.2f}' for c in calls)})  identical to baseline: {100 * same:.1f}%")
     vs_copied = statistics.median(c / s for c, s in zip(seconds["copied"], seconds["shared"]))
     print(f"shared vs copied prefix cache: {vs_copied:.2f}x")
+    vs_unpacked = statistics.median(u / s for u, s in zip(seconds["unpacked"], seconds["shared"]))
+    print(f"packed vs plain weights (both shared): {vs_unpacked:.2f}x")
 
     peak = matmul_tflops(dtype, model.device.type)
     flops, wall = matmul_flops(lambda: paths["shared"].run(prompts))
@@ -104,7 +109,7 @@ def main() -> None:
           " of it")
     if args.profile:
         sample = prompts[: 2 * args.batch_size]
-        for name in ("copied", "shared"):
+        for name in ("copied", "unpacked", "shared"):
             profile(name, lambda: paths[name].run(sample), peak)
     ratio = statistics.median(b / s for b, s in zip(seconds["baseline"], seconds["shared"]))
     print(f"RATIO {ratio:.2f}")
@@ -154,10 +159,21 @@ def matmul_flops(fn) -> tuple[float, float]:
 FUSED_ATTENTION = "aten::_scaled_dot_product_flash_attention_for_cpu"
 
 
+PACKED_LINEAR = "mkldnn::_linear_pointwise"
+
+
 def counted_flops(prof) -> float:
-    """The matmuls' FLOPs (torch.profiler's count) plus the fused attention kernel's, from its recorded shapes."""
+    """The matmuls' FLOPs (torch.profiler's count) plus, from their recorded shapes, the fused attention kernel's
+    and the packed linear layers' (which it does not count)."""
     flops = sum(e.flops for e in prof.key_averages() if e.key in MATMUL_OPS)
-    return flops + sum(attention_flops(e.input_shapes) for e in prof.events() if e.name == FUSED_ATTENTION)
+    flops += sum(attention_flops(e.input_shapes) for e in prof.events() if e.name == FUSED_ATTENTION)
+    return flops + sum(linear_flops(e.input_shapes) for e in prof.events() if e.name == PACKED_LINEAR)
+
+
+def linear_flops(shapes) -> int:
+    """One linear layer: input [..., K] times the weight [N, K] (its packed copy keeps the shape)."""
+    rows = math.prod(shapes[0][:-1])
+    return 2 * rows * shapes[1][0] * shapes[1][1]
 
 
 def attention_flops(shapes) -> int:
@@ -197,7 +213,7 @@ def profile(name: str, fn, peak: float) -> None:
         fn()
         wall = time.perf_counter() - t0
     events = prof.key_averages()
-    mm = [e for e in events if e.key in MATMUL_OPS or e.key == FUSED_ATTENTION]
+    mm = [e for e in events if e.key in MATMUL_OPS or e.key in (FUSED_ATTENTION, PACKED_LINEAR)]
     mm_s = sum(e.self_cpu_time_total for e in mm) / 1e6
     flops = counted_flops(prof)
     attention_s = sum(e.self_cpu_time_total for e in events if "attention" in e.key or e.key == "aten::_softmax") / 1e6

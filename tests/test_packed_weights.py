@@ -85,15 +85,43 @@ def test_a_weight_changed_in_place_is_packed_again():
             assert torch.equal(model(ids).logits, changed) and not torch.equal(changed, plain)
 
 
-def test_fp32_and_int8_layers_are_left_as_they_are():
-    from pipeline.models import quantize_int8
-
+def test_fp32_layers_are_left_as_they_are():
     fp32 = _tiny(torch.float32)
     assert not packing_supported(fp32)
     with packed_linears(fp32) as layers:
         assert layers == 0
-    bf16 = _tiny()
-    assert packing_supported(bf16)
-    int8 = quantize_int8(bf16)
-    with packed_linears(int8) as layers:
-        assert layers == 0  # torchao's int8 weights keep their own kernel
+    assert packing_supported(_tiny())
+
+
+class Int8Matmuls(TorchDispatchMode):
+    """How many int8 matmuls ran on the int8 weight directly."""
+
+    def __init__(self):
+        super().__init__()
+        self.direct = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.direct += func is torch.ops.aten._weight_int8pack_mm.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_int8_layers_multiply_by_their_int8_weight_at_a_few_rows_and_by_torchaos_path_beyond():
+    from pipeline.backends.packed_weights import INT8_DIRECT_ROWS
+    from pipeline.models import quantize_int8
+
+    int8 = quantize_int8(_tiny())
+    generator = torch.Generator().manual_seed(2)
+    few = torch.randint(0, 96, (2, INT8_DIRECT_ROWS // 2), generator=generator)  # 8 rows into each layer
+    many = torch.randint(0, 96, (2, INT8_DIRECT_ROWS), generator=generator)
+    with torch.inference_mode():
+        torchao_few, torchao_many = int8(few).logits, int8(many).logits
+        with packed_linears(int8) as layers, Int8Matmuls() as seen:
+            direct_few = int8(few).logits
+            calls_few = seen.direct
+            direct_many = int8(many).logits
+    assert layers == 2 * 7 + 1 and calls_few == layers and seen.direct == calls_few  # none for the 16 rows
+    assert torch.equal(direct_many, torchao_many)
+    # The same int8 weights and scales; the scale meets the fp32 sums rather than their bf16 rounding.
+    assert not torch.equal(direct_few, torchao_few)
+    assert (direct_few.float() - torchao_few.float()).abs().max() < 0.01 < torchao_few.float().std()
+    assert not any("forward" in vars(m) for m in int8.modules())

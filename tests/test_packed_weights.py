@@ -1,6 +1,9 @@
 """Packed weights on CPU: every bf16 linear layer of the real default model multiplies by its packed copy while the
 local backend decodes, the answers are the plain weights' answers, and nothing stale or foreign is packed."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -83,6 +86,16 @@ def test_a_weight_changed_in_place_is_packed_again():
         changed = model(ids).logits
         with packed_linears(model):
             assert torch.equal(model(ids).logits, changed) and not torch.equal(changed, plain)
+    layer = weakref.ref(model.lm_head)
+    del model
+    assert _gone(layer)
+
+
+def _gone(layer: weakref.ref) -> bool:
+    """Whether a layer is gone once nothing else holds its model: the fast forward kept for it must not keep it
+    (and its packed copy) alive; each arm's model is freed after the arm."""
+    gc.collect()
+    return layer() is None
 
 
 def test_fp32_layers_are_left_as_they_are():
@@ -125,3 +138,6 @@ def test_int8_layers_multiply_by_their_int8_weight_at_a_few_rows_and_by_torchaos
     assert not torch.equal(direct_few, torchao_few)
     assert (direct_few.float() - torchao_few.float()).abs().max() < 0.01 < torchao_few.float().std()
     assert not any("forward" in vars(m) for m in int8.modules())
+    layer = weakref.ref(int8.lm_head)
+    del int8
+    assert _gone(layer)

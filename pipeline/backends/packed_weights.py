@@ -22,13 +22,17 @@ from __future__ import annotations
 import weakref
 from contextlib import contextmanager
 from functools import partial
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
-# Packed copies, per layer, while its model lives: a model shared by several arms (or a server's label sets) is
-# packed once. Each entry remembers the weight it was packed from, so a weight changed since is packed again.
-_PACKED: "weakref.WeakKeyDictionary[torch.nn.Linear, tuple[tuple, torch.Tensor]]" = weakref.WeakKeyDictionary()
+# Each layer's fast forward while its model lives: a model shared by several arms (or a server's label sets) is
+# packed once. An entry remembers the weights it was made from, so a layer whose weight changed gets a new one.
+# (A forward holds its layer's tensors, never the layer: the layer is the key and must be able to die.)
+_FORWARDS: "weakref.WeakKeyDictionary[torch.nn.Linear, tuple[tuple, Callable]]" = weakref.WeakKeyDictionary()
+
+# Rows up to which an int8 layer multiplies by its int8 weight directly (measured crossover: ~16).
+INT8_DIRECT_ROWS = 8
 
 
 def packing_supported(model: Any) -> bool:
@@ -37,53 +41,61 @@ def packing_supported(model: Any) -> bool:
             and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def _packable(module: Any) -> bool:
-    """A plain bf16 CPU linear layer (not a subclass, a quantized weight or a peft layer) whose forward
-    nothing else has replaced."""
-    weight = getattr(module, "weight", None)
-    return (type(module) is torch.nn.Linear and type(weight) in (torch.Tensor, torch.nn.Parameter)
-            and weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and "forward" not in vars(module))
-
-
-def _identity(weight: torch.Tensor) -> tuple:
+def _version(tensor: torch.Tensor) -> int | None:
     # An in-place change (a merge, an optimizer step) bumps the version; inference tensors have none.
-    version = None if weight.is_inference() else weight._version
-    return weight.data_ptr(), version, tuple(weight.shape)
+    return None if tensor.is_inference() else tensor._version
 
 
-def _packed(module: torch.nn.Linear) -> torch.Tensor:
-    identity = _identity(module.weight)
-    kept = _PACKED.get(module)
-    if kept is None or kept[0] != identity or identity[1] is None:
-        kept = _PACKED[module] = identity, torch.ops.mkldnn._reorder_linear_weight(module.weight.detach())
-    return kept[1]
+def _plain_bf16(weight: Any) -> bool:
+    return type(weight) in (torch.Tensor, torch.nn.Parameter) and weight.dtype == torch.bfloat16
 
 
-def _forward(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-
-# Rows up to which an int8 layer multiplies by its int8 weight directly (measured crossover: ~16).
-INT8_DIRECT_ROWS = 8
-
-
-def _int8_per_row(module: Any) -> bool:
-    """A linear layer with torchao's int8 weight-only, per-row, symmetric weight (what `quantize_int8` makes)."""
-    weight = getattr(module, "weight", None)
-    if type(module) is not torch.nn.Linear or type(weight).__name__ != "Int8Tensor" or "forward" in vars(module):
+def _int8_per_row(weight: Any) -> bool:
+    """torchao's int8 weight-only, per-row, symmetric weight (what `models.quantize_int8` makes)."""
+    if type(weight).__name__ != "Int8Tensor":
         return False
     qdata = weight.qdata
     return (qdata.dim() == 2 and weight.dtype == torch.bfloat16 and weight.act_quant_kwargs is None
             and weight.act_pre_scale is None and list(weight.block_size) == [1, qdata.shape[1]]
-            and (weight.zero_point is None or not weight.zero_point.any()) and qdata.device.type == "cpu")
+            and (weight.zero_point is None or not weight.zero_point.any()))
 
 
-def _int8_forward(module: torch.nn.Linear, qdata: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _identity(module: torch.nn.Linear) -> tuple | None:
+    """What the layer's fast forward is made from, or None for a layer left as it is: not a plain CPU linear
+    layer (a subclass, a peft layer), another dtype or quantization, or a forward something else replaced."""
+    weight = getattr(module, "weight", None)
+    if type(module) is not torch.nn.Linear or "forward" in vars(module) or weight.device.type != "cpu":
+        return None
+    data = weight.qdata if _int8_per_row(weight) else weight if _plain_bf16(weight) else None
+    if data is None:
+        return None
+    return type(weight).__name__, data.data_ptr(), _version(data), tuple(data.shape), id(module.bias)
+
+
+def _fast_forward(module: torch.nn.Linear, identity: tuple) -> Callable:
+    kept = _FORWARDS.get(module)
+    if kept is None or kept[0] != identity or identity[2] is None:
+        weight = module.weight
+        if _plain_bf16(weight):
+            forward = partial(_packed_forward, torch.ops.mkldnn._reorder_linear_weight(weight.detach()), module.bias)
+        else:
+            scales = weight.scale.reshape(-1).to(torch.bfloat16)
+            forward = partial(_int8_forward, weight.qdata.contiguous(), scales, weight, module.bias)
+        kept = _FORWARDS[module] = identity, forward
+    return kept[1]
+
+
+def _packed_forward(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def _int8_forward(qdata: torch.Tensor, scales: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  x: torch.Tensor) -> torch.Tensor:
     if x.numel() > INT8_DIRECT_ROWS * x.shape[-1] or x.dtype != torch.bfloat16:
-        return torch.nn.functional.linear(x, module.weight, module.bias)  # torchao's own path
+        return torch.nn.functional.linear(x, weight, bias)  # torchao's own path
     y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), qdata, scales)
     y = y.reshape(*x.shape[:-1], qdata.shape[0])
-    return y if module.bias is None else y + module.bias
+    return y if bias is None else y + bias
 
 
 @contextmanager
@@ -95,14 +107,10 @@ def packed_linears(model: Any) -> Iterator[int]:
     replaced = []
     try:
         for module in model.modules():
-            if _packable(module):
-                module.forward = partial(_forward, _packed(module), module.bias)
-            elif _int8_per_row(module):
-                scales = module.weight.scale.reshape(-1).to(torch.bfloat16)
-                module.forward = partial(_int8_forward, module, module.weight.qdata.contiguous(), scales)
-            else:
-                continue
-            replaced.append(module)
+            identity = _identity(module)
+            if identity is not None:
+                module.forward = _fast_forward(module, identity)
+                replaced.append(module)
         yield len(replaced)
     finally:
         for module in replaced:

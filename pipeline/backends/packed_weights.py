@@ -1,18 +1,18 @@
 """Local decoding on CPU with linear kernels fit for a few rows: bf16 weights packed once for oneDNN, int8 direct.
 
-A plain `F.linear` on a bf16 CPU tensor hands oneDNN a row-major weight that it re-blocks on every call.
-At the row counts decoding runs (1 to 64), reading the weight dominates each matmul, and that re-blocking
-ran the default model's layers at ~10 GB/s on this machine. The packed copy (what torch.compile's CPU
-freezing pass builds: `mkldnn._reorder_linear_weight`, then `mkldnn._linear_pointwise`) gives the same bits,
-1.3-1.6x faster at 1-64 rows and ~1.05x for a prefill of hundreds. Measured in one process, alternating:
+A plain `F.linear` on a bf16 CPU tensor hands oneDNN the row-major weight on every call. At the row counts
+decoding runs (1 to 64) each matmul is bound by reading its weight, and that way the default model's layers
+read theirs at ~10 GB/s on this machine. A copy packed once in oneDNN's blocked layout (what torch.compile's
+CPU freezing pass builds: `mkldnn._reorder_linear_weight`, then `mkldnn._linear_pointwise`) gives the same
+bits, 1.3-1.6x faster at 1-64 rows and ~1.05x for a prefill of hundreds. Measured in one process, alternating:
 decoding 1.3-1.5x faster at batch 1 and 1.1-1.2x at batch 32 for the default model, identical answers.
 Inference only (the packed op has no backward), bf16 only (fp32 goes through MKL, whose sums differ in
 the last bits from oneDNN's), and only on CPUs whose oneDNN has bf16 kernels.
 
 torchao's int8 weight-only layers cast the whole int8 weight to bf16 on every call, then multiply: at batch 1
 that made the int8 arm 2.5x slower than bf16, the opposite of what int8 weights are for. At up to
-`INT8_DIRECT_ROWS` rows they multiply by the int8 weight directly (`aten._weight_int8pack_mm`, the CPU kernel
-gpt-fast serves int8 with): 2.2x faster than torchao's path for the default model's layers at 1-4 rows, level
+`INT8_DIRECT_ROWS` rows they multiply by the int8 weight directly (`aten._weight_int8pack_mm`, torch's CPU kernel
+for int8 weight-only matmuls): 2.2x faster than torchao's path for the default model's layers at 1-4 rows, level
 at 16, slower beyond, where torchao's path stays. The same weights and scales; the scale is applied to the
 fp32 sums rather than to their bf16 rounding, so outputs differ from torchao's by bf16 rounding (~0.5%).
 """

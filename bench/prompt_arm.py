@@ -1,6 +1,6 @@
 """Engineered-prompt evaluation speed: shared-prefix attention, batched, vs per-example model.generate.
 
-Three paths run in this process on the same rows and the same model, alternating, `--repeats` times:
+Four paths run in this process on the same rows and the same model, alternating, `--repeats` times:
 `model.generate` on each full prompt at batch 1 (the baseline: what a notebook does), the local
 backend with the prefix KV cache copied into every batch row, and the local backend with shared-prefix
 attention (the prefix held once, at batch 1), with the plain weights and with the weights packed for

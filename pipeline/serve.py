@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException
 
 from pipeline.backends.base import Call
 from pipeline.backends.local import LocalBackend, LocalSettings
+from pipeline.backends.packed_weights import PackedWeights
 from pipeline.config import ConfigError, ModelConfig
 from pipeline.models import ModelError, load_model, load_tokenizer, pick_dtype, resolve_source
 from pipeline.prompts import Prompt
@@ -110,6 +111,7 @@ class Batcher:
         self.model, self.tokenizer, self.max_batch, self.window_s = model, tokenizer, max_batch, window_s
         self.queue: queue.Queue[_Job | None] = queue.Queue()
         self.backends: dict[tuple, LocalBackend] = {}
+        self.packed = PackedWeights()  # one packed copy of the weights for every label set's backend
         self.stats = {"requests": 0, "batches": 0, "rows": 0}
 
     async def submit(self, prompt: Prompt, labels: tuple[str, ...] | None, max_tokens: int) -> Result:
@@ -162,7 +164,7 @@ class Batcher:
             settings = LocalSettings(batch_size=self.max_batch, max_new_tokens=DEFAULT_MAX_TOKENS,
                                      labels=list(labels) if labels else None, auto_prefix=True,
                                      remember_prompts=False)
-            self.backends[key] = LocalBackend(self.model, self.tokenizer, settings)
+            self.backends[key] = LocalBackend(self.model, self.tokenizer, settings, packed=self.packed)
         backend = self.backends[key]
         calls = backend.run(prompts, max_new_tokens=max_tokens or None)
         self.stats["batches"] += 1

@@ -1,34 +1,33 @@
 """Packed weights on CPU: every bf16 linear layer of the real default model multiplies by its packed copy while the
 local backend decodes, the answers are the plain weights' answers, and nothing stale or foreign is packed."""
 
-import gc
-import weakref
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipeline.backends.local import LocalBackend, LocalSettings
-from pipeline.backends.packed_weights import packed_linears, packing_supported
+from pipeline.backends.packed_weights import PackedWeights, packing_supported
 from test_local_backend import engineered  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
                                 reason="this CPU's oneDNN has no bf16 kernels: weights are not packed here")
 
 PACKED = torch.ops.mkldnn._linear_pointwise.default
+PACKING = torch.ops.mkldnn._reorder_linear_weight.default
 PLAIN = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.linear.default}
 
 
 class Matmuls(TorchDispatchMode):
-    """How many packed and plain linear matmuls ran inside the block."""
+    """How many packed and plain linear matmuls ran inside the block, and how many weights were packed."""
 
     def __init__(self):
         super().__init__()
-        self.packed = self.plain = 0
+        self.packed = self.plain = self.packings = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.packed += func is PACKED
         self.plain += func in PLAIN
+        self.packings += func is PACKING
         return func(*args, **(kwargs or {}))
 
 
@@ -45,7 +44,7 @@ def _tiny(dtype=torch.bfloat16):
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+                         num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True)
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
@@ -55,7 +54,7 @@ def test_decoding_runs_every_linear_layer_packed_with_the_plain_weights_answers(
     for packed in (False, True):
         settings = LocalSettings(batch_size=2, max_new_tokens=12, packed_weights=packed)
         backend = LocalBackend(model_bf16, tokenizer, settings, prefix_probe=renderer.prefix_probe())
-        backend.run(prompts[:1])  # builds the prefix cache
+        backend.run(prompts[:1])  # builds the prefix cache (and packs the weights)
         passes = []
         hook = model_bf16.get_decoder().register_forward_pre_hook(lambda *_: passes.append(1))
         try:
@@ -63,47 +62,55 @@ def test_decoding_runs_every_linear_layer_packed_with_the_plain_weights_answers(
                 answers[packed] = [c.output for c in backend.run(prompts)]
         finally:
             hook.remove()
-        counts[packed] = seen.packed, seen.plain, len(passes)
+        counts[packed] = seen.packed, seen.plain, len(passes), seen.packings
+        assert (backend.packed is not None) == packed
+        backend.close()
+        assert not packed or backend.packed.layers_kept == 0  # the packed copies go with the backend
     assert any(answers[False]) and answers[True] == answers[False]
     linears = sum(type(m) is torch.nn.Linear for m in model_bf16.modules())  # 7 a block x 30, and the output head
     assert linears == 211
-    packed, plain, passes = counts[True]
-    assert (packed, plain) == (linears * passes, 0)
+    packed, plain, passes, packings = counts[True]
+    assert (packed, plain, packings) == (linears * passes, 0, 0)  # packed once, by the first run
     assert counts[False][:2] == (0, linears * counts[False][2])
     assert not any("forward" in vars(m) for m in model_bf16.modules())  # the layers' own forward is back
 
 
-def test_a_weight_changed_in_place_is_packed_again():
+def test_a_weight_changed_in_place_or_replaced_is_packed_again_and_an_error_restores_the_layers():
     model = _tiny()
+    packed = PackedWeights()
     ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(1))
+    down = model.model.layers[0].mlp.down_proj
     with torch.inference_mode():
         plain = model(ids).logits
-        with packed_linears(model) as layers:
-            packed = model(ids).logits
-        assert layers == 2 * 7 + 1 and torch.equal(packed, plain)
+        with packed.applied(model) as layers:
+            assert layers == 2 * 7 + 1 and torch.equal(model(ids).logits, plain)
         with torch.no_grad():
-            model.model.layers[0].mlp.down_proj.weight.mul_(-2)  # what a merge or an optimizer step does
+            down.weight.mul_(-2)  # what an optimizer step does
         changed = model(ids).logits
-        with packed_linears(model):
+        with packed.applied(model):
             assert torch.equal(model(ids).logits, changed) and not torch.equal(changed, plain)
-    layer = weakref.ref(model.lm_head)
-    del model
-    assert _gone(layer)
+        down.weight = torch.nn.Parameter(down.weight.detach() * 3)
+        replaced = model(ids).logits
+        with packed.applied(model):
+            assert torch.equal(model(ids).logits, replaced) and not torch.equal(replaced, changed)
+        with pytest.raises(RuntimeError), packed.applied(model):
+            raise RuntimeError("a failed pass")
+    assert not any("forward" in vars(m) for m in model.modules())
 
 
-def _gone(layer: weakref.ref) -> bool:
-    """Whether a layer is gone once nothing else holds its model: the fast forward kept for it must not keep it
-    (and its packed copy) alive; each arm's model is freed after the arm."""
-    gc.collect()
-    return layer() is None
+def test_fp32_layers_are_left_as_they_are_and_no_copy_is_packed_where_it_would_not_fit(monkeypatch):
+    from pipeline.backends import packed_weights
 
-
-def test_fp32_layers_are_left_as_they_are():
     fp32 = _tiny(torch.float32)
     assert not packing_supported(fp32)
-    with packed_linears(fp32) as layers:
+    with PackedWeights().applied(fp32) as layers:
         assert layers == 0
-    assert packing_supported(_tiny())
+    bf16 = _tiny()
+    weights = sum(m.weight.numel() * 2 for m in bf16.modules() if isinstance(m, torch.nn.Linear))
+    monkeypatch.setattr(packed_weights, "_available_memory", lambda: 2 * weights)
+    assert packing_supported(bf16)
+    monkeypatch.setattr(packed_weights, "_available_memory", lambda: 2 * weights - 2)
+    assert not packing_supported(bf16)  # a second copy would take over half of what is left
 
 
 class Int8Matmuls(TorchDispatchMode):
@@ -128,16 +135,12 @@ def test_int8_layers_multiply_by_their_int8_weight_at_a_few_rows_and_by_torchaos
     many = torch.randint(0, 96, (2, INT8_DIRECT_ROWS), generator=generator)
     with torch.inference_mode():
         torchao_few, torchao_many = int8(few).logits, int8(many).logits
-        with packed_linears(int8) as layers, Int8Matmuls() as seen:
+        with PackedWeights().applied(int8) as layers, Int8Matmuls() as seen:
             direct_few = int8(few).logits
             calls_few = seen.direct
             direct_many = int8(many).logits
     assert layers == 2 * 7 + 1 and calls_few == layers and seen.direct == calls_few  # none for the 16 rows
     assert torch.equal(direct_many, torchao_many)
     # The same int8 weights and scales; the scale meets the fp32 sums rather than their bf16 rounding.
-    assert not torch.equal(direct_few, torchao_few)
     assert (direct_few.float() - torchao_few.float()).abs().max() < 0.01 < torchao_few.float().std()
     assert not any("forward" in vars(m) for m in int8.modules())
-    layer = weakref.ref(int8.lm_head)
-    del int8
-    assert _gone(layer)

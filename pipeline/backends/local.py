@@ -14,6 +14,7 @@ import torch
 
 from pipeline.backends.base import Call, OnCalls
 from pipeline.backends.decoding import Answer, LabelConstraint, RowCaches, greedy_answers
+from pipeline.backends.packed_weights import PackedWeights, packing_supported
 from pipeline.prompts import Prompt, static_prefix
 
 
@@ -133,8 +134,14 @@ class LocalBackend:
     tokens_estimated = False
     retries_total = None  # a local model call is not retried
 
-    def __init__(self, model: Any, tokenizer: Any, settings: LocalSettings, prefix_probe: Prompt | None = None):
+    def __init__(self, model: Any, tokenizer: Any, settings: LocalSettings, prefix_probe: Prompt | None = None,
+                 packed: PackedWeights | None = None):
+        """`packed`: the packed weights of backends on the same model (a server's), to share; else its own."""
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
+        if settings.packed_weights and packing_supported(model):
+            self.packed: PackedWeights | None = packed if packed is not None else PackedWeights()
+        else:
+            self.packed = None
         self.stop_ids = stop_token_ids(model, tokenizer)
         self.constraint = LabelConstraint(tokenizer, settings.labels, self.stop_ids) if settings.labels else None
         # A constrained answer is the longest label and its stop token: never more.
@@ -165,11 +172,8 @@ class LocalBackend:
 
     def run(self, prompts: list[Prompt], on_calls: OnCalls | None = None,
             max_new_tokens: int | None = None) -> list[Call]:
-        from pipeline.backends.packed_weights import packed_linears, packing_supported
-
         encoded = [self.encode(p) for p in prompts]
-        packed = self.settings.packed_weights and packing_supported(self.model)
-        with packed_linears(self.model) if packed else nullcontext():
+        with self.packed.applied(self.model) if self.packed is not None else nullcontext():
             return self._run(encoded, on_calls, max_new_tokens)
 
     def _run(self, encoded: list[list[int]], on_calls: OnCalls | None, max_new_tokens: int | None) -> list[Call]:
@@ -260,7 +264,7 @@ class LocalBackend:
         """The same model and settings without the prefix cache (None when there is no cache to compare)."""
         if not self.prefix:
             return None
-        plain = LocalBackend(self.model, self.tokenizer, self.settings)
+        plain = LocalBackend(self.model, self.tokenizer, self.settings, packed=self.packed)
         plain._encoded = self._encoded
         return plain
 
@@ -277,6 +281,8 @@ class LocalBackend:
         self._cache = None
         self._static.clear()
         self._encoded.clear()
+        if self.packed is not None:
+            self.packed.clear()  # the model's weights again, not twice
 
 
 def measure_local(model: Any, tokenizer: Any, prompts: list[Prompt | str], batch_size: int, max_new_tokens: int,

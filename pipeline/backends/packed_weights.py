@@ -7,7 +7,8 @@ CPU freezing pass builds: `mkldnn._reorder_linear_weight`, then `mkldnn._linear_
 bits, 1.3-1.6x faster at 1-64 rows and ~1.05x for a prefill of hundreds. Measured in one process, alternating:
 decoding 1.3-1.5x faster at batch 1 and 1.1-1.2x at batch 32 for the default model, identical answers.
 Inference only (the packed op has no backward), bf16 only (fp32 goes through MKL, whose sums differ in
-the last bits from oneDNN's), and only on CPUs whose oneDNN has bf16 kernels.
+the last bits from oneDNN's), and only on CPUs whose oneDNN has bf16 kernels. The packed copies double the
+weights in memory while a `PackedWeights` holds them (a backend, until it closes).
 
 torchao's int8 weight-only layers cast the whole int8 weight to bf16 on every call, then multiply: at batch 1
 that made the int8 arm 2.5x slower than bf16, the opposite of what int8 weights are for. At up to
@@ -19,31 +20,44 @@ fp32 sums rather than to their bf16 rounding, so outputs differ from torchao's b
 
 from __future__ import annotations
 
-import weakref
+import os
 from contextlib import contextmanager
 from functools import partial
 from typing import Any, Callable, Iterator
 
 import torch
 
-# Each layer's fast forward while its model lives: a model shared by several arms (or a server's label sets) is
-# packed once. An entry remembers the weights it was made from, so a layer whose weight changed gets a new one.
-# (A forward holds its layer's tensors, never the layer: the layer is the key and must be able to die.)
-_FORWARDS: "weakref.WeakKeyDictionary[torch.nn.Linear, tuple[tuple, Callable]]" = weakref.WeakKeyDictionary()
-
 # Rows up to which an int8 layer multiplies by its int8 weight directly (measured crossover: ~16).
 INT8_DIRECT_ROWS = 8
+# Packed copies double a model's bf16 weights in memory while they are held: only when that fits in this
+# share of the memory available.
+MEMORY_SHARE = 0.5
 
 
 def packing_supported(model: Any) -> bool:
-    """Whether `model` runs on a CPU whose oneDNN has bf16 kernels, in bf16: where packed weights apply."""
-    return (model.device.type == "cpu" and model.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """Whether `model` runs on a CPU whose oneDNN has bf16 kernels, in bf16, and a packed copy of its weights
+    fits in memory: where packed weights apply."""
+    if not (model.device.type == "cpu" and model.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return False
+    weights = sum(m.weight.numel() * 2 for m in model.modules() if _identity(m) and _plain_bf16(m.weight))
+    return weights <= MEMORY_SHARE * _available_memory()
 
 
-def _version(tensor: torch.Tensor) -> int | None:
-    # An in-place change (a merge, an optimizer step) bumps the version; inference tensors have none.
-    return None if tensor.is_inference() else tensor._version
+def _available_memory() -> float:
+    """Bytes of memory available without swapping: Linux's MemAvailable (free memory and what the page cache
+    would give up), else the free pages, else unknown (no limit)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return float("inf")
 
 
 def _plain_bf16(weight: Any) -> bool:
@@ -60,7 +74,7 @@ def _int8_per_row(weight: Any) -> bool:
             and (weight.zero_point is None or not weight.zero_point.any()))
 
 
-def _identity(module: torch.nn.Linear) -> tuple | None:
+def _identity(module: Any) -> tuple | None:
     """What the layer's fast forward is made from, or None for a layer left as it is: not a plain CPU linear
     layer (a subclass, a peft layer), another dtype or quantization, or a forward something else replaced."""
     weight = getattr(module, "weight", None)
@@ -69,23 +83,23 @@ def _identity(module: torch.nn.Linear) -> tuple | None:
     data = weight.qdata if _int8_per_row(weight) else weight if _plain_bf16(weight) else None
     if data is None:
         return None
-    return type(weight).__name__, data.data_ptr(), _version(data), tuple(data.shape), id(module.bias)
+    # An in-place change to the parameter (an optimizer step) bumps its version; inference tensors have none.
+    version = None if data.is_inference() else data._version
+    return type(weight).__name__, id(weight), data.data_ptr(), version, tuple(data.shape), id(module.bias)
 
 
-def _fast_forward(module: torch.nn.Linear, identity: tuple) -> Callable:
-    kept = _FORWARDS.get(module)
-    if kept is None or kept[0] != identity or identity[2] is None:
-        weight = module.weight
-        if _plain_bf16(weight):
-            forward = partial(_packed_forward, torch.ops.mkldnn._reorder_linear_weight(weight.detach()), module.bias)
-        else:
-            scales = weight.scale.reshape(-1).to(torch.bfloat16)
-            forward = partial(_int8_forward, weight.qdata.contiguous(), scales, weight, module.bias)
-        kept = _FORWARDS[module] = identity, forward
-    return kept[1]
+def _fast_forward(module: torch.nn.Linear) -> Callable:
+    weight, bias = module.weight, module.bias
+    if _plain_bf16(weight):
+        return partial(_packed_forward, torch.ops.mkldnn._reorder_linear_weight(weight.detach()), weight, bias)
+    scales = weight.scale.reshape(-1).to(torch.bfloat16)
+    return partial(_int8_forward, weight.qdata.contiguous(), scales, weight, bias)
 
 
-def _packed_forward(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+def _packed_forward(packed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    x: torch.Tensor) -> torch.Tensor:
+    if x.dtype != torch.bfloat16 or torch.is_grad_enabled():  # the packed op has no backward
+        return torch.nn.functional.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
@@ -98,20 +112,42 @@ def _int8_forward(qdata: torch.Tensor, scales: torch.Tensor, weight: torch.Tenso
     return y if bias is None else y + bias
 
 
-@contextmanager
-def packed_linears(model: Any) -> Iterator[int]:
-    """Within the block (inference only), every plain bf16 linear layer of `model` multiplies by a packed copy
-    of its weight, and every torchao int8 one, at a few rows, by its int8 weight directly; yields how many
-    layers do either. Their own forward comes back on exit, so training, merging, copying and saving never
-    see the packed copies."""
-    replaced = []
-    try:
-        for module in model.modules():
-            identity = _identity(module)
-            if identity is not None:
-                module.forward = _fast_forward(module, identity)
-                replaced.append(module)
-        yield len(replaced)
-    finally:
-        for module in replaced:
-            del module.forward
+class PackedWeights:
+    """The fast forwards of one model's layers, made on first use and kept while the holder lives (a backend,
+    or a server's backends on one model) and each layer's weight stays the same parameter, unchanged in place.
+    Weights changed behind autograd's back (`weight.data += ...`, as peft's merge does) are not seen: make a
+    new holder after changing a model's weights that way. `clear()` frees the packed copies."""
+
+    def __init__(self):
+        self._kept: dict[torch.nn.Linear, tuple[tuple, Callable]] = {}
+
+    @contextmanager
+    def applied(self, model: Any) -> Iterator[int]:
+        """Within the block (inference only), every plain bf16 linear layer of `model` multiplies by a packed
+        copy of its weight, and every torchao int8 one, at a few rows, by its int8 weight directly; yields how
+        many layers do either. Their own forward comes back on exit, so training, merging, copying and saving
+        never see the packed copies."""
+        replaced = []
+        try:
+            for module in model.modules():
+                identity = _identity(module)
+                if identity is None:
+                    continue
+                kept = self._kept.get(module)
+                if kept is None or kept[0] != identity or identity[3] is None:
+                    kept = self._kept[module] = identity, _fast_forward(module)
+                module.forward = kept[1]
+                replaced.append((module, kept[1]))
+            yield len(replaced)
+        finally:
+            for module, forward in replaced:
+                if vars(module).get("forward") is forward:  # not one another block put there meanwhile
+                    del module.forward
+
+    @property
+    def layers_kept(self) -> int:
+        """How many layers have a fast forward kept."""
+        return len(self._kept)
+
+    def clear(self) -> None:
+        self._kept.clear()

@@ -92,7 +92,7 @@ def _merged_attention(query: torch.Tensor, layer: SharedPrefixLayer, keys: torch
     out_s, lse_s = _attend(grouped, keys, values, mask, scaling, fused)
     # Merge by log-sum-exp: the prefix's share of the softmax mass is exp(lse_p) / (exp(lse_p) + exp(lse_s)) =
     # sigmoid(lse_p - lse_s), and the output moves that far from the suffix's towards the prefix's (three ops
-    # where the formula above takes ten, each run per layer and step).
+    # where the weighted sum in the module docstring takes ten, each run per layer and step).
     out = torch.lerp(out_s, out_p, torch.sigmoid(lse_p - lse_s))
     return out.reshape(batch, heads, q_len, dim).transpose(1, 2).contiguous().to(query.dtype)
 

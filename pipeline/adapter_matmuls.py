@@ -10,12 +10,13 @@ the fp32 weights through the cast, so the optimizer's small updates do not round
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from functools import partial
-from typing import Any, Iterator
+from typing import Any, ContextManager, Iterator
 
 import torch
 import torch.nn.functional as F
+
+from pipeline.replaced_forwards import forwards_replaced
 
 
 def _plain_lora(module: Any) -> bool:
@@ -39,20 +40,16 @@ def _forward(base: Any, down: Any, up: Any, dropout: Any, scaling: float, x: tor
     return result + F.linear(hidden, up.weight.to(x.dtype))
 
 
-@contextmanager
-def adapter_matmuls_in_input_dtype(model: Any) -> Iterator[int]:
+def adapter_matmuls_in_input_dtype(model: Any) -> ContextManager[int]:
     """Within the block, every plain LoRA linear layer of `model` computes its adapter in its input's dtype;
     yields how many layers do. Their own forward comes back on exit (a merge or a save sees peft's layers).
     The adapter, its scaling and dropout are read on entry: the block is for training, which changes none."""
-    replaced = []
-    for module in model.modules():
-        if _plain_lora(module):
-            name = module.active_adapters[0]
-            module.forward = partial(_forward, module.base_layer, module.lora_A[name], module.lora_B[name],
-                                     module.lora_dropout[name], module.scaling[name])
-            replaced.append(module)
-    try:
-        yield len(replaced)
-    finally:
-        for module in replaced:
-            del module.forward
+
+    def replacements() -> Iterator[tuple[Any, Any]]:
+        for module in model.modules():
+            if _plain_lora(module):
+                name = module.active_adapters[0]
+                yield module, partial(_forward, module.base_layer, module.lora_A[name], module.lora_B[name],
+                                      module.lora_dropout[name], module.scaling[name])
+
+    return forwards_replaced(replacements())

@@ -20,12 +20,12 @@ fp32 sums rather than to their bf16 rounding, so outputs differ from torchao's b
 
 from __future__ import annotations
 
-import os
-from contextlib import contextmanager
 from functools import partial
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ContextManager
 
 import torch
+
+from pipeline.replaced_forwards import forwards_replaced
 
 # Rows up to which an int8 layer multiplies by its int8 weight directly (measured crossover: ~16).
 INT8_DIRECT_ROWS = 8
@@ -45,19 +45,10 @@ def packing_supported(model: Any) -> bool:
 
 
 def _available_memory() -> float:
-    """Bytes of memory available without swapping: Linux's MemAvailable (free memory and what the page cache
-    would give up), else the free pages, else unknown (no limit)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return float("inf")
+    """Bytes of memory available without swapping (free memory and what the page cache would give up)."""
+    import psutil
+
+    return psutil.virtual_memory().available
 
 
 def _plain_bf16(weight: Any) -> bool:
@@ -121,28 +112,20 @@ class PackedWeights:
     def __init__(self):
         self._kept: dict[torch.nn.Linear, tuple[tuple, Callable]] = {}
 
-    @contextmanager
-    def applied(self, model: Any) -> Iterator[int]:
+    def applied(self, model: Any) -> ContextManager[int]:
         """Within the block (inference only), every plain bf16 linear layer of `model` multiplies by a packed
         copy of its weight, and every torchao int8 one, at a few rows, by its int8 weight directly; yields how
         many layers do either. Their own forward comes back on exit, so training, merging, copying and saving
         never see the packed copies."""
-        replaced = []
-        try:
-            for module in model.modules():
-                identity = _identity(module)
-                if identity is None:
-                    continue
-                kept = self._kept.get(module)
-                if kept is None or kept[0] != identity or identity[3] is None:
-                    kept = self._kept[module] = identity, _fast_forward(module)
-                module.forward = kept[1]
-                replaced.append((module, kept[1]))
-            yield len(replaced)
-        finally:
-            for module, forward in replaced:
-                if vars(module).get("forward") is forward:  # not one another block put there meanwhile
-                    del module.forward
+        return forwards_replaced((module, self._forward(module, identity)) for module in model.modules()
+                                 if (identity := _identity(module)) is not None)
+
+    def _forward(self, module: torch.nn.Linear, identity: tuple) -> Callable:
+        """The layer's kept fast forward, made again if its weight is not the one it was made from."""
+        kept = self._kept.get(module)
+        if kept is None or kept[0] != identity or identity[3] is None:
+            kept = self._kept[module] = identity, _fast_forward(module)
+        return kept[1]
 
     @property
     def layers_kept(self) -> int:

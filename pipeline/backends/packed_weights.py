@@ -1,21 +1,27 @@
-"""Local decoding on CPU with linear kernels fit for a few rows: bf16 weights packed once for oneDNN, int8 direct.
+"""Local decoding on CPU with linear kernels fit for a few rows: weights packed once for oneDNN, int8 direct.
 
-A plain `F.linear` on a bf16 CPU tensor hands oneDNN the row-major weight on every call. At the row counts
-decoding runs (1 to 64) each matmul is bound by reading its weight, and that way the default model's layers
-read theirs at ~10 GB/s on this machine. A copy packed once in oneDNN's blocked layout (what torch.compile's
-CPU freezing pass builds: `mkldnn._reorder_linear_weight`, then `mkldnn._linear_pointwise`) gives the same
-bits, 1.3-1.6x faster at 1-64 rows and ~1.05x for a prefill of hundreds. Measured in one process, alternating:
-decoding 1.3-1.5x faster at batch 1 and 1.1-1.2x at batch 32 for the default model, identical answers.
-Inference only (the packed op has no backward), bf16 only (fp32 goes through MKL, whose sums differ in
-the last bits from oneDNN's), and only on CPUs whose oneDNN has bf16 kernels. The packed copies double the
-weights in memory while a `PackedWeights` holds them (a backend, until it closes).
+A plain `F.linear` on a CPU tensor hands MKL (fp32) or oneDNN (bf16) the row-major weight on every call. At the
+row counts decoding runs (1 to 64) each matmul is bound by reading its weight, and that way the default model's
+layers read theirs at ~10 GB/s. A copy packed once in oneDNN's blocked layout (what torch.compile's CPU freezing
+pass builds: `mkldnn._reorder_linear_weight`, then `mkldnn._linear_pointwise`) is faster, measured alternating
+in one process on the default model's layer shapes:
+- bf16 (a CPU with AVX-512 bf16): the same bits, 1.3-1.6x faster at 1-64 rows, ~1.05x at 640; decoding
+  1.3-1.5x faster at batch 1 and 1.1-1.2x at batch 32, identical answers.
+- fp32 (a 2-core AMD EPYC with AVX2 only, where bf16 has no kernels and `dtype: auto` is fp32): 1.9x faster at
+  1 row, 2.0-2.4x at 8-32, 1.3x at 128, 1.07x at 640, reading the weights at ~17 GB/s at batch 1 (that machine
+  sums memory at 18-22 GB/s); decoding 1.13-1.16x faster at batch 1 and 1.20-1.26x at batch 32. oneDNN adds in
+  another order than MKL, so logits differ in the last bits (relative ~1e-6); the answers to 64 naive and 64
+  engineered prompts were identical.
+Inference only (the packed op has no backward), and bf16 only on CPUs whose oneDNN has bf16 kernels. The packed
+copies double the weights in memory while a `PackedWeights` holds them (a backend, until it closes).
 
 torchao's int8 weight-only layers cast the whole int8 weight to bf16 on every call, then multiply: at batch 1
 that made the int8 arm 2.5x slower than bf16, the opposite of what int8 weights are for. At up to
 `INT8_DIRECT_ROWS` rows they multiply by the int8 weight directly (`aten._weight_int8pack_mm`, torch's CPU kernel
 for int8 weight-only matmuls): 2.2x faster than torchao's path for the default model's layers at 1-4 rows, level
-at 16, slower beyond, where torchao's path stays. The same weights and scales; the scale is applied to the
-fp32 sums rather than to their bf16 rounding, so outputs differ from torchao's by bf16 rounding (~0.5%).
+at 16, slower beyond, where torchao's path stays. The same weights and scales; the scale is applied to the fp32
+sums rather than to their bf16 rounding, so outputs differ from torchao's by bf16 rounding (~0.5%). bf16 only: with
+fp32 inputs, on the AVX2 machine above, that kernel was slower than torchao's path (1.1x at 1 row, 6x at 8).
 """
 
 from __future__ import annotations
@@ -29,19 +35,22 @@ from pipeline.replaced_forwards import forwards_replaced
 
 # Rows up to which an int8 layer multiplies by its int8 weight directly (measured crossover: ~16).
 INT8_DIRECT_ROWS = 8
-# Packed copies double a model's bf16 weights in memory while they are held: only when that fits in this
+# Packed copies double a model's weights in memory while they are held: only when that fits in this
 # share of the memory available.
 MEMORY_SHARE = 0.5
 
 
 def packing_supported(model: Any) -> bool:
-    """Whether `model` runs on a CPU whose oneDNN has bf16 kernels, in bf16, and a packed copy of its weights
-    fits in memory: where packed weights apply."""
-    if not (model.device.type == "cpu" and model.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+    """Whether `model` runs on CPU in fp32, or in bf16 where oneDNN has bf16 kernels, and a packed copy of its
+    weights fits in memory: where packed weights apply."""
+    if not (model.device.type == "cpu" and torch.backends.mkldnn.is_available() and _packable_dtype(model.dtype)):
         return False
-    weights = sum(m.weight.numel() * 2 for m in model.modules() if _identity(m) and _plain_bf16(m.weight))
+    weights = sum(m.weight.nbytes for m in model.modules() if _identity(m) and _plain_float(m.weight))
     return weights <= MEMORY_SHARE * _available_memory()
+
+
+def _packable_dtype(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _available_memory() -> float:
@@ -51,8 +60,8 @@ def _available_memory() -> float:
     return psutil.virtual_memory().available
 
 
-def _plain_bf16(weight: Any) -> bool:
-    return type(weight) in (torch.Tensor, torch.nn.Parameter) and weight.dtype == torch.bfloat16
+def _plain_float(weight: Any) -> bool:
+    return type(weight) in (torch.Tensor, torch.nn.Parameter) and _packable_dtype(weight.dtype)
 
 
 def _int8_per_row(weight: Any) -> bool:
@@ -71,7 +80,7 @@ def _identity(module: Any) -> tuple | None:
     weight = getattr(module, "weight", None)
     if type(module) is not torch.nn.Linear or "forward" in vars(module) or weight.device.type != "cpu":
         return None
-    data = weight.qdata if _int8_per_row(weight) else weight if _plain_bf16(weight) else None
+    data = weight.qdata if _int8_per_row(weight) else weight if _plain_float(weight) else None
     if data is None:
         return None
     # An in-place change to the parameter (an optimizer step) bumps its version; inference tensors have none.
@@ -81,7 +90,7 @@ def _identity(module: Any) -> tuple | None:
 
 def _fast_forward(module: torch.nn.Linear) -> Callable:
     weight, bias = module.weight, module.bias
-    if _plain_bf16(weight):
+    if _plain_float(weight):
         return partial(_packed_forward, torch.ops.mkldnn._reorder_linear_weight(weight.detach()), weight, bias)
     scales = weight.scale.reshape(-1).to(torch.bfloat16)
     return partial(_int8_forward, weight.qdata.contiguous(), scales, weight, bias)
@@ -89,7 +98,7 @@ def _fast_forward(module: torch.nn.Linear) -> Callable:
 
 def _packed_forward(packed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     x: torch.Tensor) -> torch.Tensor:
-    if x.dtype != torch.bfloat16 or torch.is_grad_enabled():  # the packed op has no backward
+    if x.dtype != weight.dtype or torch.is_grad_enabled():  # the packed op has no backward
         return torch.nn.functional.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
@@ -113,7 +122,7 @@ class PackedWeights:
         self._kept: dict[torch.nn.Linear, tuple[tuple, Callable]] = {}
 
     def applied(self, model: Any) -> ContextManager[int]:
-        """Within the block (inference only), every plain bf16 linear layer of `model` multiplies by a packed
+        """Within the block (inference only), every plain fp32 or bf16 linear layer of `model` multiplies by a packed
         copy of its weight, and every torchao int8 one, at a few rows, by its int8 weight directly; yields how
         many layers do either. Their own forward comes back on exit, so training, merging, copying and saving
         never see the packed copies."""

@@ -113,8 +113,9 @@ class LocalSettings:
     # than with rows leaving and joining. None: on CUDA, where a step launched op by op is bound by the host
     # (~20 ms a step for the default model on an H200, bench/gpu.py); the graph is captured only on CUDA.
     static_decoding: bool | None = None
-    # On CPU, fp32 and bf16 linear layers multiply by copies of their weights packed once in oneDNN's layout (the
-    # same answers, decoding 1.1-1.5x faster), and torchao int8 ones, at up to 8 rows, by their int8 weight directly
+    # On CPU, fp32 and bf16 linear layers multiply by copies of their weights packed once in oneDNN's layout (bf16:
+    # the same bits; fp32: sums in another order, the same answers where measured; decoding 1.1-1.5x faster), and
+    # torchao int8 ones, at up to 8 rows, by their int8 weight directly
     # (backends.packed_weights). False: each layer's own forward (the benchmark's reference).
     packed_weights: bool = True
 

@@ -26,7 +26,7 @@ fp32 inputs, on the AVX2 machine above, that kernel was slower than torchao's pa
 
 from __future__ import annotations
 
-from functools import partial
+from functools import cache, partial
 from typing import Any, Callable, ContextManager
 
 import torch
@@ -50,7 +50,13 @@ def packing_supported(model: Any) -> bool:
 
 
 def _packable_dtype(dtype: torch.dtype) -> bool:
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and _bf16_kernels())
+
+
+@cache
+def _bf16_kernels() -> bool:
+    """Whether this CPU's oneDNN has bf16 kernels: asked once, not for every layer on every pass."""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def _available_memory() -> float:

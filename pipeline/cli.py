@@ -35,15 +35,13 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*dataset source can be interpreted.*")
     warnings.filterwarnings("ignore", message=".*Could not find a config file.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    import datasets
-    import transformers
-
-    import logging
-
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    transformers.logging.set_verbosity_error()
+    # Set through the libraries' own variables, read when they are first imported: importing transformers and
+    # datasets here would cost every command (`roi report`, `roi data check`) seconds it may not need.
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    os.environ["DATASETS_VERBOSITY"] = "error"
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["MLFLOW_LOGGING_LEVEL"] = "WARNING"  # not "Creating initial MLflow database tables..."
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # where MLflow was imported already (tests call main)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -202,11 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Piped output (CI logs, `| tee`) would wrap the table at 80 columns; give it room instead.
     console = Console() if sys.stdout.isatty() else Console(width=160)
-    from pipeline.config import ConfigError
-    from pipeline.data import DataError
-    from pipeline.models import ModelError
-    from pipeline.prompts import PromptError
-    from pipeline.tracking import TrackingError
+    from pipeline.errors import UserError
 
     if not args.debug:
         _quiet_libraries()
@@ -214,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                 "compare": _cmd_compare, "export": _cmd_export}
     try:
         return commands[args.command](args, console)
-    except (ConfigError, DataError, PromptError, ModelError, TrackingError) as exc:
+    except UserError as exc:
         if args.debug:
             raise
         print(f"roi: error: {exc}", file=sys.stderr)

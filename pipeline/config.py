@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
+from pipeline.errors import UserError
 # Prices, the pricing section and the bootstrap settings have their own module.
 from pipeline.pricing.prices import ArmPrice, PricingConfig, StatsConfig
 
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     from pipeline.arms import Arm, ComparePair
 
 
-class ConfigError(Exception):
+class ConfigError(UserError):
     """A config problem, already phrased as the one line the user sees."""
 
 

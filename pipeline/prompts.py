@@ -20,13 +20,14 @@ import yaml
 from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from pipeline.errors import UserError
 from pipeline.data import Label
 
 # A sentinel that cannot occur in user text; it marks where the per-call input begins.
 INPUT_MARK = "\x00INPUT\x00"
 
 
-class PromptError(Exception):
+class PromptError(UserError):
     """A template problem, already phrased as one line naming the file."""
 
 

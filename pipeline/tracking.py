@@ -15,6 +15,8 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from pipeline.errors import UserError
+
 DEFAULT_URI = "sqlite:///mlflow.db"
 ROLE_TAG = "roi.role"
 # Where `roi ui` / `make ui` serve a local store; an http tracking URI is its own UI.
@@ -35,7 +37,7 @@ VIEW_METRICS = ("accuracy", "latency_p50_ms", "prompt_tokens_mean", "cost_per_1k
 RUN_TYPE_TAG, EVALUATION_RUN = "mlflow.runType", "evaluation"
 
 
-class TrackingError(Exception):
+class TrackingError(UserError):
     """The tracking store cannot be used; phrased as one line naming the URI."""
 
 

@@ -47,10 +47,20 @@ def _runs(env):
     return client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
 
 
-def test_rerun_reuses_stages_and_force_recomputes(tmp_path):
-    env, out = _env(tmp_path), tmp_path / "out"
-    first = roi("run", CONFIG, *TINY, f"output_dir={out}", env=env, cwd=tmp_path)
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """One whole TINY run, shared: the rerun test goes on from its store, the SIGKILL test compares its own
+    resumed adapter with this one's (kept as it was trained, before any rerun could retrain it)."""
+    tmp = tmp_path_factory.mktemp("first")
+    env, out = _env(tmp), tmp / "out"
+    first = roi("run", CONFIG, *TINY, f"output_dir={out}", env=env, cwd=tmp)
     assert first.returncode == 0, first.stderr[-2000:]
+    return env, tmp, _adapter(out)
+
+
+def test_rerun_reuses_stages_and_force_recomputes(first_run):
+    env, tmp_path, _ = first_run
+    out = tmp_path / "out"
     started = time.perf_counter()
     second = roi("run", CONFIG, *TINY, f"output_dir={out}", env=env, cwd=tmp_path)
     reused_s = time.perf_counter() - started
@@ -86,11 +96,8 @@ def test_rerun_reuses_stages_and_force_recomputes(tmp_path):
     assert reused_s < 60
 
 
-def test_sigkill_during_training_resumes_to_the_same_adapter(tmp_path):
-    env = _env(tmp_path)
-    whole = roi("run", CONFIG, *TINY, f"output_dir={tmp_path / 'whole'}", env=env, cwd=tmp_path)
-    assert whole.returncode == 0, whole.stderr[-2000:]
-
+def test_sigkill_during_training_resumes_to_the_same_adapter(first_run, tmp_path):
+    env, whole = _env(tmp_path), first_run[2]
     killed_out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", CONFIG, *TINY, f"output_dir={killed_out}"],
                             env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -110,7 +117,7 @@ def test_sigkill_during_training_resumes_to_the_same_adapter(tmp_path):
     assert ft.data.tags["resumed_from_checkpoint"].startswith("checkpoint-")
     assert ft.data.metrics["train_time_s"] > before_kill > 0  # the time before the kill is counted
 
-    a, b = _adapter(tmp_path / "whole"), _adapter(killed_out)
+    a, b = whole, _adapter(killed_out)
     assert a.keys() == b.keys()
     worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     scale = max(float(a[k].float().abs().max()) for k in a)

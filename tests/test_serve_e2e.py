@@ -11,7 +11,8 @@ import yaml
 
 from conftest import ROOT, Served, roi
 
-TINY = {"eval": {"limit": 8, "batch_size": 4, "warmup": 1, "uncached_sample": 0, "max_new_tokens": 6},
+TINY = {"eval": {"limit": 8, "batch_size": 4, "warmup": 1, "uncached_sample": 0, "batch1_sample": 0,
+                 "max_new_tokens": 6},
         "data": {"train_limit": 32}, "prompts": {"few_shot_k": 4},
         "finetune": {"max_steps": 3, "batch_size": 8, "checkpoint_steps": 0}}
 

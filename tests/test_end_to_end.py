@@ -273,7 +273,8 @@ def test_an_exported_adapter_is_evaluated_with_its_training_cost(tiny_run, tmp_p
     assert record["base_model"] == "SmolLM2-135M-Instruct"
     env2 = dict(env, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
     result = roi("run", str(ROOT / "experiments" / "default.yaml"), "eval.limit=6", "arms=[finetuned]",
-                 f"finetune.adapter={adapter}", f"output_dir={tmp_path / 'runs'}", env=env2)
+                 "eval.batch1_sample=0", "eval.uncached_sample=0", f"finetune.adapter={adapter}",
+                 f"output_dir={tmp_path / 'runs'}", env=env2)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "fine-tuning" not in result.stdout and "using the given adapter" in result.stdout
     client2 = _client(env2["MLFLOW_TRACKING_URI"])
@@ -288,8 +289,8 @@ def test_an_exported_adapter_is_evaluated_with_its_training_cost(tiny_run, tmp_p
 def test_constrained_decoding_and_repeated_timing_end_to_end(tmp_path, roi_env):
     env = roi_env
     result = roi("run", str(ROOT / "experiments" / "default.yaml"), "eval.limit=6", "arms=[naive]",
-                 "eval.decoding=constrained", "eval.repeats=2", "eval.warmup=1", f"output_dir={tmp_path / 'runs'}",
-                 env=env)
+                 "eval.decoding=constrained", "eval.repeats=2", "eval.warmup=1", "eval.uncached_sample=0",
+                 f"output_dir={tmp_path / 'runs'}", env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     client = _client(env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("support-triage").experiment_id])
@@ -333,6 +334,7 @@ def test_run_logs_to_a_real_mlflow_server_over_http(tmp_path, roi_env):
         wait_for_health(uri, server, 90, "mlflow server")
         roi_env["MLFLOW_TRACKING_URI"] = uri
         result = roi("run", "experiments/default.yaml", "arms=[naive]", "eval.limit=3", "eval.warmup=0",
+                     "eval.max_new_tokens=4", "eval.batch1_sample=0", "eval.uncached_sample=0",
                      f"output_dir={tmp_path / 'runs'}", env=roi_env)
         assert result.returncode == 0, result.stderr[-2000:]
         client = _client(uri)

@@ -41,7 +41,13 @@ def _quiet_libraries() -> None:
     os.environ["DATASETS_VERBOSITY"] = "error"
     os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
     os.environ["MLFLOW_LOGGING_LEVEL"] = "WARNING"  # not "Creating initial MLflow database tables..."
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # where MLflow was imported already (tests call main)
+    # Where they are imported already (`main` called in-process, as tests do), the variables come too late.
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+        sys.modules["datasets"].logging.set_verbosity_error()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].logging.set_verbosity_error()
 
 
 def _parser() -> argparse.ArgumentParser:

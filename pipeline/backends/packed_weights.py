@@ -55,7 +55,9 @@ def _packable_dtype(dtype: torch.dtype) -> bool:
 
 @cache
 def _bf16_kernels() -> bool:
-    """Whether this CPU's oneDNN has bf16 kernels: asked once, not for every layer on every pass."""
+    """Whether this CPU's oneDNN has bf16 kernels: asked once, not for every layer on every pass. Not what
+    `models.cpu_supports_bf16` asks (are bf16 matmuls native, so faster than fp32: what `dtype: auto` picks by):
+    oneDNN has bf16 kernels from AVX-512 on, native or not, so a model a user put in bf16 there is packed too."""
     return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 

@@ -17,19 +17,22 @@ DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
 PACKED = torch.ops.mkldnn._linear_pointwise.default
 PACKING = torch.ops.mkldnn._reorder_linear_weight.default
 PLAIN = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.linear.default}
+INT8_DIRECT = torch.ops.aten._weight_int8pack_mm.default
 
 
 class Matmuls(TorchDispatchMode):
-    """How many packed and plain linear matmuls ran inside the block, and how many weights were packed."""
+    """How many packed, plain and int8-direct linear matmuls ran inside the block, and how many weights were
+    packed."""
 
     def __init__(self):
         super().__init__()
-        self.packed = self.plain = self.packings = 0
+        self.packed = self.plain = self.packings = self.direct = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.packed += func is PACKED
         self.plain += func in PLAIN
         self.packings += func is PACKING
+        self.direct += func is INT8_DIRECT
         return func(*args, **(kwargs or {}))
 
 
@@ -123,18 +126,6 @@ def test_fp16_layers_are_left_as_they_are_and_no_copy_is_packed_where_it_would_n
     assert not packing_supported(fp32)  # a second copy would take over half of what is left
 
 
-class Int8Matmuls(TorchDispatchMode):
-    """How many int8 matmuls ran on the int8 weight directly."""
-
-    def __init__(self):
-        super().__init__()
-        self.direct = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.direct += func is torch.ops.aten._weight_int8pack_mm.default
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.skipif(not BF16_KERNELS, reason="torchao's int8 layers run in bf16; this CPU has no bf16 kernels")
 def test_int8_layers_multiply_by_their_int8_weight_at_a_few_rows_and_by_torchaos_path_beyond():
     from pipeline.backends.packed_weights import INT8_DIRECT_ROWS
@@ -146,7 +137,7 @@ def test_int8_layers_multiply_by_their_int8_weight_at_a_few_rows_and_by_torchaos
     many = torch.randint(0, 96, (2, INT8_DIRECT_ROWS), generator=generator)
     with torch.inference_mode():
         torchao_few, torchao_many = int8(few).logits, int8(many).logits
-        with PackedWeights().applied(int8) as layers, Int8Matmuls() as seen:
+        with PackedWeights().applied(int8) as layers, Matmuls() as seen:
             direct_few = int8(few).logits
             calls_few = seen.direct
             direct_many = int8(many).logits

@@ -20,8 +20,8 @@ import yaml
 from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from pipeline.errors import UserError
 from pipeline.data import Label
+from pipeline.errors import UserError
 
 # A sentinel that cannot occur in user text; it marks where the per-call input begins.
 INPUT_MARK = "\x00INPUT\x00"

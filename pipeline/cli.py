@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -235,12 +236,10 @@ def command_line() -> int:
     """The `roi` command (and `python -m pipeline.cli`): `main` on this process's arguments, then a quick exit.
 
     The process ends right after, so what is left is frozen: the interpreter's last garbage collections then skip
-    every object torch, transformers and MLflow made, which took 1.7-1.8 s at each exit (0.2-0.3 s frozen).
+    every object torch, transformers and MLflow made, which took 1.6-2.1 s at each exit (0.2-0.3 s frozen).
     Results are written by then (files with explicit flushes, MLflow synchronously); only cycles that nothing
     refers to are left to the operating system. Not in `main`: a caller in a long-lived process keeps its GC."""
     code = main()
-    import gc
-
     gc.freeze()
     return code
 

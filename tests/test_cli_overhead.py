@@ -1,6 +1,6 @@
 """The CLI's own cost, around the work: commands that need no model load no model stack (`roi data check` and
 `roi report` took ~7 s when the CLI imported torch and transformers, and MLflow, up front just to know its error
-types; 2.8 and 3.7 s without), and a command ends soon after its work (1.7-1.8 s of exit went to the interpreter's
+types; 2.8 and 3.7 s without), and a command ends soon after its work (1.6-2.1 s of exit went to the interpreter's
 last garbage collections over what those libraries made)."""
 
 import os

@@ -237,7 +237,8 @@ def _sft_args(cfg: FinetuneConfig, dtype: torch.dtype, trainer_dir: Path) -> Any
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         warmup_steps=cfg.warmup_ratio,  # below 1: a fraction of the steps
         # trl turns this on by default to save memory; a 135M model does not need it and it costs a forward pass.
-        gradient_checkpointing=False,
+        # (`gradient_checkpointing`, trl's name for it, is a deprecated alias from transformers 5.24 on.)
+        activation_checkpointing=False,
         lr_scheduler_type="linear",
         # One multi-tensor kernel per step for the ~400 adapter tensors, rather than several per tensor: on CPU
         # 6 ms a step against 22 ms for the default model's adapters.
@@ -257,44 +258,18 @@ def finetune(model: Any, tokenizer: Any, prompts: list[str], completions: list[s
     With a rich `console`, a transient progress bar shows on it. `on_log(values, step)` receives the
     Trainer's numeric log entries (loss, learning rate, grad norm, ...) as they are logged.
     """
-    from datasets import Dataset
-    from peft import LoraConfig, get_peft_model
-    from transformers import set_seed
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    from trl import SFTTrainer
-
-    train = Dataset.from_dict({"prompt": prompts, "completion": completions})
-    lora = LoraConfig(
-        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-        target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM",
-    )
     trainer_dir = out_dir / "trainer"
     serving_attention = model.config._attn_implementation
     if not torch.cuda.is_available():
         # Training rows are short (tens of tokens): on CPU eager attention beats SDPA's kernels there.
         model.set_attn_implementation("eager")
-    # The adapter's random init comes from the seed too, not from whatever ran before.
-    set_seed(cfg.seed)
-    # fp32 adapters on a bf16 base, so that the optimizer's small updates do not round away; their matmuls still
-    # run in bf16 (autocast on a GPU, adapter_matmuls on CPU).
-    peft_model = get_peft_model(model, lora, autocast_adapter_dtype=dtype == torch.float32 or cfg.adapter_fp32)
+    peft_model = _with_lora(model, cfg, dtype)
     clock = _TrainClock()
     bar = _ProgressBar(console) if console is not None else None
     callbacks = [clock.callback()] + ([bar.callback()] if bar else []) + ([_log_callback(on_log)] if on_log else [])
     if cfg.checkpoint_steps is None:
         callbacks.append(_save_every(CHECKPOINT_EVERY_S))
-    trainer = SFTTrainer(model=peft_model, args=_sft_args(cfg, dtype, trainer_dir), train_dataset=train,
-                         processing_class=tokenizer, callbacks=callbacks)
-    for printer in (PrinterCallback, ProgressCallback):  # they print raw log dicts between our output
-        trainer.remove_callback(printer)
-    score_completions_only(peft_model.get_base_model())  # after SFTTrainer has added its fused head
-    graphed = _graphed_step(trainer, peft_model, cfg, dtype)
-    if graphed:
-        trainer.training_step = graphed
-    # The Trainer counts FLOPs each step from the parameter count, which it recounts each step (walking every
-    # module: ~20 ms a step on this CPU, a step's worth on a GPU). Counted once, the same figure.
-    parameters = peft_model.num_parameters(exclude_embeddings=True)
-    trainer.floating_point_ops = lambda inputs: 6 * inputs["input_ids"].numel() * parameters
+    trainer = _lora_trainer(peft_model, tokenizer, prompts, completions, cfg, dtype, trainer_dir, callbacks)
     checkpoint, clock.before = last_complete_checkpoint(trainer_dir) if trainer_dir.is_dir() else (None, 0.0)
     if checkpoint and on_resume:
         on_resume(checkpoint)
@@ -315,6 +290,46 @@ def finetune(model: Any, tokenizer: Any, prompts: list[str], completions: list[s
     return FinetuneResult(peft_model.eval(), train_time_s, int(trainer.state.num_input_tokens_seen),
                           float(output.training_loss), adapter_dir, resumed_from=checkpoint,
                           trainer_args=trainer.args.to_json_string())
+
+
+def _with_lora(model: Any, cfg: FinetuneConfig, dtype: torch.dtype) -> Any:
+    """`model` as a peft model with `cfg`'s LoRA layers in it, newly initialised from `cfg.seed`."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
+
+    lora = LoraConfig(
+        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM",
+    )
+    # The adapter's random init comes from the seed too, not from whatever ran before.
+    set_seed(cfg.seed)
+    # fp32 adapters on a bf16 base, so that the optimizer's small updates do not round away; their matmuls still
+    # run in bf16 (autocast on a GPU, adapter_matmuls on CPU).
+    return get_peft_model(model, lora, autocast_adapter_dtype=dtype == torch.float32 or cfg.adapter_fp32)
+
+
+def _lora_trainer(peft_model: Any, tokenizer: Any, prompts: list[str], completions: list[str], cfg: FinetuneConfig,
+                  dtype: torch.dtype, trainer_dir: Path, callbacks: list[Any]) -> Any:
+    """The SFTTrainer for `peft_model`'s adapter with this project's step: the output head on completion
+    positions only and, on one CUDA device, the step graphed."""
+    from datasets import Dataset
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from trl import SFTTrainer
+
+    trainer = SFTTrainer(model=peft_model, args=_sft_args(cfg, dtype, trainer_dir),
+                         train_dataset=Dataset.from_dict({"prompt": prompts, "completion": completions}),
+                         processing_class=tokenizer, callbacks=callbacks)
+    for printer in (PrinterCallback, ProgressCallback):  # they print raw log dicts between our output
+        trainer.remove_callback(printer)
+    score_completions_only(peft_model.get_base_model())  # after SFTTrainer has added its fused head
+    graphed = _graphed_step(trainer, peft_model, cfg, dtype)
+    if graphed:
+        trainer.training_step = graphed
+    # The Trainer counts FLOPs each step from the parameter count, which it recounts each step (walking every
+    # module: ~20 ms a step on this CPU, a step's worth on a GPU). Counted once, the same figure.
+    parameters = peft_model.num_parameters(exclude_embeddings=True)
+    trainer.floating_point_ops = lambda inputs: 6 * inputs["input_ids"].numel() * parameters
+    return trainer
 
 
 @contextmanager

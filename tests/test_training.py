@@ -123,6 +123,18 @@ def test_training_shows_a_progress_bar_and_prints_no_raw_logs(tmp_path, tokenize
     assert console.file.getvalue() == ""  # not a terminal: the bar draws nothing there, not even a blank line
 
 
+def test_trainer_settings_use_no_deprecated_name(tmp_path):
+    """The CLI and pytest hide FutureWarnings, so a renamed Trainer setting would go unseen until the old name
+    is removed (`gradient_checkpointing` became `activation_checkpointing` in transformers 5.24)."""
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        args = training._sft_args(CFG, torch.float32, tmp_path)
+    deprecated = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert deprecated == [] and args.activation_checkpointing is False
+
+
 def test_progress_bar_draws_on_a_terminal_and_clears_itself():
     console = Console(file=io.StringIO(), force_terminal=True, width=120)
     bar = training._ProgressBar(console)

@@ -16,6 +16,34 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+_STORE_TEMPLATE: list[Path] = []  # the empty store the tests' stores are copied from, made on first use
+
+
+def sqlite_store(db: Path) -> str:
+    """The tracking URI of an MLflow sqlite store at `db`, empty where there is none yet. MLflow makes a new
+    store's tables on first use (its migrations, ~2 s each time); here they are made once per session, and each
+    new store is a copy of that one."""
+    import atexit
+    import shutil
+    import tempfile
+
+    if not _STORE_TEMPLATE:
+        from mlflow.tracking import MlflowClient
+
+        folder = Path(tempfile.mkdtemp(prefix="roi-store-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        here = os.getcwd()
+        os.chdir(folder)  # the default experiment's artifact folder is made relative to the working folder
+        try:
+            MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
+        finally:
+            os.chdir(here)
+        _STORE_TEMPLATE.append(folder / "mlflow.db")
+    if not db.exists():
+        shutil.copyfile(_STORE_TEMPLATE[0], db)
+    return f"sqlite:///{db}"
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from pipeline.config import ModelConfig
@@ -38,7 +66,7 @@ def model_fp32():
 def roi_env(tmp_path):
     """Environment for running the `roi` CLI against a private sqlite MLflow store."""
     env = dict(os.environ)
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env["MLFLOW_TRACKING_URI"] = sqlite_store(tmp_path / "mlflow.db")
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -64,7 +92,7 @@ def tiny_run(tmp_path_factory):
     import time
 
     tmp = tmp_path_factory.mktemp("e2e")
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, MLFLOW_TRACKING_URI=sqlite_store(tmp / "mlflow.db"), PYTHONUNBUFFERED="1")
     started = time.perf_counter()
     result = roi("run", str(ROOT / "experiments" / "default.yaml"), *TINY, f"output_dir={tmp / 'runs'}", env=env,
                  cwd=tmp)

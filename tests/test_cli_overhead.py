@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, sqlite_store
 
 # Runs the command in-process, then names the heavy libraries it left imported.
 PROBE = ("import sys; from pipeline.cli import main; main(sys.argv[1:]); "
@@ -22,7 +22,7 @@ PROBE = ("import sys; from pipeline.cli import main; main(sys.argv[1:]); "
     (["report", "--experiment", "nothing-here"], ["mlflow"]),
 ])
 def test_a_command_that_needs_no_model_imports_no_model_stack(args, loaded, tmp_path):
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    env = dict(os.environ, MLFLOW_TRACKING_URI=sqlite_store(tmp_path / "mlflow.db"))
     result = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, cwd=ROOT, env=env,
                             timeout=120)
     assert result.stdout.splitlines()[-1] == str(loaded), result.stderr[-2000:]

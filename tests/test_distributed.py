@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ROOT, roi
+from conftest import ROOT, roi, sqlite_store
 
 # Enough training for the adapter to learn (2 epochs of 256 rows at a global batch of 8: 64 steps) and enough
 # test rows to compare accuracies; the prompt arms are measured once and reused by the second run (same output_dir).
@@ -35,7 +35,7 @@ def _arms(env, experiment: str):
 @pytest.fixture(scope="module")
 def one_and_two_processes(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, MLFLOW_TRACKING_URI=sqlite_store(tmp / "mlflow.db"), PYTHONUNBUFFERED="1")
     results = {}
     for processes, experiment in ((1, "ddp-one"), (2, "ddp-two")):
         result = roi("run", str(ROOT / "experiments" / "default.yaml"), *CONFIG, f"experiment={experiment}",

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, roi
+from conftest import ROOT, roi, sqlite_store
 from fake_openai import FakeOpenAI, Faults
 from pipeline.data import eval_rows, load_task, task_config_for_folder
 
@@ -35,7 +35,7 @@ def _config(tmp_path: Path, base_url: str, **eval_keys) -> Path:
 def _env(tmp_path: Path, key: str) -> dict:
     import os
 
-    return dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", OPENAI_API_KEY=key,
+    return dict(os.environ, MLFLOW_TRACKING_URI=sqlite_store(tmp_path / "mlflow.db"), OPENAI_API_KEY=key,
                 PYTHONUNBUFFERED="1")
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, roi
+from conftest import ROOT, roi, sqlite_store
 
 TINY = ["eval.limit=4", "data.train_limit=64", "finetune.max_steps=8", "finetune.batch_size=8",
         "finetune.checkpoint_steps=2", "prompts.few_shot_k=2", "eval.uncached_sample=0", "eval.warmup=0",
@@ -19,7 +19,7 @@ CONFIG = str(ROOT / "experiments" / "default.yaml")
 
 
 def _env(tmp: Path) -> dict:
-    return dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}", PYTHONUNBUFFERED="1")
+    return dict(os.environ, MLFLOW_TRACKING_URI=sqlite_store(tmp / "mlflow.db"), PYTHONUNBUFFERED="1")
 
 
 def _adapter(out: Path):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import ROOT, Served, roi
+from conftest import ROOT, Served, roi, sqlite_store
 
 TINY = {"eval": {"limit": 8, "batch_size": 4, "warmup": 1, "uncached_sample": 0, "batch1_sample": 0,
                  "max_new_tokens": 6},
@@ -41,7 +41,7 @@ def _same_calls(a: list[dict], b: list[dict]) -> None:
 
 
 def test_arms_over_http_to_roi_serve_match_the_same_arms_in_process(tmp_path):
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, MLFLOW_TRACKING_URI=sqlite_store(tmp_path / "mlflow.db"), PYTHONUNBUFFERED="1")
     per_hour = {"kind": "per_hour", "usd_per_hour": 0.10}
     with Served("--model", "embedded", "--dtype", "float32", "--name", "small", env=env, log_dir=tmp_path) as base:
         first = _config(tmp_path, "first", {"served": {"backend": "openai", "base_url": base.base_url,

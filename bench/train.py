@@ -3,7 +3,9 @@
 Both trainings run in this process, alternating, `--repeats` times; the ratio is tokens/s of the
 new path over the baseline's in the same repeat, counting the same non-padding tokens, and the
 median ratio is printed. Accuracy of each path's adapter on the same test rows is printed beside
-it. Last line: RATIO <tokens/s new / baseline>.
+it, and the roofline: the FLOPs of the new path's matmuls (counted by torch.profiler in one more,
+untimed run of the same seeded training) over its median wall time, against this machine's dense
+matmul rate in the training dtype. Last line: RATIO <tokens/s new / baseline>.
 
     python bench/train.py [--train-rows 300] [--eval-rows 150] [--epochs 1] [--repeats 3]
 
@@ -89,10 +91,13 @@ def main() -> None:
         trainer.train()
         return trainer.state.num_input_tokens_seen / (time.perf_counter() - t0), trainer.model.eval()
 
+    new_walls: list[float] = []
+
     def new(run_dir: Path):
         """What `roi run` does (bf16 where native, eager attention, no checkpointing, length grouping,
         the loss head on completion tokens only): tokens/s, model."""
         result = finetune(load_model(source, dtype), tokenizer, prompts, completions, f, dtype, run_dir)
+        new_walls.append(result.train_time_s)
         return result.train_tokens / result.train_time_s, result.model
 
     rates: dict[str, list[float]] = {"baseline": [], "new": []}
@@ -113,7 +118,25 @@ def main() -> None:
                         ("new", f"roi finetune ({str(dtype).removeprefix('torch.')})")):
         print(f"{name:<9} {label:<30} {statistics.median(rates[name]):7.0f} tokens/s "
               f"({', '.join(f'{r:.0f}' for r in rates[name])})  accuracy {100 * accuracy[name]:.1f}%")
+    _print_roofline(lambda: new(out / "profiled"), statistics.median(new_walls), dtype)
     print(f"RATIO {statistics.median(n / b for n, b in zip(rates['new'], rates['baseline'])):.2f}")
+
+
+def _print_roofline(train, wall_s: float, dtype) -> None:
+    """The new path's matmul FLOPs (one more run of the same seeded training, under torch.profiler) over its
+    timed wall time, against this machine's dense matmul rate in `dtype`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from prompt_arm import counted_flops, matmul_tflops
+
+    peak = matmul_tflops(dtype)
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=True) as prof:
+        train()
+    flops = counted_flops(prof)
+    rate = flops / wall_s / 1e12
+    print(f"roofline: this machine's dense {str(dtype).removeprefix('torch.')} matmul rate {peak:.3f} TFLOP/s; the new "
+          f"path's matmuls ({flops / 1e12:.2f} TFLOP) over its median wall time ({wall_s:.1f} s): {rate:.3f} TFLOP/s "
+          f"= {100 * rate / peak:.0f}%")
 
 
 if __name__ == "__main__":

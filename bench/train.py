@@ -3,9 +3,9 @@
 Both trainings run in this process, alternating, `--repeats` times; the ratio is tokens/s of the
 new path over the baseline's in the same repeat, counting the same non-padding tokens, and the
 median ratio is printed. Accuracy of each path's adapter on the same test rows is printed beside
-it, and the roofline: the FLOPs of the new path's matmuls (counted by torch.profiler in one more,
-untimed run of the same seeded training) over its median wall time, against this machine's dense
-matmul rate in the training dtype. Last line: RATIO <tokens/s new / baseline>.
+it, and the roofline: the FLOPs of the new path's matmuls (counted by torch's FlopCounterMode in one
+more, untimed run of the same seeded training) over its median wall time, against this machine's
+dense matmul rate in the training dtype. Last line: RATIO <tokens/s new / baseline>.
 
     python bench/train.py [--train-rows 300] [--eval-rows 150] [--epochs 1] [--repeats 3]
 
@@ -123,16 +123,17 @@ def main() -> None:
 
 
 def _print_roofline(train, wall_s: float, dtype) -> None:
-    """The new path's matmul FLOPs (one more run of the same seeded training, under torch.profiler) over its
-    timed wall time, against this machine's dense matmul rate in `dtype`."""
-    from torch.profiler import ProfilerActivity, profile
+    """The new path's FLOPs (one more run of the same seeded training, counted op by op by torch's FlopCounterMode:
+    matmuls, forward and backward) over its timed wall time, against this machine's dense matmul rate in `dtype`.
+    (torch.profiler's count held every event of the training, ~24 GB for 300 rows, and was killed.)"""
+    from torch.utils.flop_counter import FlopCounterMode
 
-    from prompt_arm import counted_flops, matmul_tflops
+    from prompt_arm import matmul_tflops
 
     peak = matmul_tflops(dtype)
-    with profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=True) as prof:
+    with FlopCounterMode(display=False) as counter:
         train()
-    flops = counted_flops(prof)
+    flops = counter.get_total_flops()
     rate = flops / wall_s / 1e12
     print(f"roofline: this machine's dense {str(dtype).removeprefix('torch.')} matmul rate {peak:.3f} TFLOP/s; the new "
           f"path's matmuls ({flops / 1e12:.2f} TFLOP) over its median wall time ({wall_s:.1f} s): {rate:.3f} TFLOP/s "

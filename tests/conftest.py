@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -16,31 +17,34 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-_STORE_TEMPLATE: list[Path] = []  # the empty store the tests' stores are copied from, made on first use
-
-
-def sqlite_store(db: Path) -> str:
-    """The tracking URI of an MLflow sqlite store at `db`, empty where there is none yet. MLflow makes a new
-    store's tables on first use (its migrations, ~2 s each time); here they are made once per session, and each
-    new store is a copy of that one."""
+@functools.cache
+def _store_template() -> Path:
+    """An empty MLflow sqlite store whose tables MLflow made, once per session; removed at exit."""
     import atexit
     import shutil
     import tempfile
 
-    if not _STORE_TEMPLATE:
-        from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient
 
-        folder = Path(tempfile.mkdtemp(prefix="roi-store-"))
-        atexit.register(shutil.rmtree, folder, ignore_errors=True)
-        here = os.getcwd()
-        os.chdir(folder)  # the default experiment's artifact folder is made relative to the working folder
-        try:
-            MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
-        finally:
-            os.chdir(here)
-        _STORE_TEMPLATE.append(folder / "mlflow.db")
+    folder = Path(tempfile.mkdtemp(prefix="roi-store-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    here = os.getcwd()
+    os.chdir(folder)  # the default experiment's artifact folder is made relative to the working folder
+    try:
+        MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
+    finally:
+        os.chdir(here)
+    return folder / "mlflow.db"
+
+
+def sqlite_store(db: Path) -> str:
+    """The tracking URI of an MLflow sqlite store at `db`, empty where there is none yet. MLflow makes a new
+    store's tables on first use (its migrations, ~2 s each time); here each new store is a copy of one made once
+    per session."""
+    import shutil
+
     if not db.exists():
-        shutil.copyfile(_STORE_TEMPLATE[0], db)
+        shutil.copyfile(_store_template(), db)
     return f"sqlite:///{db}"
 
 

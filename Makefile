@@ -52,7 +52,7 @@ postgres:
 # A shared tracking server for a team: PostgreSQL + mlflow server (artifacts proxied) on loopback, until Ctrl-C.
 # Clients: export MLFLOW_TRACKING_URI=http://127.0.0.1:5000
 team-server: $(STAMP) postgres
-	$(BIN)/python -m pipeline.teamserver --dir .team --port 5000 --pg-port 5433
+	$(BIN)/python -m pipeline.apps.teamserver --dir .team --port 5000 --pg-port 5433
 
 clean:
 	rm -rf $(VENV) runs mlruns mlartifacts mlflow.db test-artifacts .team

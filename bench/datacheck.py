@@ -48,7 +48,7 @@ def _shipped_rows() -> list[dict]:
 
 
 def _key(text: str) -> str:
-    """`pipeline.datachecks.normalise`, repeated so the builder stands alone."""
+    """`pipeline.task.checks.normalise`, repeated so the builder stands alone."""
     return re.sub(r"[^0-9a-z]+", " ", text.lower()).strip()
 
 
@@ -164,7 +164,7 @@ def main() -> None:
           f"peak RSS {statistics.median(rss):.0f} MB (median of {args.repeats})")
     if args.old_rows:
         sys.path.insert(0, str(ROOT))
-        from pipeline.datachecks import near_duplicate_pairs
+        from pipeline.task.checks import near_duplicate_pairs
 
         texts = [json.loads(line)["text"] for line in (folder / "train.jsonl").read_text().splitlines()][: args.old_rows]
         t = time.perf_counter()

@@ -4,7 +4,7 @@
 
 DIR holds the model's config and tokenizer. Prints, for one CUDA GPU:
 - step: one LoRA training step (batch 16 x 32 tokens, bf16 base, fp32 adapters on every linear layer,
-  fused AdamW, clipping), launched eagerly vs replayed as a CUDA graph (`pipeline.graphed_step`),
+  fused AdamW, clipping), launched eagerly vs replayed as a CUDA graph (`pipeline.training.graphed_step`),
   alternating --repeats times, median ms; then the graphed step's tokens/s at larger batches;
 - finetune: the project's `finetune` on the default task (911 rows, 2 epochs), graphs on and off;
 - banking77: `finetune` on BANKING77's full train split, one epoch, graphs on;
@@ -72,7 +72,7 @@ def step_bench(folder: str, repeats: int, busy: GpuBusy) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from pipeline.graphed_step import GraphedTrainingStep
+    from pipeline.training.graphed_step import GraphedTrainingStep
 
     peft = get_peft_model(random_model(folder), LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
                                                            target_modules="all-linear", task_type="CAUSAL_LM"))
@@ -147,18 +147,19 @@ def finetune_bench(folder: str, config: str, overrides: list[str], label: str, b
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from pipeline.config import load_config
-    from pipeline.data import load_task
-    from pipeline.prompts import PromptRenderer, load_template
-    from pipeline.training import finetune
+    from pipeline.experiment.load import load_experiment
+    from pipeline.task.splits import load_task
+    from pipeline.task.prompts import PromptRenderer, load_template
+    from pipeline.training.lora import finetune
 
     hf_logging.set_verbosity_error()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     for on in graphs:
-        cfg = load_config(config, overrides + [f"finetune.cuda_graphs={str(on).lower()}"])
+        plan = load_experiment(config, overrides + [f"finetune.cuda_graphs={str(on).lower()}"])
+        cfg = plan.config
         task = load_task(cfg.task, cfg.data)
         train = task.splits["train"]
-        arm = next(a for a in cfg.resolved_arms if a.trains)
+        arm = next(a for a in plan.arms if a.trains)
         renderer = PromptRenderer(load_template(arm.prompt), tokenizer, task.labels, [])
         prompts = [renderer.render(t) for t in train["text"]]
         model = random_model(folder)
@@ -190,11 +191,13 @@ def eval_bench(folder: str, busy: GpuBusy, batch_sizes: list[int], rows: int | N
     from transformers import AutoTokenizer
 
     from pipeline.backends.local import LocalBackend, LocalSettings
-    from pipeline.config import load_config
-    from pipeline.data import eval_rows, load_task
-    from pipeline.prompts import PromptRenderer, load_template, pick_examples
+    from pipeline.experiment.load import load_experiment
+    from pipeline.task.splits import eval_rows, load_task
+    from pipeline.task.prompts import PromptRenderer, load_template, pick_examples
 
-    cfg = load_config(str(ROOT / "experiments" / "default.yaml"))
+    plan = load_experiment(str(ROOT / "experiments" / "default.yaml"))
+
+    cfg = plan.config
     task = load_task(cfg.task, cfg.data)
     texts = eval_rows(task, rows, cfg.data.seed)["text"]
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -222,10 +225,10 @@ def eval_bench(folder: str, busy: GpuBusy, batch_sizes: list[int], rows: int | N
         decoder = model.get_decoder()
         decoder.register_forward_pre_hook(before, with_kwargs=True)
         decoder.register_forward_hook(after, with_kwargs=True)
-    runs = [(arm, batch, None) for arm in cfg.resolved_arms if arm.name in ("naive", "engineered", "finetuned")
+    runs = [(arm, batch, None) for arm in plan.arms if arm.name in ("naive", "engineered", "finetuned")
             for batch in batch_sizes]
     # the baseline: the same arm decoded with continuous batching, op by op
-    runs += [(next(a for a in cfg.resolved_arms if a.name == "engineered"), batch_sizes[0], False)]
+    runs += [(next(a for a in plan.arms if a.name == "engineered"), batch_sizes[0], False)]
     for arm, batch_size, static in runs:
         renderer = PromptRenderer(load_template(arm.prompt), tokenizer, task.labels, examples)
         prompts = [renderer.prompt(t) for t in texts]
@@ -256,7 +259,7 @@ def _time_static_steps() -> list[float]:
     """Wall ms of each static decoding step, its result on the host (what a step costs the decoding loop)."""
     import torch
 
-    from pipeline.backends.static_decoding import StaticDecoder
+    from pipeline.backends.decoding.static_cache import StaticDecoder
 
     steps: list[float] = []
     step = StaticDecoder._decode_step

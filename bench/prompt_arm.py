@@ -44,12 +44,14 @@ def main() -> None:
     args = parser.parse_args()
 
     from pipeline.backends.local import LocalBackend, LocalSettings
-    from pipeline.config import load_config
-    from pipeline.data import eval_rows, load_task
-    from pipeline.models import load_model, load_tokenizer, pick_dtype, resolve_source
-    from pipeline.prompts import PromptRenderer, load_template, pick_examples
+    from pipeline.experiment.load import load_experiment
+    from pipeline.task.splits import eval_rows, load_task
+    from pipeline.models.loading import load_model, load_tokenizer, pick_dtype, resolve_source
+    from pipeline.task.prompts import PromptRenderer, load_template, pick_examples
 
-    cfg = load_config(args.config)
+    plan = load_experiment(args.config)
+
+    cfg = plan.config
     task = load_task(cfg.task, cfg.data)
     texts = eval_rows(task, args.rows, cfg.data.seed)["text"]
     dtype = pick_dtype(cfg.model.dtype)
@@ -67,7 +69,7 @@ def main() -> None:
         model = load_model(source, dtype)
     examples = pick_examples(task.splits["train"]["text"], task.splits["train"]["label"], cfg.prompts.few_shot_k,
                              cfg.data.seed)
-    arm = next(a for a in cfg.resolved_arms if a.name == "engineered")
+    arm = next(a for a in plan.arms if a.name == "engineered")
     renderer = PromptRenderer(load_template(arm.prompt), tokenizer, task.labels, examples)
     prompts = [renderer.prompt(t) for t in texts]
     tokens = [len(tokenizer(p.to_string(tokenizer), add_special_tokens=False)["input_ids"]) for p in prompts]

@@ -35,14 +35,17 @@ def main() -> None:
     from conftest import Served
     from pipeline.backends.local import LocalBackend, LocalSettings
     from pipeline.backends.openai import OpenAIBackend
-    from pipeline.config import OpenAIModelConfig, load_config
-    from pipeline.data import eval_rows, load_task
-    from pipeline.measure import measure
-    from pipeline.models import load_model, load_tokenizer, pick_dtype, resolve_source
-    from pipeline.prompts import PromptRenderer, load_template, pick_examples
+    from pipeline.experiment.config import OpenAIModelConfig
+    from pipeline.experiment.load import load_experiment
+    from pipeline.task.splits import eval_rows, load_task
+    from pipeline.measure.timing import measure
+    from pipeline.models.loading import load_model, load_tokenizer, pick_dtype, resolve_source
+    from pipeline.task.prompts import PromptRenderer, load_template, pick_examples
 
-    cfg = load_config(args.config)
-    arm = next(a for a in cfg.resolved_arms if a.name == "engineered")
+    plan = load_experiment(args.config)
+
+    cfg = plan.config
+    arm = next(a for a in plan.arms if a.name == "engineered")
     task = load_task(cfg.task, cfg.data)
     source = resolve_source(cfg.model)
     tokenizer, dtype = load_tokenizer(source), pick_dtype(cfg.model.dtype)

@@ -31,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def _accuracy(model, tokenizer, renderer, rows, labels, max_new_tokens) -> float:
     from pipeline.backends.local import measure_local
-    from pipeline.evaluation import parse_label
+    from pipeline.measure.scoring import parse_label
 
     calls = measure_local(model, tokenizer, [renderer.render(t) for t in rows["text"]], 8, max_new_tokens).calls
     return sum(labels[p] == g if p >= 0 else False
@@ -55,19 +55,20 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
     from trl import SFTConfig, SFTTrainer
 
-    from pipeline.training import finetune
-    from pipeline.config import load_config
-    from pipeline.data import eval_rows, load_task
-    from pipeline.models import load_model, load_tokenizer, pick_dtype, resolve_source
-    from pipeline.prompts import PromptRenderer, load_template
+    from pipeline.training.lora import finetune
+    from pipeline.experiment.load import load_experiment
+    from pipeline.task.splits import eval_rows, load_task
+    from pipeline.models.loading import load_model, load_tokenizer, pick_dtype, resolve_source
+    from pipeline.task.prompts import PromptRenderer, load_template
 
     hf_logging.set_verbosity_error()
-    cfg = load_config(args.config, [f"data.train_limit={args.train_rows}", f"finetune.epochs={args.epochs}"])
+    plan = load_experiment(args.config, [f"data.train_limit={args.train_rows}", f"finetune.epochs={args.epochs}"])
+    cfg = plan.config
     task = load_task(cfg.task, cfg.data)
     train, test = task.splits["train"], eval_rows(task, args.eval_rows, cfg.data.seed)
     source = resolve_source(cfg.model)
     tokenizer = load_tokenizer(source)
-    arm = next(a for a in cfg.resolved_arms if a.trains)
+    arm = next(a for a in plan.arms if a.trains)
     renderer = PromptRenderer(load_template(arm.prompt), tokenizer, task.labels, [])
     prompts, completions = [renderer.render(t) for t in train["text"]], list(train["label"])
     f = cfg.finetune

@@ -108,8 +108,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_run(args, console) -> int:
     from pipeline import interrupts
-    from pipeline.config import ConfigError, load_config_with_data
-    from pipeline.run import run_experiment
+    from pipeline.experiment.config import ConfigError
+    from pipeline.experiment.load import load_experiment
+    from pipeline.recipe.run import run_experiment
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Every rank would run the whole experiment and log its own copy; roi starts its training processes.
@@ -120,26 +121,27 @@ def _cmd_run(args, console) -> int:
         if args.processes < 1:
             raise ConfigError(f"--processes {args.processes}: give 1 or more")
         overrides.append(f"finetune.processes={args.processes}")
-    cfg, raw = load_config_with_data(args.config, overrides)
+    plan = load_experiment(args.config, overrides)
     interrupts.install()
-    run_experiment(cfg, args.config, raw, console, force=args.force, overrides=overrides)
+    run_experiment(plan, console, force=args.force, overrides=overrides)
     return 0
 
 
 def _cmd_report(args, console) -> int:
-    from pipeline import tracking
-    from pipeline.config import ConfigError, load_config
-    from pipeline.report import print_table, summary_from_runs, summary_markdown
+    from pipeline.tracking import mlflow_store as tracking
+    from pipeline.experiment.config import ConfigError
+    from pipeline.experiment.load import load_experiment
+    from pipeline.report.summary import print_table, summary_from_runs, summary_markdown
 
     if args.config is None and not args.experiment and not args.run_id:
         raise ConfigError("roi report: give a config, --experiment NAME or --run-id ID")
-    experiment = args.experiment or (load_config(args.config).experiment if args.config else "")
+    experiment = args.experiment or (load_experiment(args.config).config.experiment if args.config else "")
     import mlflow
 
     mlflow.set_tracking_uri(tracking.tracking_uri())
     parent, children = tracking.find_parent_run(experiment, args.run_id)
     if args.out:
-        from pipeline.report_facts import rerender
+        from pipeline.report.facts import rerender
 
         for path in rerender(parent.info.run_id, args.out):
             console.print(f"wrote {path}")
@@ -153,21 +155,21 @@ def _cmd_report(args, console) -> int:
 
 
 def _cmd_compare(args, console) -> int:
-    from pipeline.compare import compare_runs
+    from pipeline.report.compare import compare_runs
 
     compare_runs(args.run_ids, args.experiment, args.out, console)
     return 0
 
 
 def _cmd_data_check(args, console) -> int:
-    from pipeline.data import check_task, load_task, task_config_for_folder
-    from pipeline.report import print_check
+    from pipeline.task.checks import check_task
+    from pipeline.task.splits import load_task, task_config_for_folder
+    from pipeline.report.summary import print_check
 
     if args.target.suffix in (".yaml", ".yml"):
-        from pipeline.config import load_config
+        from pipeline.experiment.load import load_experiment
 
-        cfg = load_config(args.target)
-        task_cfg, data_cfg = cfg.task, None
+        task_cfg, data_cfg = load_experiment(args.target).config.task, None
     else:
         task_cfg, data_cfg = task_config_for_folder(args.target), None
     task = load_task(task_cfg, data_cfg)
@@ -181,14 +183,14 @@ def _cmd_data_check(args, console) -> int:
 
 
 def _cmd_serve(args, console) -> int:
-    from pipeline.serve import serve
+    from pipeline.apps.serve import serve
 
     return serve(model=args.model, gguf_file=args.gguf_file, dtype=args.dtype, adapter=args.adapter, name=args.name,
                  host=args.host, port=args.port, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms)
 
 
 def _cmd_export(args, console) -> int:
-    from pipeline.export import export
+    from pipeline.apps.export import export
 
     for path in export(args.source, args.to, arm=args.arm, name=args.name, base=args.base):
         console.print(f"wrote {path}")
@@ -196,7 +198,7 @@ def _cmd_export(args, console) -> int:
 
 
 def _cmd_ui(args, console) -> int:
-    from pipeline.tracking import ui_server
+    from pipeline.tracking.mlflow_store import ui_server
 
     return ui_server(args.port, console)
 

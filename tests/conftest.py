@@ -50,8 +50,8 @@ def sqlite_store(db: Path) -> str:
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from pipeline.config import ModelConfig
-    from pipeline.models import load_tokenizer, resolve_source
+    from pipeline.experiment.config import ModelConfig
+    from pipeline.models.loading import load_tokenizer, resolve_source
 
     return load_tokenizer(resolve_source(ModelConfig()))
 
@@ -60,8 +60,8 @@ def tokenizer():
 def model_fp32():
     import torch
 
-    from pipeline.config import ModelConfig
-    from pipeline.models import load_model, resolve_source
+    from pipeline.experiment.config import ModelConfig
+    from pipeline.models.loading import load_model, resolve_source
 
     return load_model(resolve_source(ModelConfig()), torch.float32)
 

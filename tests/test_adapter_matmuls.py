@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pipeline.adapter_matmuls import adapter_matmuls_in_input_dtype
+from pipeline.training.adapter_matmuls import adapter_matmuls_in_input_dtype
 
 MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from pipeline.pricing.catalog import SHIPPED, CatalogError, load_catalog
+from pipeline.economics.catalog import SHIPPED, CatalogError, load_catalog
 
 
 def test_gpt_4o_mini_prices_are_litellm_per_token_times_a_million():

@@ -32,7 +32,7 @@ def test_a_command_that_needs_no_model_imports_no_model_stack(args, loaded, tmp_
 def _exit_seconds(entry: str) -> float:
     """Seconds from the command's return to the process's end, with the model stack loaded: through `main`
     (what an in-process caller gets) or `command_line` (what `roi` runs)."""
-    probe = ("import sys, time; import pipeline.run, peft; from pipeline import cli; "
+    probe = ("import sys, time; import pipeline.recipe.run, peft; from pipeline import cli; "
              "sys.argv = ['roi', 'data', 'check', 'datasets/support_tickets']; "
              f"code = cli.{entry}(); print(time.time(), flush=True); sys.exit(code)")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)

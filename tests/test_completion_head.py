@@ -4,8 +4,8 @@ fused head, for a fraction of the projection (a small random Llama on CPU)."""
 import pytest
 import torch
 
-from pipeline import completion_head
-from pipeline.completion_head import score_completions_only
+from pipeline.training.lora import completion_head
+from pipeline.training.completion_head import score_completions_only
 
 
 def _tiny_lora_model(dtype=torch.float32, **config):

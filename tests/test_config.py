@@ -6,20 +6,22 @@ import yaml
 
 from conftest import ROOT, roi
 from pipeline.cli import main
-from pipeline.config import ConfigError, apply_overrides, load_config
+from pipeline.experiment.config import ConfigError
+from pipeline.experiment.load import apply_overrides, load_experiment
 
 DEFAULT = ROOT / "experiments" / "default.yaml"
 
 
 def test_default_config_loads_and_resolves_paths():
-    cfg = load_config(DEFAULT)
+    plan = load_experiment(DEFAULT)
+    cfg = plan.config
     assert cfg.arms == ["naive", "engineered", "finetuned", "finetuned-int8"]
     assert cfg.task.path == ROOT / "datasets" / "support_tickets"
-    assert [a.name for a in cfg.resolved_arms] == ["naive", "engineered", "finetuned", "finetuned-int8"]
-    assert all(a.prompt.is_file() for a in cfg.resolved_arms)
-    assert [a.kind for a in cfg.resolved_arms] == ["prompt", "prompt", "finetuned", "finetuned"]
-    assert [a.quantize for a in cfg.resolved_arms] == [None, None, None, "int8"]
-    assert (cfg.pair.baseline, cfg.pair.candidate, cfg.pair.naive) == ("engineered", "finetuned", "naive")
+    assert [a.name for a in plan.arms] == ["naive", "engineered", "finetuned", "finetuned-int8"]
+    assert all(a.prompt.is_file() for a in plan.arms)
+    assert [a.kind for a in plan.arms] == ["prompt", "prompt", "finetuned", "finetuned"]
+    assert [a.quantize for a in plan.arms] == [None, None, None, "int8"]
+    assert (plan.pair.baseline, plan.pair.candidate, plan.pair.naive) == ("engineered", "finetuned", "naive")
 
 
 def test_a_minimal_config_anywhere_needs_only_experiment_task_and_arms(tmp_path):
@@ -27,11 +29,11 @@ def test_a_minimal_config_anywhere_needs_only_experiment_task_and_arms(tmp_path)
     path = tmp_path / "elsewhere" / "mine.yaml"
     path.write_text(yaml.safe_dump({"experiment": "mine", "task": {"path": str(ROOT / "datasets" / "support_tickets"),
                                     "labels": "labels.json"}, "arms": ["naive", "engineered", "finetuned"]}))
-    cfg = load_config(path)
-    arms = {a.name: a for a in cfg.resolved_arms}
+    plan = load_experiment(path)
+    arms = {a.name: a for a in plan.arms}
     assert arms["engineered"].prompt.read_text() == (ROOT / "prompts" / "engineered.yaml").read_text()
     assert arms["finetuned"].trains and not arms["naive"].trains
-    assert all(a.price.kind == "per_hour" and a.price.usd_per_hour == 0.10 for a in cfg.resolved_arms)
+    assert all(a.price.kind == "per_hour" and a.price.usd_per_hour == 0.10 for a in plan.arms)
 
 
 def test_arm_specs_inherit_the_top_level_sections_and_override_keys(tmp_path, monkeypatch):
@@ -46,18 +48,20 @@ def test_arm_specs_inherit_the_top_level_sections_and_override_keys(tmp_path, mo
                  {"name": "ft", "model": "small", "prompt": "finetuned", "finetune": {"lora": {"r": 4}},
                   "eval": {"max_new_tokens": 3}}],
         "compare": {"baseline": "engineered-4o-mini", "candidate": "ft"}}))
-    cfg = load_config(path, ["finetune.epochs=1"])
-    arms = {a.name: a for a in cfg.resolved_arms}
+    plan = load_experiment(path, ["finetune.epochs=1"])
+    cfg = plan.config
+    arms = {a.name: a for a in plan.arms}
     ft = arms["ft"]
     assert ft.finetune.lora.r == 4 and ft.finetune.lora.alpha == 32 and ft.finetune.epochs == 1.0
     assert ft.eval.max_new_tokens == 3 and ft.eval.batch_size == cfg.eval.batch_size
     assert arms["engineered-4o-mini"].backend == "openai" and arms["engineered-4o-mini"].kind == "prompt"
     assert arms["naive"].model_key == "model" and ft.model_key == "small"
-    assert (cfg.pair.baseline, cfg.pair.candidate) == ("engineered-4o-mini", "ft")
+    assert (plan.pair.baseline, plan.pair.candidate) == ("engineered-4o-mini", "ft")
 
 
 def test_overrides_are_typed_and_dotted():
-    cfg = load_config(DEFAULT, ["finetune.epochs=1", "eval.limit=50", "finetune.lora.r=4", "arms=[naive]"])
+    plan = load_experiment(DEFAULT, ["finetune.epochs=1", "eval.limit=50", "finetune.lora.r=4", "arms=[naive]"])
+    cfg = plan.config
     assert cfg.finetune.epochs == 1.0 and cfg.eval.limit == 50 and cfg.finetune.lora.r == 4
     assert cfg.arms == ["naive"]
 
@@ -164,7 +168,7 @@ CASES = [
 def test_bad_config_is_one_line_exit_2_naming_the_key(tmp_path, capsys, mutate, expected):
     path = _write(tmp_path, mutate)
     with pytest.raises(ConfigError, match=None) as info:
-        load_config(path)
+        load_experiment(path)
     assert expected in str(info.value)
     assert str(path) in str(info.value)
     assert main(["run", str(path)]) == 2
@@ -302,8 +306,8 @@ def test_the_default_baseline_is_the_arm_with_the_engineered_prompt_whatever_its
     path = _write(tmp_path, lambda d: d.update(arms=[{"name": "plain", "prompt": "naive"},
                                                      {"name": "my-best-prompt", "prompt": "engineered"},
                                                      {"name": "tuned", "prompt": "finetuned", "finetune": {}}]))
-    cfg = load_config(path)
-    assert (cfg.pair.baseline, cfg.pair.candidate, cfg.pair.naive) == ("my-best-prompt", "tuned", "plain")
+    plan = load_experiment(path)
+    assert (plan.pair.baseline, plan.pair.candidate, plan.pair.naive) == ("my-best-prompt", "tuned", "plain")
 
 
 def test_catalog_prices_hardware_presets_and_a_users_litellm_file(tmp_path):
@@ -318,8 +322,9 @@ def test_catalog_prices_hardware_presets_and_a_users_litellm_file(tmp_path):
                                  "naive": {"catalog": "claude-haiku-4-5"},
                                  "finetuned": {"kind": "per_hour", "hardware": "my-vllm-box", "min_replicas": 2}},
         finetune={"catalog": "ft:gpt-4o-mini-2024-07-18"}))
-    cfg = load_config(path)
-    arms = {a.name: a.price for a in cfg.resolved_arms}
+    plan = load_experiment(path)
+    cfg = plan.config
+    arms = {a.name: a.price for a in plan.arms}
     assert (arms["engineered"].input_usd_per_mtok, arms["engineered"].output_usd_per_mtok) == (0.2, 0.8)
     assert arms["engineered"].cache_hit_rate == 0.5 and arms["engineered"].source.startswith("catalog gpt-4o-mini")
     # the shipped row, from LiteLLM's map: $1 / $5 per Mtok, cache reads $0.10, writes $1.25
@@ -333,4 +338,4 @@ def test_catalog_prices_hardware_presets_and_a_users_litellm_file(tmp_path):
     # A user's row with a negative price, or a price a row cannot take, is one line naming the file and row.
     user.write_text(json.dumps({"cheap": {"input_cost_per_token": -1e-6, "output_cost_per_token": 1e-6}}))
     with pytest.raises(ConfigError, match=r"prices\.json: row 'cheap' field 'input_cost_per_token' is negative"):
-        load_config(path)
+        load_experiment(path)

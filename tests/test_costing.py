@@ -4,8 +4,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from pipeline.pricing.prices import PerTokenPrice
-from pipeline.costing import break_even, cached_call_cost, finetune_fixed_cost, total_cost
+from pipeline.economics.prices import PerTokenPrice
+from pipeline.economics.costing import break_even, cached_call_cost, finetune_fixed_cost, total_cost
 
 API = PerTokenPrice(kind="per_token", input_usd_per_mtok=2.5, output_usd_per_mtok=10.0)
 
@@ -76,7 +76,7 @@ def test_per_token_cost_is_non_negative_and_monotone(prompt, completion, price_i
 
 # --- deployment, levers and both break-evens (issue: decision-grade economics) --------------------------
 
-from pipeline.costing import (ArmCost, Deployment, cached_prefix_tokens, monthly_break_even,  # noqa: E402
+from pipeline.economics.costing import (ArmCost, Deployment, cached_prefix_tokens, monthly_break_even,  # noqa: E402
                               one_off_break_even, quality_adjusted_per_call, sensitivity)
 
 OPENAI_LIKE = PerTokenPrice(kind="per_token", input_usd_per_mtok=2.5, output_usd_per_mtok=10.0,

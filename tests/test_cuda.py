@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import ROOT
-from pipeline.config import ModelConfig
-from pipeline.data import eval_rows, load_task, task_config_for_folder
-from pipeline.models import load_model, load_tokenizer, resolve_source
-from pipeline.prompts import PromptRenderer, load_template, pick_examples
+from pipeline.experiment.config import ModelConfig
+from pipeline.task.splits import eval_rows, load_task, task_config_for_folder
+from pipeline.models.loading import load_model, load_tokenizer, resolve_source
+from pipeline.task.prompts import PromptRenderer, load_template, pick_examples
 from test_local_backend import generate_calls
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -6,8 +6,10 @@ import pytest
 
 from conftest import ROOT
 from pipeline.cli import main
-from pipeline.config import DataConfig, TaskConfig
-from pipeline.data import DataError, check_task, eval_rows, load_task, task_config_for_folder
+from pipeline.experiment.config import DataConfig, TaskConfig
+from pipeline.task.checks import check_task
+from pipeline.task.splits import eval_rows, load_task, task_config_for_folder
+from pipeline.task.types import DataError
 
 SHIPPED = ROOT / "datasets" / "support_tickets"
 BANKING = ROOT.parent / "shared" / "datasets" / "banking77"

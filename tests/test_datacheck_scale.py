@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from conftest import ROOT
-from pipeline.data import load_task, near_duplicate_pairs, normalise, task_config_for_folder
+from pipeline.task.checks import near_duplicate_pairs, normalise
+from pipeline.task.splits import load_task, task_config_for_folder
 
 SHIPPED = ROOT / "datasets" / "support_tickets"
 BANKING = ROOT.parent / "shared" / "datasets" / "banking77"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipeline.backends.decoding import LabelConstraint, greedy_answers
+from pipeline.backends.decoding.greedy import LabelConstraint, greedy_answers
 from pipeline.backends.local import stop_token_ids
 
 # Answers of different lengths: the chat model stops early on some and runs on for others.
@@ -78,7 +78,7 @@ def test_the_next_prompts_join_a_running_batch_and_answers_come_in_order(model_f
 def test_rows_join_only_caches_whose_layers_hold_every_key():
     from transformers import DynamicCache, LlamaConfig, MistralConfig
 
-    from pipeline.backends.decoding import _joinable
+    from pipeline.backends.decoding.greedy import _joinable
 
     shape = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2)
@@ -125,7 +125,7 @@ def test_joined_rows_keep_each_key_under_its_own_mask_column(held_per_row):
     after the prefix in both), whether each row's keys hold the 3-token prefix or only the suffix."""
     from transformers.cache_utils import DynamicCache
 
-    from pipeline.backends.decoding import RowCaches, _Rows
+    from pipeline.backends.decoding.greedy import RowCaches, _Rows
 
     prefix = 3
 

@@ -52,7 +52,7 @@ def test_transformers_before_5_24_fails_with_one_line_instead_of_crashing_later(
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from pipeline.backends.local import PrefixCache
-    from pipeline.models import ModelError
+    from pipeline.models.loading import ModelError
 
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2)

@@ -348,7 +348,7 @@ def test_run_logs_to_a_real_mlflow_server_over_http(tmp_path, roi_env):
 
 
 def test_credentials_in_the_tracking_uri_never_reach_the_output(roi_env):
-    from pipeline.tracking import redact
+    from pipeline.tracking.mlflow_store import redact
 
     assert redact("http://ana:s3cret@127.0.0.1:5000/x") == "http://ana:***@127.0.0.1:5000/x"
     assert redact("sqlite:///mlflow.db") == "sqlite:///mlflow.db"

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.evaluation import INVALID, call_metrics, latency_stats, parse_label, score, search_label
+from pipeline.measure.scoring import INVALID, call_metrics, latency_stats, parse_label, score, search_label
 
 LABELS = ["billing", "account_access", "data_privacy", "bug_report"]
 
@@ -127,7 +127,7 @@ def test_search_never_crashes_and_agrees_with_exact_on_bare_labels(output):
 
 def test_accuracy_under_both_parsers_is_logged_beside_the_configured_one():
     from pipeline.backends.base import Call
-    from pipeline.measure import Measurement
+    from pipeline.measure.timing import Measurement
 
     outputs = ["billing", "The category is bug_report.", "no idea", "data privacy"]
     refs = [0, 3, 1, 2]
@@ -140,7 +140,8 @@ def test_accuracy_under_both_parsers_is_logged_beside_the_configured_one():
 
 
 def test_labels_the_parsers_cannot_tell_apart_are_refused_hyphens_included():
-    from pipeline.datachecks import DataError, check_label_set
+    from pipeline.task.checks import check_label_set
+    from pipeline.task.types import DataError
 
     for a, b in (("billing", "BILLING"), ("card_payment", "card payment"), ("e-mail", "email")):
         with pytest.raises(DataError, match="look the same to the answer parser"):

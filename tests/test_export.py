@@ -41,7 +41,7 @@ def source(model_fp32, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(source, tmp_path_factory):
-    from pipeline.export import export
+    from pipeline.apps.export import export
 
     out = tmp_path_factory.mktemp("export")
     export(str(source[1]), out, name="triage")
@@ -82,8 +82,8 @@ def test_the_vllm_command_names_the_exported_folder_and_a_rank_bucket_that_holds
 
 
 def test_vllm_rank_buckets_by_hand():
-    from pipeline.export import vllm_max_lora_rank
-    from pipeline.models import ModelError
+    from pipeline.apps.export import vllm_max_lora_rank
+    from pipeline.models.loading import ModelError
 
     assert [vllm_max_lora_rank(r) for r in (1, 2, 8, 9, 16, 17, 64, 300, 320, 512)] == \
         [1, 8, 8, 16, 16, 32, 64, 320, 320, 512]
@@ -105,8 +105,8 @@ def test_the_gguf_lora_fits_the_base_gguf_and_holds_the_peft_tensors(source, exp
     from gguf.quants import dequantize
     from safetensors.torch import load_file
 
-    from pipeline.config import ModelConfig
-    from pipeline.models import resolve_source
+    from pipeline.experiment.config import ModelConfig
+    from pipeline.models.loading import resolve_source
 
     base_source = resolve_source(ModelConfig())
     base = gguf.GGUFReader(str(Path(base_source.folder) / base_source.gguf_file))
@@ -157,8 +157,8 @@ def test_the_gguf_lora_fits_the_base_gguf_and_holds_the_peft_tensors(source, exp
 def test_what_vllm_cannot_load_is_refused_in_one_line(source, tmp_path):
     import shutil
 
-    from pipeline.export import check_for_vllm
-    from pipeline.models import ModelError
+    from pipeline.apps.export import check_for_vllm
+    from pipeline.models.loading import ModelError
 
     for change, message in (({"use_dora": True}, "DoRA"), ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
                             ({"bias": "all"}, "bias=all"), ({"init_lora_weights": "pissa"}, "init_lora_weights=pissa")):
@@ -221,8 +221,8 @@ def test_bad_input_is_one_line_and_exit_2(what, tmp_path, roi_env):
 def test_an_export_never_replaces_its_source_or_a_folder_it_did_not_write(source, tmp_path):
     import shutil
 
-    from pipeline.export import export
-    from pipeline.models import ModelError
+    from pipeline.apps.export import export
+    from pipeline.models.loading import ModelError
 
     adapter = tmp_path / "adapter"
     shutil.copytree(source[1], adapter)

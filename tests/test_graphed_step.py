@@ -4,7 +4,7 @@ its replayed steps give the eager step's loss and gradients (skipped without one
 import pytest
 import torch
 
-from pipeline.graphed_step import GraphedTrainingStep, completion_loss
+from pipeline.training.graphed_step import GraphedTrainingStep, completion_loss
 from test_completion_head import _batch, _tiny_lora_model
 
 

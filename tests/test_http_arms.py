@@ -9,7 +9,7 @@ import yaml
 
 from conftest import ROOT, roi, sqlite_store
 from fake_openai import FakeOpenAI, Faults
-from pipeline.data import eval_rows, load_task, task_config_for_folder
+from pipeline.task.splits import eval_rows, load_task, task_config_for_folder
 
 TASK = ROOT / "datasets" / "support_tickets"
 

@@ -5,8 +5,8 @@ import pytest
 from conftest import ROOT
 from pipeline.backends.local import (LabelConstraint, LocalBackend, LocalSettings, measure_local, shared_prefix_length,
                                      stop_token_ids)
-from pipeline.data import eval_rows, load_task, task_config_for_folder
-from pipeline.prompts import PromptRenderer, load_template, pick_examples
+from pipeline.task.splits import eval_rows, load_task, task_config_for_folder
+from pipeline.task.prompts import PromptRenderer, load_template, pick_examples
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_label_trie_allows_exactly_the_label_sequences(tokenizer):
 
 
 def test_constrained_decoding_answers_a_label_every_time(model_fp32, tokenizer, engineered):
-    from pipeline.evaluation import INVALID, parse_label
+    from pipeline.measure.scoring import INVALID, parse_label
 
     renderer, prompts = engineered
     labels = [label.name for label in renderer.labels]

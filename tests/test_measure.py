@@ -5,10 +5,10 @@ import itertools
 
 import pytest
 
-from pipeline import measure as measure_module
+from pipeline.measure import timing as measure_module
 from pipeline.backends.base import Call
-from pipeline.measure import measure
-from pipeline.prompts import Prompt
+from pipeline.measure.timing import measure
+from pipeline.task.prompts import Prompt
 
 
 class ScriptedBackend:

@@ -3,8 +3,8 @@ weights, and a damaged copy is replaced rather than trusted."""
 
 import torch
 
-from pipeline import models
-from pipeline.config import ModelConfig
+from pipeline.models import loading as models
+from pipeline.experiment.config import ModelConfig
 
 
 def _loads_from(monkeypatch, auto_class=None):

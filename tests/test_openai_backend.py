@@ -9,8 +9,8 @@ import pytest
 
 from fake_openai import FakeOpenAI, Faults
 from pipeline.backends.openai import OpenAIBackend, check_api_key
-from pipeline.config import ConfigError, OpenAIModelConfig
-from pipeline.prompts import Prompt
+from pipeline.experiment.config import ConfigError, OpenAIModelConfig
+from pipeline.task.prompts import Prompt
 
 LABELS = ["card_arrival", "balance", "refund"]
 

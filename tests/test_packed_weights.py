@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipeline.backends.local import LocalBackend, LocalSettings
-from pipeline.backends.packed_weights import PackedWeights, packing_supported
+from pipeline.backends.decoding.packed_weights import PackedWeights, packing_supported
 from test_local_backend import engineered  # noqa: F401  (fixture)
 
 BF16_KERNELS = torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -38,8 +38,8 @@ class Matmuls(TorchDispatchMode):
 
 @pytest.fixture(scope="module", params=DTYPES, ids=["fp32", "bf16"])
 def model(request, model_fp32):
-    from pipeline.config import ModelConfig
-    from pipeline.models import load_model, resolve_source
+    from pipeline.experiment.config import ModelConfig
+    from pipeline.models.loading import load_model, resolve_source
 
     return model_fp32 if request.param == torch.float32 else load_model(resolve_source(ModelConfig()), request.param)
 
@@ -128,8 +128,8 @@ def test_fp16_layers_are_left_as_they_are_and_no_copy_is_packed_where_it_would_n
 
 @pytest.mark.skipif(not BF16_KERNELS, reason="torchao's int8 layers run in bf16; this CPU has no bf16 kernels")
 def test_int8_layers_multiply_by_their_int8_weight_at_a_few_rows_and_by_torchaos_path_beyond():
-    from pipeline.backends.packed_weights import INT8_DIRECT_ROWS
-    from pipeline.models import quantize_int8
+    from pipeline.backends.decoding.packed_weights import INT8_DIRECT_ROWS
+    from pipeline.models.loading import quantize_int8
 
     int8 = quantize_int8(_tiny())
     generator = torch.Generator().manual_seed(2)

@@ -2,8 +2,8 @@
 import pytest
 
 from conftest import ROOT
-from pipeline.data import Label
-from pipeline.prompts import PromptError, PromptRenderer, count_tokens, load_template, pick_examples
+from pipeline.task.types import Label
+from pipeline.task.prompts import PromptError, PromptRenderer, count_tokens, load_template, pick_examples
 
 LABELS = [Label("billing", "Charges and invoices."), Label("refund", "Money back.")]
 EXAMPLES = [{"text": "charged twice", "label": "billing"}, {"text": "money back pls", "label": "refund"}]

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.report_html import (calls, interval, months, p_reading, pct, pct_interval, pvalue, render_html,
-                                  render_markdown, signed_pct, usd)
+from pipeline.report.format import (calls, interval, months, p_reading, pct, pct_interval, pvalue, signed_pct,
+                                    usd)
+from pipeline.report.html import render_html, render_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 INF = float("inf")
@@ -114,8 +115,35 @@ def test_helpers_by_hand():
     assert months(0.4018) == "0.4 months" and months(INF) == "never" and months(None) == "never"
     assert signed_pct(-42.04) == "-42.0%" and signed_pct(3) == "+3.0%"
     assert pvalue(0.00012) == "< 0.001" and pvalue(0.31) == "0.310"
-    assert p_reading(0.00012) == "p < 0.05: the accuracy difference is unlikely to be chance"
-    assert p_reading(0.31).startswith("p ≥ 0.05")
+    assert p_reading(0.00012, 0.95) == "p < 0.05: the accuracy difference is unlikely to be chance"
+    assert p_reading(0.31, 0.95).startswith("p ≥ 0.05")
+    # The level follows stats.confidence: at 90%, p = 0.07 is significant.
+    assert p_reading(0.07, 0.90).startswith("p < 0.1:") and p_reading(0.07, 0.95).startswith("p ≥ 0.05")
+    assert usd(INF) == "∞" and usd(float("nan")) == "-"
+
+
+def test_every_renderer_writes_a_break_even_that_never_comes_the_same_way():
+    """The terminal/Markdown summary and `roi compare` use the same formatters as the HTML report: an infinite
+    break-even is "never" in each (the summary's own formatter once raised OverflowError on it)."""
+    from types import SimpleNamespace
+
+    from pipeline.report.compare import run_row
+    from pipeline.report.summary import Summary, summary_markdown
+
+    arm = {"accuracy": 0.5, "macro_f1": 0.5, "invalid_rate": 0.0, "prompt_tokens_mean": 10.0,
+           "completion_tokens_mean": 2.0, "latency_p50_ms": 5.0, "latency_p95_ms": 6.0, "throughput_calls_per_s": 1.0,
+           "cost_per_call_usd": 0.001, "monthly_cost_usd": 100.0, "fixed_cost_usd": 5.0}
+    parent = {"break_even_calls": INF, "break_even_monthly_calls": INF, "mcnemar_p": 0.5}
+    summary = Summary("e", "t", "m", 10, {"base": arm, "ft": arm}, parent, "base", "ft", 1000.0)
+    assert "break-even: never one-off, none monthly" not in summary_markdown(summary)  # markdown has its own line
+    assert "Break-even: never one-off" in summary_markdown(summary)
+    run = SimpleNamespace(data=SimpleNamespace(params={"compare.baseline": "base", "compare.candidate": "ft"},
+                                               metrics=parent, tags={}),
+                          info=SimpleNamespace(run_name="r", run_id="r"))
+    child = SimpleNamespace(data=SimpleNamespace(tags={"arm": "base"}, metrics=arm))
+    row = run_row(run, [child])
+    assert row["break-even (calls)"] == "never" and row["monthly break-even (calls/month)"] == "never"
+    assert row["baseline $/month"] == "$100.00"
 
 
 def test_markdown_content(facts):

@@ -3,18 +3,17 @@
 import yaml
 
 from conftest import ROOT
-from pipeline.arms import resolved_config, resolved_params
-from pipeline.config import load_config
-from pipeline.run import prepare
+from pipeline.experiment.load import load_experiment
+from pipeline.recipe.run import prepare
 
 
 def test_two_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
-    import pipeline.run
+    import pipeline.recipe.run
 
     # Both runs start in the same second, however long preparing one takes here.
-    monkeypatch.setattr(pipeline.run.time, "strftime", lambda fmt: "20261127-120000")
-    cfg = load_config(ROOT / "experiments" / "default.yaml", [f"output_dir={tmp_path}", "eval.limit=4"])
-    first, second = prepare(cfg, console=None, force=False), prepare(cfg, console=None, force=False)
+    monkeypatch.setattr(pipeline.recipe.run.time, "strftime", lambda fmt: "20261127-120000")
+    plan = load_experiment(ROOT / "experiments" / "default.yaml", [f"output_dir={tmp_path}", "eval.limit=4"])
+    first, second = prepare(plan, console=None, force=False), prepare(plan, console=None, force=False)
     assert first.run_dir != second.run_dir
     assert first.run_dir.name.startswith("20261127-120000") and second.run_dir.name.startswith("20261127-120000")
     assert first.run_dir.is_dir() and second.run_dir.is_dir()
@@ -24,8 +23,8 @@ def test_the_resolved_config_has_every_default_filled_in(tmp_path):
     path = tmp_path / "minimal.yaml"
     path.write_text(yaml.safe_dump({"experiment": "m", "task": {"path": str(ROOT / "datasets" / "support_tickets"),
                                                                 "labels": "labels.json"}, "arms": ["naive", "finetuned"]}))
-    cfg = load_config(path)
-    resolved = resolved_config(cfg)
+    plan = load_experiment(path)
+    resolved = plan.resolved()
     assert resolved["eval"]["parser"] == "search" and resolved["finetune"]["lora"]["r"] == 16
     assert resolved["pricing"]["default_usd_per_hour"] == 0.10
     arms = {a["name"]: a for a in resolved["arms"]}
@@ -34,7 +33,7 @@ def test_the_resolved_config_has_every_default_filled_in(tmp_path):
     assert price["kind"] == "per_hour" and price["usd_per_hour"] == 0.10
     assert price["min_replicas"] == 1 and price["target_utilisation"] == 0.6
     assert resolved["compare"] == {"baseline": "naive", "candidate": "finetuned", "naive": "naive"}
-    params = resolved_params(cfg)
+    params = plan.params()
     # Keys the file never wrote are params too, so runs compare on any key in the MLflow UI.
     assert params["finetune.seed"] == 0 and params["eval.warmup"] == 2 and params["arms"] == "naive,finetuned"
     assert params["arm.finetuned.kind"] == "finetuned" and params["arm.naive.model"] == "model"
@@ -45,7 +44,7 @@ def test_run_names_say_config_time_and_the_overrides_that_change_results():
     import time
     from pathlib import Path
 
-    from pipeline.run import run_name
+    from pipeline.recipe.run import run_name
 
     when = time.strptime("2026-11-27 09:06", "%Y-%m-%d %H:%M")
     assert run_name(Path("experiments/default.yaml"), [], when) == "default 11-27 09:06"
@@ -58,7 +57,7 @@ def test_run_names_say_config_time_and_the_overrides_that_change_results():
 def test_ui_links_open_the_runs_view_with_the_arms_columns(monkeypatch):
     import json
 
-    from pipeline import tracking
+    from pipeline.tracking import mlflow_store as tracking
 
     query = "runs?workflowType=machine_learning&viewStateShareKey=roi-arms"
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

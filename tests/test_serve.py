@@ -72,7 +72,7 @@ def test_chat_and_its_usage_equal_the_local_backend_in_process(server, model_fp3
     import torch
 
     from pipeline.backends.local import LocalBackend, LocalSettings
-    from pipeline.prompts import Prompt, count_tokens
+    from pipeline.task.prompts import Prompt, count_tokens
 
     assert server.ready_line.strip() == f"serving {NAME} on http://127.0.0.1:{server.port}/v1"
     assert [m["id"] for m in server.get("/v1/models").json()["data"]] == [NAME]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipeline.backends.local import LocalBackend, LocalSettings
-from pipeline.backends.shared_prefix import SharedPrefixCache, SharedPrefixLayer, _merged_attention
+from pipeline.backends.decoding.shared_prefix import SharedPrefixCache, SharedPrefixLayer, _merged_attention
 from test_local_backend import engineered, generate_calls  # noqa: F401  (fixture)
 
 
@@ -103,7 +103,7 @@ def test_the_prefix_is_held_once_whatever_the_batch(model_fp32, tokenizer, engin
 def test_models_whose_attention_it_does_not_compute_keep_the_copying_cache():
     from transformers import LlamaConfig, MistralConfig
 
-    from pipeline.backends.shared_prefix import fits
+    from pipeline.backends.decoding.shared_prefix import fits
 
     assert fits(LlamaConfig())
     assert not fits(MistralConfig(sliding_window=4096))

@@ -3,7 +3,7 @@
 import shutil
 from pathlib import Path
 
-from pipeline import stages
+from pipeline.recipe import stages
 
 
 def _version_of(package: Path) -> str:
@@ -16,21 +16,25 @@ def _version_of(package: Path) -> str:
         stages.code_version.cache_clear()
 
 
-def test_the_code_version_covers_the_code_stages_run_and_not_the_report(tmp_path):
+def test_the_code_version_covers_the_stage_folders_and_not_the_report(tmp_path):
+    """Which edits re-measure is decided by folder: pricing, reporting, tracking and the apps re-measure nothing;
+    a change anywhere in a stage folder, a new module there included, invalidates every stored stage."""
     package = tmp_path / "pipeline"
-    shutil.copytree(Path(stages.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(Path(stages.__file__).parents[1], package, ignore=shutil.ignore_patterns("__pycache__"))
     before = _version_of(package)
-    for reporting in ("report.py", "report_html.py", "costing.py", "pricing/catalog.py", "tracking.py", "cli.py"):
+    for reporting in ("report/summary.py", "report/html.py", "economics/costing.py", "economics/catalog.py",
+                      "tracking/mlflow_store.py", "apps/serve.py", "cli.py", "report/new_chart.py"):
         with open(package / reporting, "a") as f:
             f.write("\n# a change to how results are priced, reported or logged\n")
         assert _version_of(package) == before, reporting
-    for running in ("training.py", "backends/local.py", "evaluation.py", "prompts.py"):
+    for running in ("training/lora.py", "backends/local.py", "measure/scoring.py", "task/prompts.py",
+                    "recipe/evaluate.py", "experiment/arms.py", "models/loading.py"):
         text = (package / running).read_text()
         (package / running).write_text(text + "\n# a change to what a stage computes\n")
         assert _version_of(package) != before, running
         (package / running).write_text(text)
     assert _version_of(package) == before
-    (package / "new_module.py").write_text("X = 1\n")  # new code counts until it is listed as reporting-only
+    (package / "backends" / "new_backend.py").write_text("X = 1\n")  # new code in a stage folder counts
     assert _version_of(package) != before
 
 
@@ -47,7 +51,7 @@ def test_the_machine_names_the_processor_threads_gpu_and_library_versions():
 def test_the_retry_notice_speaks_for_the_tracking_server_only(capsys):
     import logging
 
-    from pipeline.tracking import _RetryNotice
+    from pipeline.tracking.mlflow_store import _RetryNotice
 
     notice = _RetryNotice("http://user:secret@127.0.0.1:5000")
 
@@ -69,7 +73,7 @@ def test_the_retry_notice_speaks_for_the_tracking_server_only(capsys):
 
 
 def test_recomputing_ignores_earlier_stages_but_reuses_one_finished_in_this_run(tmp_path):
-    from pipeline.stages import StageStore
+    from pipeline.recipe.stages import StageStore
 
     StageStore(tmp_path).finish("finetune-a", {"train": 1})
     assert StageStore(tmp_path).load("finetune-a") == {"train": 1}

@@ -4,9 +4,9 @@ the continuous-batching path; on CPU the same steps run without a graph. The rea
 import pytest
 import torch
 
-from pipeline.backends.decoding import greedy_answers
+from pipeline.backends.decoding.greedy import greedy_answers
 from pipeline.backends.local import LocalBackend, LocalSettings, stop_token_ids
-from pipeline.backends.static_decoding import StaticDecoder, greedy_answers_static
+from pipeline.backends.decoding.static_cache import StaticDecoder, greedy_answers_static
 from test_decoding import MESSAGES, MORE_MESSAGES, _prompts
 from test_local_backend import engineered  # noqa: F401 (fixture)
 
@@ -53,7 +53,7 @@ def test_the_prefix_is_copied_once_and_answers_do_not_change(model_fp32, tokeniz
 
 
 def test_constrained_waves_answer_labels_like_the_plain_path(model_fp32, tokenizer, engineered):  # noqa: F811
-    from pipeline.prompts import Prompt
+    from pipeline.task.prompts import Prompt
 
     renderer, prompts = engineered
     labels = [label.name for label in renderer.labels]

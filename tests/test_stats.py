@@ -1,4 +1,4 @@
-"""Tests for pipeline.stats; expected numbers are worked out by hand in the comments."""
+"""Tests for pipeline.economics.stats; expected numbers are worked out by hand in the comments."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.stats import (bootstrap_intervals, confusion_matrix_png, macro_f1_present, mcnemar_exact,
+from pipeline.economics.stats import (bootstrap_intervals, confusion_matrix_png, macro_f1_present, mcnemar_exact,
                             per_label_table)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -1,5 +1,5 @@
 """A team's tracking server, for real: PostgreSQL + `mlflow server --artifacts-destination` on loopback
-(pipeline.teamserver, what `make team-server` runs), two experiments run concurrently from two processes,
+(pipeline.apps.teamserver, what `make team-server` runs), two experiments run concurrently from two processes,
 and a run that outlives a restart of the tracking server."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ TEAM_ROWS = {"team-a": 6, "team-b": 5}
 
 @pytest.fixture(scope="module")
 def team_server():
-    from pipeline.teamserver import pg_bin, start_team_server
+    from pipeline.apps.teamserver import pg_bin, start_team_server
 
     try:
         pg_bin()

@@ -15,9 +15,9 @@ import pytest
 from rich.console import Console
 
 from conftest import ROOT
-from pipeline import training
-from pipeline.config import FinetuneConfig, ModelConfig
-from pipeline.models import load_model, pick_dtype, resolve_source
+from pipeline.training import lora as training
+from pipeline.experiment.config import FinetuneConfig, ModelConfig
+from pipeline.models.loading import load_model, pick_dtype, resolve_source
 
 # Tiny: 12 short rows, 2 per step; checkpoints at steps 2, 4 and 6 (the Trainer keeps the last two).
 CFG = FinetuneConfig(max_steps=6, batch_size=2, max_length=64, checkpoint_steps=2)

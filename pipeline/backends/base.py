@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from pipeline.prompts import Prompt
+from pipeline.task.prompts import Prompt
 
 
 @dataclass

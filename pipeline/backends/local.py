@@ -13,9 +13,9 @@ from typing import Any
 import torch
 
 from pipeline.backends.base import Call, OnCalls
-from pipeline.backends.decoding import Answer, LabelConstraint, RowCaches, greedy_answers
-from pipeline.backends.packed_weights import PackedWeights, packing_supported
-from pipeline.prompts import Prompt, static_prefix
+from pipeline.backends.decoding.greedy import Answer, LabelConstraint, RowCaches, greedy_answers
+from pipeline.backends.decoding.packed_weights import PackedWeights, packing_supported
+from pipeline.task.prompts import Prompt, static_prefix
 
 
 def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -51,7 +51,7 @@ class PrefixCache:
     def __init__(self, model: Any, prefix_ids: list[int], shared: bool = True):
         from transformers import DynamicCache
 
-        from pipeline.backends.shared_prefix import SharedPrefixCache
+        from pipeline.backends.decoding.shared_prefix import SharedPrefixCache
 
         self.length, self.config = len(prefix_ids), model.config
         self.cache = DynamicCache(config=model.config)
@@ -60,7 +60,7 @@ class PrefixCache:
                   use_cache=True)
         if self.cache.get_seq_length() != self.length:
             # transformers before 5.24 ignored `cache=` and left it empty: every call would then crash.
-            from pipeline.models import ModelError
+            from pipeline.models.loading import ModelError
 
             raise ModelError(f"the prefix KV cache holds {self.cache.get_seq_length()} of {self.length} tokens: "
                                "this transformers version does not fill a cache passed as `cache=` (need >= 5.24)")
@@ -72,7 +72,7 @@ class PrefixCache:
         if self.shared is None:
             yield RowCaches(self._copied, self.length, held_per_row=self.length)
             return
-        from pipeline.backends.shared_prefix import SharedPrefixCache, attending_shared_prefix
+        from pipeline.backends.decoding.shared_prefix import SharedPrefixCache, attending_shared_prefix
 
         with attending_shared_prefix(model, self.shared):
             yield RowCaches(lambda _n: SharedPrefixCache(self.cache), self.length, held_per_row=0)
@@ -194,7 +194,7 @@ class LocalBackend:
         suffixes = [ids[shared:] for ids in encoded]
         decoder = self._static_decoder(cache, suffixes, max_new_tokens)
         if decoder is not None:
-            from pipeline.backends.static_decoding import greedy_answers_static
+            from pipeline.backends.decoding.static_cache import greedy_answers_static
 
             greedy_answers_static(decoder, suffixes, max_new_tokens, self.stop_ids, answered)
             return calls
@@ -208,7 +208,7 @@ class LocalBackend:
         """The static-cache decoder for this pass (kept for the next at the same batch size), or None where
         this backend decodes with continuous batching: off in the settings, or a model with sliding-window
         layers, whose static cache keeps only its window."""
-        from pipeline.backends.static_decoding import StaticDecoder, fits_static_cache
+        from pipeline.backends.decoding.static_cache import StaticDecoder, fits_static_cache
 
         static = self.settings.static_decoding
         if not (self.model.device.type == "cuda" if static is None else static):
@@ -251,7 +251,7 @@ class LocalBackend:
         if len(shared) < self.settings.min_prefix_tokens:
             return None
         if shared != self._cache_for:
-            from pipeline.backends.shared_prefix import fits
+            from pipeline.backends.decoding.shared_prefix import fits
 
             use_shared = self.settings.shared_prefix
             if use_shared is None:
@@ -294,7 +294,7 @@ def measure_local(model: Any, tokenizer: Any, prompts: list[Prompt | str], batch
     With `prefix_probe` (a renderer's `prefix_probe()`), the static prefix's KV cache is used;
     with `labels`, answers are constrained to them.
     """
-    from pipeline.measure import measure
+    from pipeline.measure.timing import measure
 
     prompts = [p if isinstance(p, Prompt) else Prompt(text=p) for p in prompts]
     settings = LocalSettings(batch_size, max_new_tokens, prefix_cache=prefix_probe is not None, labels=labels)

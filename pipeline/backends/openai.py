@@ -17,8 +17,8 @@ import openai
 from aiolimiter import AsyncLimiter
 
 from pipeline.backends.base import Call, OnCalls
-from pipeline.config import ConfigError, OpenAIModelConfig
-from pipeline.prompts import Prompt
+from pipeline.experiment.config import ConfigError, OpenAIModelConfig
+from pipeline.task.prompts import Prompt
 
 # Servers that need no key still get one: the SDK refuses to start without any, and an explicit
 # placeholder keeps it from silently sending the user's OPENAI_API_KEY to a third-party URL.

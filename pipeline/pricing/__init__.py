@@ -1,1 +1,0 @@
-"""Dated prices: API tokens (from LiteLLM's map) and hardware presets."""

@@ -1,0 +1,232 @@
+"""`roi run`: the whole prompt-vs-fine-tune experiment, top to bottom.
+
+config -> data -> for each arm: get its model, measure it, price it -> compare -> report.
+Finished stages (an arm's evaluation, a trained adapter) are stored under a hash of their
+inputs and reused by the next run of the same experiment unless `--force` is given.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import yaml
+
+from pipeline.economics import figures as economics
+from pipeline.economics.stats import confusion_matrix_png, per_label_table
+from pipeline.experiment.arms import Arm
+from pipeline.experiment.load import ExperimentPlan, flatten, project_root_for
+from pipeline.measure.scoring import read_predictions
+from pipeline.recipe.arm_models import ArmModels
+from pipeline.recipe.evaluate import evaluate
+from pipeline.recipe.inputs import RunInputs
+from pipeline.recipe.stages import StageStore, machine, stage_key
+from pipeline.report.facts import build_facts, plot_sensitivity, save_facts, write_report
+from pipeline.report.summary import Summary, arms_table, plot_cost_vs_volume, print_table, summary_markdown
+from pipeline.task.prompts import PromptRenderer, load_template, pick_examples
+from pipeline.task.splits import eval_rows, load_task
+from pipeline.tracking import mlflow_store as tracking
+
+
+@dataclass
+class Experiment(RunInputs):
+    """One run: its inputs, the arms' models, and where its outputs go."""
+
+    models: ArmModels = None  # type: ignore[assignment]  (always given; dataclass order needs a default)
+    run_dir: Path = Path()
+    console: Any = None
+    notes: list[str] = field(default_factory=list)
+    parent_run_id: str = ""
+    outcomes: dict[str, Any] = field(default_factory=dict)  # arm name -> economics.figures.ArmRows
+
+
+def run_experiment(plan: ExperimentPlan, console, force: bool = False, overrides: list[str] = ()) -> Summary:
+    """Run every configured arm on the same test rows, log to MLflow, and return the summary."""
+    cfg = plan.config
+    exp = prepare(plan, console, force)  # everything that can be wrong with the inputs is found here
+    experiment_id = tracking.connect(cfg.experiment)
+    console.print(f"[bold]{cfg.experiment}[/bold]: {exp.task.name} ({len(exp.task.splits['train'])} train, "
+                  f"{len(exp.rows)} test rows), arms {', '.join(a.name for a in plan.arms)}")
+    results: dict[str, dict[str, float]] = {}
+    with tracking.start_run(run_name(plan.path, overrides, time.localtime())) as parent:
+        exp.parent_run_id = parent.info.run_id
+        log_parent_inputs(exp)
+        for arm in plan.arms:
+            results[arm.name] = run_arm(exp, arm)
+        pair = plan.pair
+        parent_metrics, sensitivity = economics.roi_metrics(
+            pair.baseline, pair.candidate, pair.naive, results, {a.name: a.price for a in plan.arms}, exp.outcomes,
+            cfg.pricing, cfg.stats)
+        summary = summarise(exp, results, parent_metrics, parent.info.run_id)
+        log_parent_results(exp, summary, sensitivity, parent.info.run_name)
+    print_table(summary, console)
+    console.print(f"outputs in {exp.run_dir}; MLflow run {summary.run_id} in {tracking.redact(tracking.tracking_uri())}")
+    console.print(f"compare the arms in the MLflow UI (`roi ui` for a local store): "
+                  f"{tracking.ui_link(experiment_id)}", soft_wrap=True)
+    return summary
+
+
+def run_name(config_path: Path, overrides: list[str], when: time.struct_time) -> str:
+    """What tells repeated runs apart in the UI: the config, the time, and the overrides that change results.
+    The time comes second so that it stays visible where the UI cuts long names."""
+    changes = " ".join(o for o in overrides if not o.startswith("output_dir="))
+    if len(changes) > 160:  # MLflow keeps 250 characters
+        changes = changes[:159] + "…"
+    return " ".join(filter(None, [config_path.stem, time.strftime("%m-%d %H:%M", when), changes]))
+
+
+def prepare(plan: ExperimentPlan, console, force: bool) -> Experiment:
+    """Read the data, templates, adapters and keys; fail with one line before any model loads."""
+    cfg = plan.config
+    task = load_task(cfg.task, cfg.data)
+    rows = eval_rows(task, cfg.eval.limit, cfg.data.seed)
+    templates = {arm.name: load_template(arm.prompt) for arm in plan.arms}
+    models = ArmModels(plan, console)
+    models.check_inputs()
+    train = task.splits["train"]
+    examples = pick_examples(train["text"], train["label"], cfg.prompts.few_shot_k, cfg.data.seed)
+    # Second resolution plus a random suffix: two runs started in the same second get their own folder.
+    run_dir = cfg.output_dir / cfg.experiment / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    store = StageStore(cfg.output_dir / "stages", recompute=force)
+    return Experiment(plan, task, rows, examples, templates, store, models=models, run_dir=run_dir, console=console,
+                      notes=task.notes + models.notes)
+
+
+def log_parent_inputs(exp: Experiment) -> None:
+    """The parent run's tags, params (the config as resolved), config files and datasets."""
+    cfg, task, config_path = exp.cfg, exp.task, exp.plan.path
+    mlflow.set_tags({tracking.ROLE_TAG: "parent", "task": task.name,
+                     "model": ", ".join(sorted({exp.models.display_name(a) for a in exp.plan.arms}))})
+    tracking.log_params({
+        **exp.plan.params(), "experiment": cfg.experiment, "dataset_hash": task.content_hash,
+        "git_commit": tracking.git_commit(project_root_for(config_path)), "n_eval": len(exp.rows),
+        "n_train": len(task.splits["train"]), "decoding": cfg.eval.decoding, "latency_repeats": cfg.eval.repeats,
+    })
+    if exp.notes:
+        mlflow.set_tag("notes", "\n".join(exp.notes))
+    mlflow.log_artifact(str(config_path), artifact_path="config")
+    # As written (with the command line's overrides) and as resolved (every default filled in).
+    (exp.run_dir / "config_as_written.yaml").write_text(yaml.safe_dump(exp.plan.written, sort_keys=False))
+    (exp.run_dir / "resolved_config.yaml").write_text(yaml.safe_dump(exp.plan.resolved(), sort_keys=False))
+    mlflow.log_artifact(str(exp.run_dir / "config_as_written.yaml"), artifact_path="config")
+    mlflow.log_artifact(str(exp.run_dir / "resolved_config.yaml"), artifact_path="config")
+    tracking.log_dataset(task.splits["train"].to_pandas(), str(task.files["train"]), f"{task.name}-train", "train")
+    tracking.log_dataset(exp.rows.to_pandas(), str(task.files.get("test", task.files["train"])),
+                         f"{task.name}-test", "eval")
+
+
+def run_arm(exp: Experiment, arm: Arm) -> dict[str, float]:
+    """One arm as a child run: get its model, measure it (or reuse a stored measurement), price it."""
+    with tracking.start_run(arm.name, nested=True) as child:
+        mlflow.set_tags({"arm": arm.name, "arm_kind": arm.kind, "backend": arm.backend,
+                         "model": exp.models.display_name(arm), tracking.ROLE_TAG: "arm",
+                         tracking.RUN_TYPE_TAG: tracking.EVALUATION_RUN})
+        template = exp.templates[arm.name]
+        prompt_uri = tracking.register_prompt(
+            f"{exp.cfg.experiment}-{arm.name}", template.registry_template(),
+            {"arm": arm.name, "file": template.path.name, "sha": template.sha},
+            [child.info.run_id, exp.parent_run_id])
+        # The arm's own settings only: the Trainer's full configuration is an artifact (arm_models).
+        tracking.log_params({"prompt_uri": prompt_uri, "prompt_file": template.path.name,
+                             "few_shot_k": exp.cfg.prompts.few_shot_k, "model_key": arm.model_key,
+                             **flatten(arm.eval.model_dump(), "eval."),
+                             **(flatten(arm.finetune.model_dump(), "finetune.") if arm.trains else {})})
+        key = stage_key("eval", data=exp.task.content_hash, limit=exp.cfg.eval.limit, seed=exp.cfg.data.seed,
+                        prompt=template.sha, examples=exp.examples, eval=arm.eval.model_dump(),
+                        model=exp.models.identity(arm), adapter=exp.models.adapter_key(arm, exp, template),
+                        **({"quantize": arm.quantize} if arm.quantize else {}),
+                        # A local arm's timings hold only on the machine and libraries that measured them.
+                        **({"machine": machine()} if arm.backend == "local" else {}))
+        done = exp.store.load(key)
+        if done is not None:
+            # Same inputs, same code: the stored evaluation stands; say so in the run.
+            metrics, predictions = done["metrics"], exp.store.path(key) / "predictions.jsonl"
+            mlflow.set_tags({"reused": "true", "reused_stage": key})
+            exp.console.print(f"{arm.name:<12} reused stored results ({key})")
+        else:
+            backend, metrics = exp.models.backend(arm, exp, template)
+            predictions = exp.run_dir / arm.name / "predictions.jsonl"
+            renderer = PromptRenderer(template, exp.models.tokenizer_for(arm), exp.task.labels, exp.examples)
+            try:
+                metrics.update(evaluate(exp, arm, backend, renderer, predictions, exp.console))
+            finally:
+                backend.close()
+            exp.store.finish(key, {"metrics": metrics}, {"predictions.jsonl": predictions})
+        exp.models.log_adapter(arm, exp, template)
+        if metrics.get("tokens_estimated"):
+            mlflow.set_tag("tokens", "estimated")
+        # Prices are not part of a stage: stored measurements are re-priced on every run.
+        pricing = exp.cfg.pricing
+        metrics["fixed_cost_usd"] = economics.fixed_cost(arm.kind, arm.fixed_cost_usd, pricing, metrics,
+                                                         len(exp.task.splits["train"]))
+        metrics.update(economics.arm_figures(arm.price, metrics, pricing))
+        rows = exp.outcomes[arm.name] = economics.ArmRows.from_predictions(read_predictions(predictions), exp.labels)
+        metrics.update(economics.arm_intervals(rows, arm.price, metrics, pricing, exp.cfg.stats))
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifact(str(predictions))
+        log_label_scores(exp, arm, rows)
+        exp.console.print(f"{arm.name:<12} accuracy {100 * metrics['accuracy']:.1f}%  "
+                          f"invalid {100 * metrics['invalid_rate']:.1f}%  "
+                          + (f"failed {100 * metrics['failed_rate']:.1f}%  " if metrics.get("failed_rate") else "")
+                          + f"{metrics['prompt_tokens_mean']:.0f} prompt tokens  p50 {metrics['latency_p50_ms']:.0f} ms")
+        return metrics
+
+
+def log_label_scores(exp: Experiment, arm: Arm, rows: economics.ArmRows) -> None:
+    """Per-label precision, recall and F1 (a table) and the confusion matrix (an image) on the arm's run."""
+    tracking.log_table(per_label_table(rows.predicted, rows.gold, exp.labels), "per_label.json")
+    image = exp.run_dir / arm.name / "confusion_matrix.png"
+    image.parent.mkdir(parents=True, exist_ok=True)
+    confusion_matrix_png(rows.predicted, rows.gold, exp.labels, image, f"{arm.name}: gold (rows) vs predicted")
+    mlflow.log_artifact(str(image))
+
+
+def summarise(exp: Experiment, arms: dict[str, dict[str, float]], parent: dict[str, float], run_id: str) -> Summary:
+    cfg = exp.cfg
+    return Summary(
+        experiment=cfg.experiment, task=exp.task.name,
+        model=", ".join(dict.fromkeys(exp.models.display_name(a) for a in exp.plan.arms)),
+        n_eval=len(exp.rows), arms=arms, parent=parent, baseline_arm=exp.plan.pair.baseline,
+        candidate_arm=exp.plan.pair.candidate, monthly_calls=cfg.pricing.monthly_calls, run_id=run_id,
+        decoding=cfg.eval.decoding, parser=cfg.eval.parser, repeats=cfg.eval.repeats, notes=exp.notes,
+        error_cost_usd=cfg.pricing.error_cost_usd,
+        confidence=cfg.stats.confidence,
+    )
+
+
+def log_parent_results(exp: Experiment, summary: Summary, sensitivity: list[dict], run_name: str) -> None:
+    """The parent's figures (a figure that never happens is a tag `...=never`, not a metric), its arms table,
+    the summary and the report with its plots and facts (under `report/`, for `roi report --out`)."""
+    finite = {k: v for k, v in summary.parent.items() if math.isfinite(v)}
+    mlflow.log_metrics(finite)
+    never = sorted(k for k, v in summary.parent.items() if math.isinf(v))
+    if never:
+        mlflow.set_tags({k: "never" for k in never})
+    if summary.has_pair and summary.break_even_calls is None:
+        mlflow.set_tag("break_even", "never")
+    tracking.log_table(arms_table(summary), "arms.json")
+    (exp.run_dir / "roi_summary.md").write_text(summary_markdown(summary), encoding="utf-8")
+    mlflow.log_artifact(str(exp.run_dir / "roi_summary.md"))
+    report_dir = exp.run_dir / "report"
+    report_dir.mkdir(exist_ok=True)
+    images = {"cost_vs_volume": report_dir / "cost_vs_volume.png", "sensitivity": report_dir / "sensitivity.png"}
+    plot_cost_vs_volume(summary, images["cost_vs_volume"])
+    mlflow.log_artifact(str(images["cost_vs_volume"]))
+    plot_sensitivity(sensitivity, summary.parent, images["sensitivity"])
+    for arm in summary.arms:
+        images[f"confusion_{arm}"] = exp.run_dir / arm / "confusion_matrix.png"
+    facts = build_facts(exp, summary, sensitivity, run_name)
+    save_facts(facts, report_dir / "facts.json")
+    for path in write_report(facts, images, report_dir):
+        mlflow.log_artifact(str(path), artifact_path="report")
+    mlflow.log_artifact(str(report_dir / "facts.json"), artifact_path="report")
+    for key, path in images.items():
+        if key.startswith("confusion_") and path.is_file():
+            mlflow.log_artifact(str(path), artifact_path=f"report/{key}")
+    exp.console.print(f"report: {report_dir / 'roi_report.html'}")

@@ -1,0 +1,288 @@
+"""The report to forward: its facts gathered once from a finished run, its plots, and the files
+`roi_report.html` / `roi_report.md` rendered from them (`report_html`). The facts and plots are kept
+with the parent run (`report/`), so `roi report --out` renders the same report again later."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pipeline.economics.prices import PerTokenPrice
+from pipeline.report.format import finite, logged_ci
+from pipeline.report.summary import Summary, verdict
+from pipeline.report.html import render_html, render_markdown
+
+LIBRARIES = ("torch", "transformers", "peft", "trl", "torchao", "mlflow", "scipy", "scikit-learn", "openai")
+IMAGES = ("cost_vs_volume", "sensitivity")
+
+
+def price_text(price: Any) -> str:
+    """An arm's price in one line, with where it comes from."""
+    if isinstance(price, PerTokenPrice):
+        text = f"${price.input_usd_per_mtok:g} in / ${price.output_usd_per_mtok:g} out per Mtok"
+        if price.cached_input_usd_per_mtok is not None:
+            text += (f", cached ${price.cached_input_usd_per_mtok:g} (prefixes >= {price.cache_min_prefix_tokens}"
+                     f" tokens, hit rate {price.cache_hit_rate:.0%})")
+    else:
+        text = (f"${price.usd_per_hour:g}/h per replica" + (f" ({price.hardware})" if price.hardware else "")
+                + f", >= {price.min_replicas} always on, planned at {price.target_utilisation:.0%} utilisation")
+    return text + (f"; source: {price.source}" if price.source else "; source: the experiment config") \
+        + (f" ({price.date})" if price.date else "")
+
+
+def _arms_by_name(exp) -> dict[str, Any]:
+    return {a.name: a for a in exp.plan.arms}
+
+
+def arm_facts(exp, summary: Summary) -> list[dict[str, Any]]:
+    by_name = _arms_by_name(exp)
+    rows = []
+    for name, m in summary.arms.items():
+        arm = by_name[name]
+        role = ("baseline" if name == summary.baseline_arm else "candidate" if name == summary.candidate_arm
+                else "naive" if name == exp.plan.pair.naive else "")
+        per_1k_ci = logged_ci(m, "cost_per_call_usd")
+        rows.append({
+            "name": name, "role": role, "kind": arm.kind, "model": exp.models.display_name(arm)
+            + (" (int8)" if arm.quantize else ""), "backend": arm.backend,
+            "accuracy": m["accuracy"], "accuracy_ci": logged_ci(m, "accuracy"), "macro_f1": m["macro_f1"],
+            "macro_f1_ci": logged_ci(m, "macro_f1"), "prompt_tokens_mean": m["prompt_tokens_mean"],
+            "completion_tokens_mean": m["completion_tokens_mean"], "latency_p50_ms": m["latency_p50_ms"],
+            "latency_p95_ms": m["latency_p95_ms"], "throughput_calls_per_s": m["throughput_calls_per_s"],
+            "cost_per_1k_calls_usd": m["cost_per_1k_calls_usd"],
+            "cost_per_1k_calls_usd_ci": [1000 * v for v in per_1k_ci] if per_1k_ci else None,
+            "monthly_cost_usd": m["monthly_cost_usd"], "fixed_cost_usd": m.get("fixed_cost_usd", 0.0),
+            "replicas": int(m["replicas"]) if "replicas" in m else None,
+            "quality_adjusted_cost_per_1k_usd": 1000 * m["quality_adjusted_cost_per_call_usd"]
+            if "quality_adjusted_cost_per_call_usd" in m else None,
+            "price": price_text(arm.price)})
+    return rows
+
+
+def lever_facts(exp, summary: Summary) -> list[dict[str, Any]]:
+    """Each of the seed's cost levers, as measured and priced on this run's arms."""
+    levers, by_name = [], _arms_by_name(exp)
+    for name, m in summary.arms.items():
+        cost = m["cost_per_1k_calls_usd"]
+
+        def row(lever: str, detail: str, other: float) -> dict[str, Any]:
+            return {"lever": lever, "arm": name, "detail": detail, "cost_per_1k_calls_usd": other,
+                    "change_pct": 100 * (other - cost) / cost if cost else None}
+
+        if "cost_per_1k_calls_usd_no_cache" in m:
+            levers.append(row("prompt caching", "without the provider's prompt cache",
+                              m["cost_per_1k_calls_usd_no_cache"]))
+        if "cost_per_1k_calls_usd_batch_api" in m:
+            levers.append(row("batching", "the provider's batch API (offline work)", m["cost_per_1k_calls_usd_batch_api"]))
+        if "cost_per_1k_calls_usd_batch1" in m:
+            levers.append(row("batching", f"one call at a time: {m['throughput_calls_per_s_batch1']:.2f} calls/s "
+                              f"against {m['throughput_calls_per_s']:.2f} at batch {by_name[name].eval.batch_size}",
+                              m["cost_per_1k_calls_usd_batch1"]))
+    for name, m in summary.arms.items():
+        arm = by_name[name]
+        if not arm.quantize:
+            continue
+        twin = next((a.name for a in exp.plan.arms if a.finetune == arm.finetune and not a.quantize
+                     and a.prompt == arm.prompt and a.model_key == arm.model_key), None)
+        if twin is None or twin not in summary.arms:
+            continue
+        t = summary.arms[twin]
+        levers.append({"lever": "quantization", "arm": name,
+                       "detail": f"{arm.quantize} weights vs {twin}: accuracy {100 * m['accuracy']:.1f}% vs "
+                                 f"{100 * t['accuracy']:.1f}%, p50 {m['latency_p50_ms']:.0f} vs "
+                                 f"{t['latency_p50_ms']:.0f} ms, {m.get('model_bytes', 0) / 1e6:.0f} vs "
+                                 f"{t.get('model_bytes', 0) / 1e6:.0f} MB",
+                       "cost_per_1k_calls_usd": m["cost_per_1k_calls_usd"],
+                       "change_pct": 100 * (m["cost_per_1k_calls_usd"] - t["cost_per_1k_calls_usd"])
+                       / t["cost_per_1k_calls_usd"] if t["cost_per_1k_calls_usd"] else None})
+    return levers
+
+
+def claim_facts(summary: Summary) -> list[dict[str, str]]:
+    """The project's claims, as this run measured them."""
+    p, claims = summary.parent, []
+    if "token_reduction_x" in p:
+        claims.append({"claim": "A fine-tuned small model needs 10-100x fewer prompt tokens",
+                       "measured": f"{p['token_reduction_x']:.1f}x fewer ({summary.baseline_arm} / "
+                                   f"{summary.candidate_arm} mean prompt tokens)"})
+    if "prompt_gain_pts" in p:
+        reading = f", McNemar p {p['mcnemar_p_prompt']:.3g}" if "mcnemar_p_prompt" in p else ""
+        claims.append({"claim": "Well-engineered prompts beat naive ones by a wide margin",
+                       "measured": f"{p['prompt_gain_pts']:+.1f} accuracy points{reading}"})
+    if summary.has_pair:
+        base = summary.arms[summary.baseline_arm]
+        fixed = summary.fixed_cost(summary.candidate_arm)
+        monthly = base.get("monthly_cost_usd") or 0.0
+        claims.append({"claim": "Inference cost dominates at volume",
+                       "measured": f"the fine-tune's one-off ${fixed:.3g} is {100 * fixed / monthly:.2g}% of one month "
+                                   f"of {summary.baseline_arm} at {summary.monthly_calls:,.0f} calls"
+                                   if monthly else "the baseline costs nothing a month here"})
+    return claims
+
+
+def build_facts(exp, summary: Summary, sensitivity: list[dict], run_name: str) -> dict[str, Any]:
+    """Everything the report says, from the finished run: one dict, saved with the run."""
+    cfg, p = exp.cfg, summary.parent
+    return {
+        "title": f"Prompting or fine-tuning? {cfg.experiment}", "experiment": cfg.experiment,
+        "run_id": summary.run_id, "run_name": run_name, "generated_at": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "decision": verdict(summary),
+        "task": {"name": exp.task.name, "n_train": len(exp.task.splits["train"]), "n_eval": len(exp.rows),
+                 "dataset_hash": exp.task.content_hash},
+        "monthly_calls": cfg.pricing.monthly_calls, "hours_per_month": cfg.pricing.hours_per_month,
+        "error_cost_usd": cfg.pricing.error_cost_usd,
+        "arms": arm_facts(exp, summary),
+        "break_even": {"calls": p.get("break_even_calls"), "calls_ci": logged_ci(p, "break_even_calls"),
+                       "payback_months": p.get("payback_months"),
+                       "monthly_calls": p.get("break_even_monthly_calls"),
+                       "monthly_calls_ci": logged_ci(p, "break_even_monthly_calls"),
+                       "quality_adjusted_calls": p.get("quality_adjusted_break_even_calls"),
+                       "baseline": summary.baseline_arm, "candidate": summary.candidate_arm},
+        "claims": claim_facts(summary), "levers": lever_facts(exp, summary),
+        "sensitivity": [{"factor": f"{r['factor']} ({'one-off' if r['figure'] == 'break_even_calls' else 'monthly'})",
+                         "low": r["low"], "high": r["high"]} for r in sensitivity],
+        "statistics": {"confidence": cfg.stats.confidence, "resamples": cfg.stats.resamples,
+                       "mcnemar_p": p.get("mcnemar_p"), "mcnemar_p_prompt": p.get("mcnemar_p_prompt")},
+        "assumptions": assumptions(cfg),
+        "prices": [{"name": a.name, "value": price_text(a.price).split("; source:")[0],
+                    "source": a.price.source or "the experiment config", "date": a.price.date or "-"}
+                   for a in exp.plan.arms],
+        "environment": environment(),
+        "notes": list(summary.notes),
+    }
+
+
+def assumptions(cfg) -> list[str]:
+    ft = cfg.pricing.finetune
+    training = (f"training tokens at ${ft.training_usd_per_mtok:g} per Mtok ({ft.catalog})"
+                if ft.training_usd_per_mtok is not None else
+                f"measured training time at ${ft.usd_per_hour:g}/h" + (f" ({ft.hardware})" if ft.hardware else ""))
+    return [
+        f"{cfg.pricing.monthly_calls:,.0f} calls a month, {cfg.pricing.hours_per_month:g} hours a month.",
+        "Self-hosted arms pay for every replica every hour, busy or not; replicas = max(always-on, volume / "
+        "(measured throughput x hours x target utilisation)).",
+        f"The fine-tune's one-off cost: {training}, plus ${ft.labelling_usd_per_example:g} of labelling per "
+        "training example.",
+        "API prompt caching is billed by the provider's rule on the prompt's static prefix, whatever the local "
+        "prefix cache did.",
+        f"Intervals: {cfg.stats.confidence:.0%} percentile bootstrap over the test rows ({cfg.stats.resamples} "
+        "resamples, the same rows for every arm); timings and throughput are not resampled.",
+        f"Each wrong answer costs ${cfg.pricing.error_cost_usd:g} (pricing.error_cost_usd)."
+        + ("" if cfg.pricing.error_cost_usd else " Set it to compare the arms on quality-adjusted cost."),
+    ]
+
+
+def environment() -> dict[str, Any]:
+    import torch
+
+    libraries = {}
+    for name in LIBRARIES:
+        try:
+            libraries[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    import os
+
+    return {"hardware": f"{platform.machine()}, {os.cpu_count()} CPU cores, {device}",
+            "python": sys.version.split()[0], "libraries": libraries}
+
+
+def plot_sensitivity(rows: list[dict], base: dict[str, float | None], path: Path) -> bool:
+    """A tornado chart per break-even: for each factor, the break-even with that factor alone at -50% (◀) and
+    +50% (▶), joined by a bar; `never` sits at the right edge. False (no file) when no value is finite."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []
+    for figure in ("break_even_calls", "break_even_monthly_calls"):
+        mine = [r for r in rows if r["figure"] == figure]
+        values = [v for r in mine for v in (r["low"], r["high"]) if finite(v) is not None] + \
+                 ([base[figure]] if finite(base.get(figure)) is not None else [])
+        if any(v > 0 for v in values):
+            panels.append((figure, mine, values))
+    if not panels:
+        return False
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7.5, 1.4 + 1.5 * len(panels)), dpi=120, squeeze=False)
+    for ax, (figure, mine, values) in zip(axes[:, 0], panels):
+        positive = [v for v in values if v > 0]
+        left, right = min(positive) / 3, max(positive) * 3
+        for i, r in enumerate(mine):
+            xs = [right if finite(v) is None else max(v, left) for v in (r["low"], r["high"])]
+            ax.plot(xs, [i, i], color="tab:gray", linewidth=6, alpha=0.35, solid_capstyle="butt")
+            ax.scatter(xs[0], i, marker="<", color="tab:blue", zorder=3, label="-50%" if i == 0 else None)
+            ax.scatter(xs[1], i, marker=">", color="tab:orange", zorder=3, label="+50%" if i == 0 else None)
+            for x, v in zip(xs, (r["low"], r["high"])):
+                if finite(v) is None:
+                    ax.annotate("never", (x, i), xytext=(6, -3), textcoords="offset points", fontsize=7)
+        if finite(base.get(figure)) is not None:
+            ax.axvline(base[figure], color="black", linewidth=1, label="measured")
+        ax.set_xscale("log")
+        ax.set_xlim(left, right * 4)
+        ax.set_yticks(range(len(mine)), [r["factor"] for r in mine], fontsize=8)
+        ax.set_title("one-off break-even (calls)" if figure == "break_even_calls"
+                     else "monthly break-even (calls/month)", fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def write_report(facts: dict[str, Any], images: dict[str, Path], out_dir: Path) -> list[Path]:
+    """roi_report.html (self-contained) and roi_report.md with its plots beside it; the files written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pngs = {k: path.read_bytes() for k, path in images.items() if path.is_file()}
+    html, md = out_dir / "roi_report.html", out_dir / "roi_report.md"
+    html.write_text(render_html(facts, pngs), encoding="utf-8")
+    md.write_text(render_markdown(facts), encoding="utf-8")
+    written = [html, md]
+    for key, data in pngs.items():
+        if key in IMAGES:
+            target = out_dir / f"{key}.png"
+            if target.resolve() != images[key].resolve():  # beside a report of another run: replace it
+                target.write_bytes(data)
+            written.append(target)
+    return written
+
+
+def save_facts(facts: dict[str, Any], path: Path) -> None:
+    # inf (a break-even that never happens) is not JSON: stored as null, which the report reads as never.
+    path.write_text(json.dumps(_json_safe(facts), indent=1), encoding="utf-8")
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def rerender(run_id: str, out_dir: Path) -> list[Path]:
+    """The report of a finished run, rendered again from the facts and plots kept with it."""
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking.mlflow_store import TrackingError
+
+    client = MlflowClient()
+    if not any(f.path == "report/facts.json" for f in client.list_artifacts(run_id, "report")):
+        raise TrackingError(f"run {run_id} has no report/facts.json (it predates the report): run it again")
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(client.download_artifacts(run_id, "report", tmp))
+        facts = json.loads((local / "facts.json").read_text(encoding="utf-8"))
+        images = {key: local / f"{key}.png" for key in IMAGES}
+        images.update({folder.name: folder / "confusion_matrix.png" for folder in local.glob("confusion_*")})
+        return write_report(facts, images, out_dir)

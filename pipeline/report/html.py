@@ -1,0 +1,148 @@
+"""The self-contained HTML report and its Markdown twin, both drawn from one `facts` dict.
+
+Both render the same rows (`_view`), so the two never disagree. The HTML goes through a Jinja
+template with autoescape and embeds its plots as data URIs: the file opens offline, anywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from pathlib import Path
+
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+from pipeline.report.format import calls, interval, months, number, pct_interval, p_reading, pvalue, signed_pct, usd
+
+TEMPLATES = Path(__file__).parent / "templates"
+IMAGE_FILES = {"cost_vs_volume": "cost_vs_volume.png", "sensitivity": "sensitivity.png"}
+
+
+def _table(head: list[str], num: set[int], rows: list[list[str]], keys: list[str] | None = None) -> dict:
+    return {"head": head, "num": [i in num for i in range(len(head))],
+            "rows": [{"key": k, "cells": r} for k, r in zip(keys or [None] * len(rows), rows)]}
+
+
+def _view(facts: dict) -> dict:
+    """Everything both renderers show, as ready-formatted strings."""
+    quality = (facts.get("error_cost_usd") or 0) > 0
+    arms = facts["arms"]
+    head = ["Arm", "Role", "Model", "Accuracy [CI]", "Macro-F1 [CI]", "Prompt tokens", "p50 latency (ms)",
+            "Throughput (calls/s)", f"Cost / 1,000 calls at {calls(facts['monthly_calls'])}/month [CI]",
+            "Monthly cost", "Replicas", "Fixed cost"]
+    rows = []
+    for a in arms:
+        rows.append([a["name"], a.get("role") or "-", f"{a['model']} ({a['kind']}, {a['backend']})",
+                     pct_interval(a["accuracy"], a.get("accuracy_ci")),
+                     pct_interval(a["macro_f1"], a.get("macro_f1_ci")),
+                     number(a["prompt_tokens_mean"]), number(a["latency_p50_ms"], 0),
+                     number(a["throughput_calls_per_s"], 2),
+                     interval(a["cost_per_1k_calls_usd"], a.get("cost_per_1k_calls_usd_ci"), usd),
+                     usd(a["monthly_cost_usd"]), "-" if a.get("replicas") is None else f"{a['replicas']:,}",
+                     usd(a["fixed_cost_usd"])]
+                    + ([usd(a.get("quality_adjusted_cost_per_1k_usd"))] if quality else []))
+    if quality:
+        head.append("Quality-adjusted cost / 1,000")
+    arms_table = _table(head, set(range(3, len(head))), rows, [a["name"] for a in arms])
+
+    be = facts["break_even"]
+    pair = (f"{be['candidate']} (candidate) vs {be['baseline']} (baseline)"
+            if be.get("baseline") and be.get("candidate") else "no baseline/candidate pair")
+    break_even = [
+        ("Compared", pair),
+        ("One-off break-even (calls)", interval(be.get("calls"), be.get("calls_ci"))),
+        ("Payback at the monthly volume", months(be.get("payback_months"))),
+        ("Monthly break-even volume (calls/month)", interval(be.get("monthly_calls"), be.get("monthly_calls_ci"))),
+        ("Quality-adjusted break-even (calls)",
+         calls(be.get("quality_adjusted_calls")) if quality else "not computed (no error cost set)"),
+    ]
+    if not (be.get("baseline") and be.get("candidate")):  # nothing to break even between: not "never"
+        break_even = [("Compared", pair)] + [(label, "n/a") for label, _ in break_even[1:]]
+
+    st = facts["statistics"]
+    statistics = [
+        ("Confidence level", f"{100 * st['confidence']:g}%"),
+        ("Bootstrap resamples", f"{st['resamples']:,}"),
+        ("McNemar p, candidate vs baseline", f"{pvalue(st.get('mcnemar_p'))} ({p_reading(st.get('mcnemar_p'), st['confidence'])})"),
+        ("McNemar p, between the prompt arms",
+         f"{pvalue(st.get('mcnemar_p_prompt'))} ({p_reading(st.get('mcnemar_p_prompt'), st['confidence'])})"),
+    ]
+    task, env = facts["task"], facts["environment"]
+    return {
+        "title": facts["title"], "experiment": facts["experiment"], "run_id": facts["run_id"],
+        "run_name": facts["run_name"], "generated_at": facts["generated_at"], "decision": facts["decision"],
+        "context": (f"Task {task['name']}: {task['n_train']:,} training rows, {task['n_eval']:,} test rows "
+                    f"(dataset {task['dataset_hash']}). Priced at {calls(facts['monthly_calls'])} calls/month, "
+                    f"{number(facts['hours_per_month'], 0)} hours/month, error cost {usd(facts['error_cost_usd'])} "
+                    "per wrong answer."),
+        "arms": arms_table,
+        "break_even": break_even,
+        "levers": _table(["Lever", "Arm", "Detail", "Cost / 1,000 calls", "Change"], {3, 4},
+                         [[lv["lever"], lv["arm"], lv["detail"], usd(lv.get("cost_per_1k_calls_usd")),
+                           signed_pct(lv.get("change_pct"))] for lv in facts["levers"]]),
+        "sensitivity": _table(["Factor", "Break-even at -50% (calls)", "Break-even at +50% (calls)"], {1, 2},
+                              [[s["factor"], calls(s.get("low")), calls(s.get("high"))]
+                               for s in facts["sensitivity"]]),
+        "claims": _table(["Claim", "Measured here"], set(), [[c["claim"], c["measured"]] for c in facts["claims"]]),
+        "statistics": statistics,
+        "assumptions": list(facts["assumptions"]),
+        "prices": _table(["Price", "Value", "Source", "Date"], {1},
+                         [[p["name"], p["value"], p["source"], p["date"]] for p in facts["prices"]]),
+        "arm_prices": [(a["name"], a["price"]) for a in arms],
+        "environment": [("Hardware", env["hardware"]), ("Python", env["python"])],
+        "libraries": _table(["Library", "Version"], set(), [[k, v] for k, v in sorted(env["libraries"].items())]),
+        "notes": list(facts.get("notes") or []),
+    }
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def render_html(facts: dict, images: dict[str, bytes]) -> str:
+    """One self-contained HTML page: inline CSS, plots as data URIs, no scripts, no external requests."""
+    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html", "j2"]))
+    order = {f"confusion_{a['name']}": i for i, a in enumerate(facts["arms"])}
+    keys = sorted((k for k in images if k.startswith("confusion_")), key=lambda k: order.get(k, len(order)))
+    confusion = [(k.removeprefix("confusion_"), _data_uri(images[k])) for k in keys]
+    plots = {key: _data_uri(images[key]) for key in IMAGE_FILES if key in images}
+    return env.get_template("report.html.j2").render(v=_view(facts), plots=plots, confusion=confusion)
+
+
+def _md(text) -> str:
+    # `\<` keeps a stray tag literal in renderers that pass raw HTML through
+    return re.sub(r"<(?=[A-Za-z/!?])", r"\\<", str(text).replace("\\", "\\\\")).replace("\n", " ")
+
+
+def _md_cell(text) -> str:
+    return _md(text).replace("|", "\\|")
+
+
+def _md_table(t: dict) -> list[str]:
+    lines = ["| " + " | ".join(_md_cell(h) for h in t["head"]) + " |",
+             "|" + "|".join("---:" if n else "---" for n in t["num"]) + "|"]
+    lines += ["| " + " | ".join(_md_cell(c) for c in r["cells"]) + " |" for r in t["rows"]]
+    return lines + [""]
+
+
+def _md_pairs(items) -> list[str]:
+    return [f"- **{_md(label)}:** {_md(value)}" for label, value in items]
+
+
+def render_markdown(facts: dict) -> str:
+    """The same report as Markdown; plots are the PNG files saved next to it."""
+    v = _view(facts)
+    out = [f"# {_md(v['title'])}", "", f"Run {_md(v['run_name'])} (`{v['run_id']}`), experiment "
+           f"{_md(v['experiment'])}, generated {_md(v['generated_at'])}.", "", f"> **{_md(v['decision'])}**", "",
+           _md(v["context"]), "", "## Arms", "", *_md_table(v["arms"]), "## Break-even", "",
+           *_md_pairs(v["break_even"]), "", "![Cumulative cost against call volume](cost_vs_volume.png)", "",
+           "## Levers", "", *_md_table(v["levers"]), "## Sensitivity", "", *_md_table(v["sensitivity"])]
+    if v["sensitivity"]["rows"]:
+        out += ["![Break-even sensitivity to each factor at -50% and +50%](sensitivity.png)", ""]
+    out += ["## Claims", "", *_md_table(v["claims"]), "## Statistics", "", *_md_pairs(v["statistics"])]
+    out += ["", "## Assumptions", "", *(f"- {_md(a)}" for a in v["assumptions"])]
+    out += ["", "## Prices", "", *_md_table(v["prices"]), *_md_pairs(v["arm_prices"])]
+    out += ["", "## Environment", "", *_md_pairs(v["environment"]), "", *_md_table(v["libraries"])]
+    if v["notes"]:
+        out += ["## Notes", "", *(f"- {_md(n)}" for n in v["notes"]), ""]
+    return "\n".join(out)

@@ -1,0 +1,318 @@
+"""What a person reads: the terminal table, `roi_summary.md` and `cost_vs_volume.png`.
+
+All three are drawn from one `Summary`, built either from a finished run in memory or
+from the MLflow store (`roi report`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.economics.costing import total_cost
+from pipeline.report.format import calls, finite, interval, logged_ci, number, pct, pct_interval, usd
+
+@dataclass
+class Summary:
+    experiment: str
+    task: str
+    model: str
+    n_eval: int
+    arms: dict[str, dict[str, float]]
+    parent: dict[str, float]
+    baseline_arm: str | None
+    candidate_arm: str | None
+    monthly_calls: float
+    run_id: str = ""
+    decoding: str = "free"
+    parser: str = "search"
+    repeats: int = 1
+    notes: list[str] = field(default_factory=list)
+    error_cost_usd: float = 0.0
+    confidence: float = 0.95  # of every interval (stats.confidence)
+
+    @property
+    def break_even_calls(self) -> float | None:
+        """One-off break-even (calls until the fine-tune's fixed cost is paid back); None: never."""
+        return finite(self.parent.get("break_even_calls"))
+
+    @property
+    def break_even_monthly_calls(self) -> float | None:
+        """Monthly volume above which the candidate's deployment costs less a month; None: none found."""
+        return finite(self.parent.get("break_even_monthly_calls"))
+
+    @property
+    def has_pair(self) -> bool:
+        return bool(self.baseline_arm and self.candidate_arm and {self.baseline_arm, self.candidate_arm} <= set(self.arms))
+
+    def fixed_cost(self, arm: str) -> float:
+        return self.arms[arm].get("fixed_cost_usd", 0.0)
+
+
+def arm_rows(summary: Summary) -> list[list[str]]:
+    rows = []
+    for arm, m in summary.arms.items():
+        rows.append([
+            arm,
+            pct_interval(m["accuracy"], logged_ci(m, "accuracy")),
+            f"{100 * m['macro_f1']:.1f}",
+            f"{100 * m['invalid_rate']:.1f}%",
+            number(m["prompt_tokens_mean"]),
+            number(m["completion_tokens_mean"]),
+            number(m["latency_p50_ms"], 0),
+            number(m["latency_p95_ms"], 0),
+            number(m["throughput_calls_per_s"], 2),
+            usd(m.get("cost_per_1k_calls_usd", 1000 * m["cost_per_call_usd"])),
+            usd(m.get("monthly_cost_usd")),
+        ])
+    return rows
+
+
+def headers(summary: Summary) -> list[str]:
+    return ["arm", f"accuracy [{summary.confidence:.0%} CI]", "macro-F1", "invalid", "prompt tok", "compl. tok",
+            "p50 ms", "p95 ms", "calls/s", "$/1k calls", "$/month"]
+
+
+def verdict(summary: Summary) -> str:
+    """One sentence a team lead can act on: what each route costs a month at the configured volume (hosting
+    counted), whether and when the fine-tune pays back, from which volume it is cheaper, and the quality."""
+    if not summary.has_pair:
+        return "Break-even needs a fine-tuned arm and a prompt arm to compare (compare.baseline, compare.candidate)."
+    cand_name, base_name = summary.candidate_arm, summary.baseline_arm
+    ft, base, p = summary.arms[cand_name], summary.arms[base_name], summary.parent
+    gain = 100 * (ft["accuracy"] - base["accuracy"])
+    text = (f"At {summary.monthly_calls:,.0f} calls/month {cand_name} costs {usd(ft.get('monthly_cost_usd'))}/month"
+            f" against {usd(base.get('monthly_cost_usd'))} for {base_name}")
+    if summary.break_even_calls is not None:
+        text += (f"; it pays back its {usd(summary.fixed_cost(cand_name))} one-off cost after"
+                 f" {interval(summary.break_even_calls, logged_ci(p, 'break_even_calls'))} calls"
+                 f" ({number(p.get('payback_months'), 2)} months)")
+    else:
+        text += f"; at this volume it never pays back its {usd(summary.fixed_cost(cand_name))} one-off cost"
+    monthly = summary.break_even_monthly_calls
+    if "break_even_monthly_calls" in p:  # runs from before the monthly break-even have none
+        text += (f", and it is the cheaper deployment above "
+                 f"{interval(monthly, logged_ci(p, 'break_even_monthly_calls'))} calls/month" if monthly is not None
+                 else ", and it is not the cheaper deployment at any volume up to 1,000x this one")
+    mcnemar = p.get("mcnemar_p")
+    text += (f". Accuracy {gain:+.1f} pts against {base_name}"
+             + (f" (McNemar p {'< 0.001' if mcnemar < 0.001 else f'= {mcnemar:.3f}'})." if mcnemar is not None
+                else "."))
+    if summary.error_cost_usd and "quality_adjusted_cost_per_call_usd" in ft:
+        quality = finite(p.get("quality_adjusted_break_even_calls"))
+        text += (f" Counting {usd(summary.error_cost_usd)} per wrong answer, a call costs"
+                 f" {usd(ft['quality_adjusted_cost_per_call_usd'])} on {cand_name} against"
+                 f" {usd(base['quality_adjusted_cost_per_call_usd'])} on {base_name}, and it pays back "
+                 + ("never." if quality is None else
+                    "from the first call." if quality < 1 else f"after {calls(quality)} calls."))
+    return text
+
+
+def _break_even_text(summary: Summary) -> str:
+    if not summary.has_pair:
+        return "n/a"
+    be, monthly = summary.break_even_calls, summary.break_even_monthly_calls
+    return (("never" if be is None else f"{calls(be)} calls") + " one-off, "
+            + ("none" if monthly is None else f"{calls(monthly)} calls/month") + " monthly")
+
+
+def parser_line(summary: Summary) -> str:
+    """Each arm's accuracy under both parsers: how much of a prompt arm's score is its answer's format."""
+    return (f"accuracy by parser (exact first line / label named anywhere; `{summary.parser}` is used above): "
+            + ", ".join(f"{arm} {pct(m.get('accuracy_exact'))} / {pct(m.get('accuracy_search'))}"
+                        for arm, m in summary.arms.items()))
+
+
+def print_table(summary: Summary, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{summary.experiment}: {summary.task} on {summary.model}, {summary.n_eval} test rows")
+    for i, header in enumerate(headers(summary)):
+        table.add_column(header, justify="left" if i == 0 else "right")
+    for row in arm_rows(summary):
+        table.add_row(*row)
+    console.print(table)
+    p = summary.parent
+    console.print(
+        f"fine-tune fixed cost {usd(p.get('finetune_fixed_cost_usd'))}"
+        f" | token reduction {number(p.get('token_reduction_x'))}x"
+        f" | prompt engineering gain {number(p.get('prompt_gain_pts'))} pts"
+    )
+    console.print("latency CV across calls: " + ", ".join(
+        f"{arm} {number(m.get('latency_cv'), 2)}" for arm, m in summary.arms.items())
+        + (f"; across {summary.repeats} passes: " + ", ".join(
+            f"{arm} {number(m.get('latency_repeat_cv'), 3)}" for arm, m in summary.arms.items())
+           if summary.repeats > 1 else "")
+        + f" | decoding {summary.decoding}")
+    console.print(parser_line(summary))
+    console.print(f"[bold]break-even: {_break_even_text(summary)}[/bold]. {verdict(summary)}")
+    for note in summary.notes:
+        console.print(f"note: {note}")
+
+
+def summary_markdown(summary: Summary) -> str:
+    lines = [
+        f"# ROI summary: {summary.experiment}",
+        "",
+        f"Task `{summary.task}`, model `{summary.model}`, {summary.n_eval} test rows"
+        + (f", MLflow run `{summary.run_id}`." if summary.run_id else "."),
+        "",
+        f"**{verdict(summary)}**",
+        "",
+        "| " + " | ".join(headers(summary)) + " |",
+        "|" + "---|" * len(headers(summary)),
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in arm_rows(summary)]
+    p = summary.parent
+    lines += [
+        "",
+        f"- Break-even: {_break_even_text(summary)} of {summary.candidate_arm} against {summary.baseline_arm}"
+        + (f"; payback {number(p.get('payback_months'), 2)} months at {summary.monthly_calls:,.0f} calls/month."
+           if summary.break_even_calls is not None else "."),
+        "- Costs are at the configured volume: API arms by their measured tokens, self-hosted arms as replicas"
+        " billed every hour (always-on ones included) at their measured throughput.",
+        f"- Fine-tuning fixed cost: {usd(p.get('finetune_fixed_cost_usd'))}"
+        + (f" (training {number(summary.arms[summary.candidate_arm].get('train_time_s'))} s,"
+           f" {summary.arms[summary.candidate_arm].get('train_tokens', 0):,.0f} tokens)"
+           if summary.candidate_arm in summary.arms else ""),
+        f"- Token reduction ({summary.baseline_arm} / {summary.candidate_arm} prompt tokens):"
+        f" {number(p.get('token_reduction_x'))}x",
+        f"- Prompt engineering gain ({summary.baseline_arm} - naive prompt accuracy): {number(p.get('prompt_gain_pts'))} pts",
+        f"- {parser_line(summary)[0].upper()}{parser_line(summary)[1:]}.",
+        "",
+        f"Decoding: {summary.decoding}"
+        + (" (answers restricted to the label set, so none is invalid)." if summary.decoding == "constrained"
+           else " (what the model would answer in production; unparseable answers count as invalid)."),
+        "",
+        "## Latency",
+        "",
+        f"Per-call wall time on the machine that ran the experiment, after warm-up calls,"
+        f" {summary.repeats} timed pass{'es' if summary.repeats > 1 else ''} over the test rows"
+        f"{' (each call: its median over the passes)' if summary.repeats > 1 else ''}."
+        " CV is the coefficient of variation (std / mean).",
+        "",
+        "| arm | p50 ms | p95 ms | CV across calls | CV across passes | p50 ms without prefix cache |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {arm} | {number(m['latency_p50_ms'], 0)} | {number(m['latency_p95_ms'], 0)}"
+        f" | {number(m.get('latency_cv'), 2)} | {number(m.get('latency_repeat_cv'), 3)}"
+        f" | {number(m.get('latency_p50_ms_uncached'), 0)} |"
+        for arm, m in summary.arms.items()
+    ]
+    lines += [
+        "",
+        "$/1k calls and $/month come from the `pricing` section applied to measured tokens or throughput at"
+        f" {summary.monthly_calls:,.0f} calls/month.",
+    ]
+    lines += [f"- Note: {n}" for n in summary.notes]
+    return "\n".join(lines) + "\n"
+
+
+def arms_table(summary: Summary) -> list[dict[str, Any]]:
+    """One row per arm, rounded for reading: what the parent run's table artifact shows."""
+    rows = []
+    for arm, m in summary.arms.items():
+        role = "baseline" if arm == summary.baseline_arm else "candidate" if arm == summary.candidate_arm else ""
+        rows.append({"arm": arm, "role": role, "accuracy_pct": round(100 * m["accuracy"], 1),
+                     "prompt_tokens": round(m["prompt_tokens_mean"], 1),
+                     "latency_p50_ms": round(m["latency_p50_ms"], 1),
+                     "cost_per_1k_calls_usd": float(f"{m['cost_per_1k_calls_usd']:.4g}"),
+                     "fixed_cost_usd": float(f"{summary.fixed_cost(arm):.4g}")})
+    return rows
+
+
+def plot_cost_vs_volume(summary: Summary, path: Path) -> None:
+    """Cumulative cost of each arm against call volume on log-log axes (costs are positive), break-even marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.ticker import FuncFormatter
+
+    be = summary.break_even_calls
+    top = max(summary.monthly_calls * 12, (be or 0) * 4, 1000)
+    volumes = np.logspace(0, math.log10(top), 200)
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for arm, m in summary.arms.items():
+        costs = np.array([total_cost(summary.fixed_cost(arm), m["cost_per_call_usd"], v) for v in volumes])
+        ax.plot(volumes, np.where(costs > 0, costs, np.nan), label=arm)  # a free arm has no point on a log axis
+    if be is not None and be > 0:
+        ax.axvline(be, color="grey", linestyle="--", linewidth=1)
+        ax.annotate(f"break-even\n{calls(be)} calls", (be, 0.5), xycoords=("data", "axes fraction"), fontsize=8,
+                    ha="left")
+    ax.axvline(summary.monthly_calls, color="black", linestyle=":", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"${v:,.0f}" if v >= 1 else f"${v:.2g}"))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: calls(v)))
+    ax.set_xlabel("calls")
+    ax.set_ylabel("total cost (USD)")
+    ax.set_title(f"{summary.experiment}: cost vs volume (dotted: monthly volume)")
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def summary_from_runs(parent, children) -> Summary:
+    """Rebuild a Summary from MLflow Run objects (a parent and its arm runs)."""
+    params = parent.data.params
+    by_name = {child.data.tags["arm"]: child for child in children if child.data.tags.get("arm")}
+    order = [a for a in params.get("arms", "").split(",") if a in by_name]  # as configured
+    arms = {name: dict(by_name[name].data.metrics) for name in order + sorted(set(by_name) - set(order))}
+    return Summary(
+        experiment=params.get("experiment", ""),
+        task=parent.data.tags.get("task", ""),
+        model=parent.data.tags.get("model", ""),
+        n_eval=int(params.get("n_eval", 0)),
+        arms=arms,
+        # A figure that never happens is a tag `...=never` (MLflow metrics are finite): read it back as inf.
+        parent={**dict(parent.data.metrics),
+                **{k: math.inf for k, v in parent.data.tags.items() if v == "never" and k != "break_even"}},
+        baseline_arm=params.get("compare.baseline") or None,
+        candidate_arm=params.get("compare.candidate") or None,
+        monthly_calls=float(params.get("pricing.monthly_calls") or 100_000),
+        run_id=parent.info.run_id,
+        decoding=params.get("decoding", "free"),
+        parser=params.get("eval.parser", "exact"),
+        repeats=int(params.get("latency_repeats", 1)),
+        error_cost_usd=float(params.get("pricing.error_cost_usd") or 0.0),
+        confidence=float(params.get("stats.confidence") or 0.95),
+        notes=[n for n in parent.data.tags.get("notes", "").split("\n") if n],
+    )
+
+
+def print_check(task, report, console) -> None:
+    """`roi data check` output: rows per split and label, lengths, duplicates, overlap."""
+    from rich.table import Table
+
+    splits = list(task.splits)
+    console.print(f"[bold]{task.name}[/bold]: {len(task.labels)} labels, "
+                  + ", ".join(f"{s} {n}" for s, n in report.rows.items()) + " rows")
+    table = Table(title="rows per label")
+    table.add_column("label")
+    for split in splits:
+        table.add_column(split, justify="right")
+    for label, counts in report.per_label.items():
+        table.add_row(label, *(str(counts[s]) for s in splits))
+    console.print(table)
+    lengths = Table(title="length in words")
+    lengths.add_column("split")
+    for stat in ("min", "p5", "median", "mean", "p95", "max"):
+        lengths.add_column(stat, justify="right")
+    for split, stats in report.words.items():
+        lengths.add_row(split, *(f"{stats[k]:.0f}" for k in ("min", "p5", "median", "mean", "p95", "max")))
+    console.print(lengths)
+    console.print("exact duplicates within splits: "
+                  + ", ".join(f"{s} {n}" for s, n in report.exact_duplicates_within.items()))
+    console.print(f"exact duplicates across splits: {len(report.exact_duplicates_across)}")
+    console.print(f"near duplicates (TF-IDF cosine >= 0.9, not exact): {report.near_duplicates}")
+    for example in report.near_duplicate_examples:
+        console.print(f"  {example}")
+    console.print(f"test rows sharing a word 5-gram with train: {100 * report.test_train_5gram_overlap:.1f}%")
+    console.print("[green]ok[/green]" if not report.errors else f"[red]{len(report.errors)} problem(s)[/red]")

@@ -1,0 +1,1 @@
+"""The task: its types, reading splits, data checks and prompt templates."""

@@ -1,0 +1,73 @@
+"""What a task is, shared by reading, checking, prompting and scoring: its config sections, its labels, its
+loaded splits, the one error its data can raise, and how a label is matched."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.errors import UserError
+
+
+class DataError(UserError):
+    """A data problem, already phrased as one line naming the file and row."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class TaskConfig(_Strict):
+    name: str = "task"
+    path: Path = Field(description="folder holding the split files")
+    format: Literal["auto", "csv", "jsonl", "json", "parquet"] = "auto"
+    splits: dict[Literal["train", "validation", "test"], str] = Field(
+        default_factory=lambda: {"train": "train.jsonl", "test": "test.jsonl"}
+    )
+    text_column: str = "text"
+    label_column: str = "label"
+    labels: str | list[str] | None = Field(
+        default=None,
+        description="label file (JSON list of names or of {name, description}) in `path`, "
+        "an inline list of names, or null to take the labels seen in train",
+    )
+    test_size: float = Field(default=0.3, gt=0, lt=1, description="used when no test split is given")
+    validation_size: float = Field(default=0.0, ge=0, lt=1)
+
+
+class DataConfig(_Strict):
+    train_limit: int | None = Field(default=None, gt=0)
+    seed: int = 0
+
+
+@dataclass
+class Label:
+    name: str
+    description: str = ""
+
+
+@dataclass
+class TaskData:
+    name: str
+    labels: list[Label]
+    splits: dict[str, Any]  # split name -> datasets.Dataset
+    files: dict[str, Path]
+    content_hash: str
+    source_rows: dict[str, list[int]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def label_names(self) -> list[str]:
+        return [label.name for label in self.labels]
+
+
+_LOOSE = re.compile(r"[\s_\-]+")  # the answer parser treats these alike too
+
+
+def label_key(text: str) -> str:
+    """What the answer parser matches a label by: lower case, without spaces, underscores or hyphens."""
+    return _LOOSE.sub("", text.lower())

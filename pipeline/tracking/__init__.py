@@ -1,0 +1,1 @@
+"""MLflow, at the edge: runs, params, artifacts, the prompt registry, the UI."""

@@ -1,0 +1,1 @@
+"""LoRA fine-tuning: the Trainer set-up, distributed launch, and the training step's speed parts."""

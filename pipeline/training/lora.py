@@ -1,0 +1,382 @@
+"""LoRA fine-tuning with trl's SFTTrainer: resumable checkpoints, training time that survives a kill."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from pipeline import interrupts
+from pipeline.training.adapter_matmuls import adapter_matmuls_in_input_dtype
+from pipeline.training.completion_head import score_completions_only
+from pipeline.experiment.config import FinetuneConfig
+from pipeline.models.loading import ModelError
+
+# What the Trainer reads back on resume besides trainer_state.json (`_load_from_checkpoint`,
+# `_load_optimizer_and_scheduler`, `_load_rng_state`). A missing optimizer, scheduler or RNG state
+# (or state file: step 0) is skipped there without an error, resuming into a different run.
+RESUME_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth")
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class FinetuneResult:
+    model: Any
+    train_time_s: float
+    train_tokens: int
+    train_loss: float
+    adapter_dir: Path
+    resumed_from: str | None = None
+    trainer_args: str = "{}"  # the Trainer's full configuration, as JSON
+
+
+class _TrainClock:
+    """Training wall time that survives a resume: recorded in each checkpoint, added on restart.
+
+    The time goes into the checkpoint's trainer_state.json, as the state of an `ExportableState`
+    callback: the Trainer writes that file in one write, last, after the weights, optimizer,
+    scheduler and RNG state. So a checkpoint has its time exactly when it is complete; a kill
+    mid-save leaves a checkpoint without a (valid) state file, which resuming skips.
+    """
+
+    NAME = "TrainClock"  # the callback's class name: its key in the state's `stateful_callbacks`
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.before = 0.0
+
+    def seconds(self) -> float:
+        return self.before + time.perf_counter() - self.started
+
+    def callback(self) -> Any:
+        from transformers import TrainerCallback
+        from transformers.trainer_callback import ExportableState
+
+        clock = self
+
+        class TrainClock(TrainerCallback, ExportableState):
+            def state(self) -> dict:
+                # Called inside Trainer._save_checkpoint right before it writes trainer_state.json.
+                return {"args": {}, "attributes": {"seconds": clock.seconds()}}
+
+            def on_step_end(self, args, state, control, **kwargs):
+                interrupts.check()  # a Ctrl-C swallowed inside the step still stops training here
+
+        return TrainClock()
+
+    @classmethod
+    def recorded(cls, checkpoint: Path) -> float | None:
+        """The time a checkpoint recorded; None when it is incomplete (a kill while it was saved)."""
+        if not all((checkpoint / name).is_file() for name in RESUME_FILES):
+            return None
+        try:
+            state = json.loads((checkpoint / STATE_FILE).read_text())
+            seconds = float(state["stateful_callbacks"][cls.NAME]["attributes"]["seconds"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def last_complete_checkpoint(trainer_dir: Path) -> tuple[str | None, float]:
+    """The newest complete checkpoint and its recorded training time (None, 0 when there is none).
+
+    Newer incomplete ones are deleted: the Trainer would otherwise save into them again and rotate
+    checkpoints by modification time around their leftovers.
+    """
+    numbered = [p for p in trainer_dir.glob("checkpoint-*") if p.is_dir() and p.name[len("checkpoint-"):].isdigit()]
+    for checkpoint in sorted(numbered, key=lambda p: int(p.name[len("checkpoint-"):]), reverse=True):
+        seconds = _TrainClock.recorded(checkpoint)
+        if seconds is not None:
+            return str(checkpoint), seconds
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    return None, 0.0
+
+
+class _ProgressBar:
+    """Training progress on the tool's rich console: step/total, loss, tokens/s and time left.
+
+    Transient, so the tool's own output stays as it was; the log itself goes to MLflow.
+    """
+
+    def __init__(self, console: Any):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[loss_text]}"), TextColumn("{task.fields[speed]}"),
+                                 TimeRemainingColumn(), console=console, transient=True, refresh_per_second=4)
+        self.task: Any = None
+        self.started, self.tokens_before = 0.0, 0
+
+    def begin(self, state: Any) -> None:
+        # A resumed run starts at its checkpoint's step; tokens/s counts this session's tokens only.
+        self.started, self.tokens_before = time.perf_counter(), state.num_input_tokens_seen
+        self.task = self.progress.add_task("", total=state.max_steps, completed=state.global_step,
+                                           loss=math.nan, loss_text="loss –", speed="– tokens/s")
+        # Not drawn on a file or pipe (it would leave only a blank line there), but still kept up to date.
+        if self.progress.console.is_interactive:
+            self.progress.start()
+
+    def step(self, state: Any) -> None:
+        tokens_per_s = (state.num_input_tokens_seen - self.tokens_before) / (time.perf_counter() - self.started)
+        self.progress.update(self.task, completed=state.global_step, speed=f"{tokens_per_s:,.0f} tokens/s")
+
+    def log(self, logs: dict) -> None:
+        loss = logs.get("loss")  # the running training loss, logged every `logging_steps`
+        if isinstance(loss, (int, float)) and self.task is not None:
+            self.progress.update(self.task, loss=float(loss), loss_text=f"loss {loss:.3f}")
+
+    def close(self) -> None:
+        """Stop drawing; called at the end of training and again if training raised."""
+        if self.progress.live.is_started:  # rich prints a newline on every stop
+            self.progress.stop()
+
+    def callback(self) -> Any:
+        from transformers import TrainerCallback
+
+        bar = self
+
+        class ProgressBar(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                bar.begin(state)
+
+            def on_step_end(self, args, state, control, **kwargs):
+                bar.step(state)
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                bar.log(logs or {})
+
+            def on_train_end(self, args, state, control, **kwargs):
+                bar.close()
+
+        return ProgressBar()
+
+
+# With `checkpoint_steps` unset, a checkpoint once this much training time has passed since the last: what a
+# kill can cost, whatever a step takes on this machine.
+CHECKPOINT_EVERY_S = 60.0
+
+
+def _save_every(seconds: float) -> Any:
+    """A Trainer callback that asks for a checkpoint at the first step end `seconds` after the last save."""
+    from transformers import TrainerCallback
+
+    class SaveEveryMinute(TrainerCallback):
+        def __init__(self):
+            self.last = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            # Also at the last step, where the Trainer would save one more: the adapter is saved right after.
+            control.should_save = time.perf_counter() - self.last >= seconds
+
+        def on_save(self, args, state, control, **kwargs):
+            self.last = time.perf_counter()
+
+    return SaveEveryMinute()
+
+
+def _log_callback(on_log: Callable[[dict[str, float], int], None]) -> Any:
+    """A Trainer callback that hands each log entry's numbers, at its step, to `on_log`.
+
+    The end-of-training summary (train_runtime, train_loss, ...) is left out: it counts only this
+    session's time after a resume, and the arm logs its own train_time_s and train_loss.
+    """
+    from transformers import TrainerCallback
+
+    class LogTo(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if "train_loss" in (logs or {}):  # the summary; per-step entries carry `loss`
+                return
+            values = {k: float(v) for k, v in (logs or {}).items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+            if values and state.is_world_process_zero:
+                on_log(values, state.global_step)
+
+    return LogTo()
+
+
+def _sft_args(cfg: FinetuneConfig, dtype: torch.dtype, trainer_dir: Path) -> Any:
+    from trl import SFTConfig
+
+    use_cuda = torch.cuda.is_available()
+    return SFTConfig(
+        output_dir=str(trainer_dir),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        # batch_size is the global batch: split over the processes of a distributed run (pipeline.training.distributed).
+        per_device_train_batch_size=cfg.batch_size // cfg.processes,
+        max_length=cfg.max_length,
+        completion_only_loss=True,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        # On CPU the base weights are already bf16 (see load_model); autocast would only add casts.
+        bf16=use_cuda and dtype == torch.bfloat16,
+        fp16=use_cuda and dtype == torch.float16,
+        logging_steps=cfg.logging_steps,
+        save_strategy="no" if cfg.checkpoint_steps == 0 else "steps",
+        # unset: the `_save_every` callback decides when, by training time
+        save_steps=cfg.checkpoint_steps or 10**9,
+        save_total_limit=2,
+        save_only_model=False,
+        # No integration: its MLflow callback logs ~170 Trainer and model-config params and unprefixed
+        # metrics on the arm run. The log goes to `on_log` (finetune); progress to our rich bar.
+        report_to="none",
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+        # Pinned memory only helps copies to a GPU; without one torch warns on every epoch.
+        dataloader_pin_memory=use_cuda,
+        # Rows of similar length share a batch, so little compute goes to padding.
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        warmup_steps=cfg.warmup_ratio,  # below 1: a fraction of the steps
+        # trl turns this on by default to save memory; a 135M model does not need it and it costs a forward pass.
+        # (`gradient_checkpointing`, trl's name for it, is a deprecated alias from transformers 5.24 on.)
+        activation_checkpointing=False,
+        lr_scheduler_type="linear",
+        # One multi-tensor kernel per step for the ~400 adapter tensors, rather than several per tensor: on CPU
+        # 6 ms a step against 22 ms for the default model's adapters.
+        optim="adamw_torch_fused",
+    )
+
+
+def finetune(model: Any, tokenizer: Any, prompts: list[str], completions: list[str], cfg: FinetuneConfig,
+             dtype: torch.dtype, out_dir: Path, on_log: Callable[[dict[str, float], int], None] | None = None,
+             on_resume: Callable[[str], None] | None = None, console: Any = None) -> FinetuneResult:
+    """Train a LoRA adapter with trl's SFTTrainer, loss on the completion only; save it as safetensors.
+
+    Checkpoints go to `out_dir/trainer` every `cfg.checkpoint_steps` steps (unset: once a minute of
+    training has passed since the last); when one is there
+    (a run was killed), training resumes from the latest complete one with its optimizer, scheduler,
+    RNG state and data order, and the reported training time includes the time before the kill.
+    With a rich `console`, a transient progress bar shows on it. `on_log(values, step)` receives the
+    Trainer's numeric log entries (loss, learning rate, grad norm, ...) as they are logged.
+    """
+    trainer_dir = out_dir / "trainer"
+    serving_attention = model.config._attn_implementation
+    if not torch.cuda.is_available():
+        # Training rows are short (tens of tokens): on CPU eager attention beats SDPA's kernels there.
+        model.set_attn_implementation("eager")
+    peft_model = _with_lora(model, cfg, dtype)
+    clock = _TrainClock()
+    bar = _ProgressBar(console) if console is not None else None
+    callbacks = [clock.callback()] + ([bar.callback()] if bar else []) + ([_log_callback(on_log)] if on_log else [])
+    if cfg.checkpoint_steps is None:
+        callbacks.append(_save_every(CHECKPOINT_EVERY_S))
+    trainer = _lora_trainer(peft_model, tokenizer, prompts, completions, cfg, dtype, trainer_dir, callbacks)
+    checkpoint, clock.before = last_complete_checkpoint(trainer_dir) if trainer_dir.is_dir() else (None, 0.0)
+    if checkpoint and on_resume:
+        on_resume(checkpoint)
+    # fp32 adapters on a bf16 base on CPU: their matmuls in bf16, as the Trainer's autocast does on a GPU.
+    bf16_adapters = not torch.cuda.is_available() and dtype == torch.bfloat16 and cfg.adapter_fp32
+    try:
+        with _walking_trainable_only(trainer, peft_model), \
+                adapter_matmuls_in_input_dtype(peft_model) if bf16_adapters else nullcontext():
+            output = trainer.train(resume_from_checkpoint=checkpoint)
+    finally:
+        if bar:
+            bar.close()
+    train_time_s = clock.seconds()
+    adapter_dir = out_dir / "adapter"
+    if trainer.is_world_process_zero():  # one writer when several processes trained it
+        trainer.model.save_pretrained(str(adapter_dir), safe_serialization=True)
+    model.set_attn_implementation(serving_attention)
+    return FinetuneResult(peft_model.eval(), train_time_s, int(trainer.state.num_input_tokens_seen),
+                          float(output.training_loss), adapter_dir, resumed_from=checkpoint,
+                          trainer_args=trainer.args.to_json_string())
+
+
+def _with_lora(model: Any, cfg: FinetuneConfig, dtype: torch.dtype) -> Any:
+    """`model` as a peft model with `cfg`'s LoRA layers in it, newly initialised from `cfg.seed`."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
+
+    lora = LoraConfig(
+        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM",
+    )
+    # The adapter's random init comes from the seed too, not from whatever ran before.
+    set_seed(cfg.seed)
+    # fp32 adapters on a bf16 base, so that the optimizer's small updates do not round away; their matmuls still
+    # run in bf16 (autocast on a GPU, adapter_matmuls on CPU).
+    return get_peft_model(model, lora, autocast_adapter_dtype=dtype == torch.float32 or cfg.adapter_fp32)
+
+
+def _lora_trainer(peft_model: Any, tokenizer: Any, prompts: list[str], completions: list[str], cfg: FinetuneConfig,
+                  dtype: torch.dtype, trainer_dir: Path, callbacks: list[Any]) -> Any:
+    """The SFTTrainer for `peft_model`'s adapter with this project's step: the output head on completion
+    positions only and, on one CUDA device, the step graphed."""
+    from datasets import Dataset
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from trl import SFTTrainer
+
+    trainer = SFTTrainer(model=peft_model, args=_sft_args(cfg, dtype, trainer_dir),
+                         train_dataset=Dataset.from_dict({"prompt": prompts, "completion": completions}),
+                         processing_class=tokenizer, callbacks=callbacks)
+    for printer in (PrinterCallback, ProgressCallback):  # they print raw log dicts between our output
+        trainer.remove_callback(printer)
+    score_completions_only(peft_model.get_base_model())  # after SFTTrainer has added its fused head
+    graphed = _graphed_step(trainer, peft_model, cfg, dtype)
+    if graphed:
+        trainer.training_step = graphed
+    # The Trainer counts FLOPs each step from the parameter count, which it recounts each step (walking every
+    # module: ~20 ms a step on this CPU, a step's worth on a GPU). Counted once, the same figure.
+    parameters = peft_model.num_parameters(exclude_embeddings=True)
+    trainer.floating_point_ops = lambda inputs: 6 * inputs["input_ids"].numel() * parameters
+    return trainer
+
+
+@contextmanager
+def _walking_trainable_only(trainer: Any, peft_model: Any) -> Iterator[None]:
+    """Gradient clipping and zeroing over the adapter's tensors only (420 for the default model), not every
+    parameter of the model (692): the Trainer walks `model.parameters()` for both after each step, which costs
+    ~9 ms a step on this CPU and, on a GPU, host time beside a ~20 ms step. The frozen base has no gradients,
+    so the norm, the clipping and the zeroing are the same. (One process: several wrap the model in DDP,
+    whose own zero_grad the Trainer calls; the clipping is the same there too.) Undone on exit."""
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+
+    def clip(_model: Any) -> Any:
+        return trainer.accelerator.clip_grad_norm_(trainable, trainer.args.max_grad_norm)
+
+    def zero_grad(set_to_none: bool = True) -> None:
+        trainer.optimizer.zero_grad(set_to_none=set_to_none)  # built over the trainable tensors alone
+
+    trainer._clip_grad_norm = clip
+    peft_model.zero_grad = zero_grad  # what the Trainer calls on the model it trains, in one process
+    try:
+        yield
+    finally:
+        del trainer._clip_grad_norm, peft_model.zero_grad
+
+
+def _graphed_step(trainer: Any, peft_model: Any, cfg: FinetuneConfig, dtype: torch.dtype) -> Any:
+    """The CUDA-graphed training step for this training, or None where it does not apply: off in the config,
+    not on one CUDA device, several processes, fp16 (whose loss scaling the Trainer's own step does)."""
+    from pipeline.training.graphed_step import GraphedTrainingStep
+
+    model = peft_model.get_base_model()
+    if not cfg.cuda_graphs or model.device.type != "cuda" or cfg.processes > 1 or dtype == torch.float16:
+        return None
+    # The loss reads each row's completion tokens (labels other than -100, built by SFTTrainer): the longest
+    # bounds how many positions a batch's loss projects.
+    labels = trainer.train_dataset["labels"]
+    labelled_per_row = max(sum(token != -100 for token in row) for row in labels)
+    return GraphedTrainingStep(model, cfg.batch_size, max(labelled_per_row, 1),
+                               torch.bfloat16 if dtype == torch.bfloat16 else None, longest=max(map(len, labels)))
+
+
+def load_adapter(model: Any, adapter_dir: Path) -> Any:
+    """A stored adapter on the base model, for a re-run that reuses a finished training stage."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise ModelError(f"{adapter_dir}: adapter does not fit this base model ({first})") from None

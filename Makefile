@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-scale bench ui browser postgres team-server clean
+.PHONY: demo test test-fast test-slow test-scale bench ui browser postgres team-server clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The inner loop: unit tests, no real model runs (under 3 minutes on 2 cores).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m 'not slow and not scale and not model'
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

@@ -16,6 +16,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Fixtures that load the real model, run `roi` end to end or train: a test using one is marked `model` and left
+# out of `make test-fast` (the developer's inner loop); `make test` runs everything.
+MODEL_FIXTURES = {"model_fp32", "roi_env", "tiny_run", "model", "trained", "engineered", "served", "server",
+                  "backend", "bf16_model"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.model)
+
 
 @functools.cache
 def _store_template() -> Path:

@@ -13,6 +13,9 @@ import pytest
 from conftest import ROOT, sqlite_store
 
 # Runs the command in-process, then names the heavy libraries it left imported.
+pytestmark = pytest.mark.model  # real model runs: left out of make test-fast
+
+
 PROBE = ("import sys; from pipeline.cli import main; main(sys.argv[1:]); "
          "print(sorted(m for m in ('torch', 'transformers', 'peft', 'mlflow') if m in sys.modules))")
 

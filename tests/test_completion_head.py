@@ -4,7 +4,7 @@ fused head, for a fraction of the projection (a small random Llama on CPU)."""
 import pytest
 import torch
 
-from pipeline.training.lora import completion_head
+from pipeline.training import completion_head
 from pipeline.training.completion_head import score_completions_only
 
 

@@ -11,6 +11,9 @@ from conftest import ROOT, roi, sqlite_store
 from fake_openai import FakeOpenAI, Faults
 from pipeline.task.splits import eval_rows, load_task, task_config_for_folder
 
+pytestmark = pytest.mark.model  # real model runs: left out of make test-fast
+
+
 TASK = ROOT / "datasets" / "support_tickets"
 
 

@@ -7,6 +7,11 @@ from pipeline.models import loading as models
 from pipeline.experiment.config import ModelConfig
 
 
+import pytest
+
+pytestmark = pytest.mark.model  # real model runs: left out of make test-fast
+
+
 def _loads_from(monkeypatch, auto_class=None):
     """The folder each `auto_class.from_pretrained` call loads from (default: AutoModelForCausalLM)."""
     from transformers import AutoModelForCausalLM

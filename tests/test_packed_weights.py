@@ -112,7 +112,7 @@ def test_a_weight_changed_in_place_or_replaced_is_packed_again_and_an_error_rest
 
 
 def test_fp16_layers_are_left_as_they_are_and_no_copy_is_packed_where_it_would_not_fit(monkeypatch):
-    from pipeline.backends import packed_weights
+    from pipeline.backends.decoding import packed_weights
 
     fp16 = _tiny(torch.float16)  # oneDNN has no packed fp16 linear on CPU
     assert not packing_supported(fp16)

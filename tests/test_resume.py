@@ -12,6 +12,9 @@ import pytest
 
 from conftest import ROOT, roi, sqlite_store
 
+pytestmark = pytest.mark.model  # real model runs: left out of make test-fast
+
+
 TINY = ["eval.limit=4", "data.train_limit=64", "finetune.max_steps=8", "finetune.batch_size=8",
         "finetune.checkpoint_steps=2", "prompts.few_shot_k=2", "eval.uncached_sample=0", "eval.warmup=0",
         "eval.max_new_tokens=8", "eval.batch1_sample=0", "stats.resamples=200", "arms=[naive,engineered,finetuned]"]

@@ -11,6 +11,11 @@ import yaml
 
 from conftest import ROOT, Served, roi, sqlite_store
 
+import pytest
+
+pytestmark = pytest.mark.model  # real model runs: left out of make test-fast
+
+
 TINY = {"eval": {"limit": 8, "batch_size": 4, "warmup": 1, "uncached_sample": 0, "batch1_sample": 0,
                  "max_new_tokens": 6},
         "data": {"train_limit": 32}, "prompts": {"few_shot_k": 4},

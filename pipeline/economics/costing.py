@@ -10,7 +10,7 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, ClassVar, Iterator
 
 from pipeline.economics.prices import PerTokenPrice
 
@@ -80,6 +80,11 @@ class ArmCost:
     throughput_calls_per_s: float = 0.0
     fixed_usd: float = 0.0
     hours_per_month: float = HOURS_PER_MONTH
+    linear: ClassVar[bool] = True  # monthly cost is linear in the volume between two `steps`
+
+    def steps(self, max_calls: float) -> list[float]:
+        """Volumes below `max_calls` at which a replica is added (the monthly cost jumps), in order."""
+        return list(_steps(self, max_calls))
 
     def replicas(self, monthly_calls: float) -> int | None:
         if self.deployment is None:

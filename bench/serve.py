@@ -39,7 +39,8 @@ def main() -> None:
     from pipeline.experiment.load import load_experiment
     from pipeline.task.splits import eval_rows, load_task
     from pipeline.measure.timing import measure
-    from pipeline.models.loading import load_model, load_tokenizer, pick_dtype, resolve_source
+    from pipeline.models.loading import load_model, load_tokenizer, resolve_source
+    from pipeline.models.dtype import pick_dtype
     from pipeline.task.prompts import PromptRenderer, load_template, pick_examples
 
     plan = load_experiment(args.config)

@@ -58,7 +58,8 @@ def main() -> None:
     from pipeline.training.lora import finetune
     from pipeline.experiment.load import load_experiment
     from pipeline.task.splits import eval_rows, load_task
-    from pipeline.models.loading import load_model, load_tokenizer, pick_dtype, resolve_source
+    from pipeline.models.loading import load_model, load_tokenizer, resolve_source
+    from pipeline.models.dtype import pick_dtype
     from pipeline.task.prompts import PromptRenderer, load_template
 
     hf_logging.set_verbosity_error()

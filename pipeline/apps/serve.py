@@ -36,7 +36,8 @@ from pipeline.backends.base import Call
 from pipeline.backends.local import LocalBackend, LocalSettings
 from pipeline.backends.decoding.packed_weights import PackedWeights
 from pipeline.experiment.config import ConfigError, ModelConfig
-from pipeline.models.loading import ModelError, load_model, load_tokenizer, pick_dtype, resolve_source
+from pipeline.models.loading import ModelError, load_model, load_tokenizer, resolve_source
+from pipeline.models.dtype import pick_dtype
 from pipeline.task.prompts import Prompt
 
 DEFAULT_MAX_TOKENS, MAX_TOKENS_CAP = 16, 512
@@ -102,9 +103,9 @@ class _Job:
 
 class Batcher:
     """Queues requests from the event loop; the main thread answers them in batches (torch is never
-    called concurrently). Generation runs on the main thread because there it is ~1.35x faster than
-    on a thread started later (measured on this 2-core CPU: 250-500 ms vs 330-800 ms per engineered
-    call); uvicorn's event loop, which only queues and answers, gets the background thread."""
+    called concurrently). Generation runs on the main thread because there it was measured faster than on
+    a thread started later (bench/serve.py); uvicorn's event loop, which only queues and answers, gets the
+    background thread."""
 
     def __init__(self, model: Any, tokenizer: Any, max_batch: int, window_s: float):
         self.model, self.tokenizer, self.max_batch, self.window_s = model, tokenizer, max_batch, window_s

@@ -69,32 +69,13 @@ def _check_gguf(folder: Path, gguf_file: str) -> None:
     raise ModelError(f"model.gguf_file: {gguf_file} not found in {folder} (.gguf files there: {there})")
 
 
-def cpu_supports_bf16() -> bool:
-    """True where bf16 matmuls are native (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def pick_dtype(name: str) -> torch.dtype:
-    if name == "bfloat16":
-        return torch.bfloat16
-    if name == "float32":
-        return torch.float32
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_supports_bf16() else torch.float32
-
-
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
     """The model's tokenizer; a GGUF's is read from its metadata once per machine and kept (`kept_copy`),
-    since reading it takes ~7 s on 2 cores."""
+    since reading it from the GGUF takes seconds."""
     from transformers import AutoTokenizer
 
     kept = kept_copy(source, "tokenizers")
@@ -114,7 +95,7 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
 
 def dequantized_cache(source: ModelSource, dtype: torch.dtype) -> Path | None:
     """Where a GGUF model dequantised to `dtype` is kept as safetensors, so later runs load it in a second
-    rather than dequantising again (~10 s for the default model on 2 cores); see `kept_copy`."""
+    rather than dequantising again (seconds for the default model); see `kept_copy`."""
     return kept_copy(source, "dequantized", str(dtype))
 
 

@@ -24,7 +24,10 @@ logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 # for each one this machine cannot load (none of them is used here).
 logging.getLogger("torchao").setLevel(logging.ERROR)
 
+# Exit codes (README "Commands"): 0 done, 1 an unexpected error, 2 bad input (config, data, a server that cannot
+# answer), 3 a run that finished but could not measure an arm, 130 interrupted.
 EXIT_USAGE = 2
+EXIT_NOT_MEASURED = 3
 
 
 def _quiet_libraries() -> None:
@@ -123,8 +126,10 @@ def _cmd_run(args, console) -> int:
         overrides.append(f"finetune.processes={args.processes}")
     plan = load_experiment(args.config, overrides)
     interrupts.install()
-    run_experiment(plan, console, force=args.force, overrides=overrides)
-    return 0
+    summary = run_experiment(plan, console, force=args.force, overrides=overrides)
+    for arm, why in summary.not_measured.items():  # everything else is written by now
+        print(f"roi: arm {arm} {why}", file=sys.stderr)
+    return EXIT_NOT_MEASURED if summary.not_measured else 0
 
 
 def _cmd_report(args, console) -> int:
@@ -238,7 +243,8 @@ def command_line() -> int:
     """The `roi` command (and `python -m pipeline.cli`): `main` on this process's arguments, then a quick exit.
 
     The process ends right after, so what is left is frozen: the interpreter's last garbage collections then skip
-    every object torch, transformers and MLflow made, which took 1.6-2.1 s at each exit (0.2-0.3 s frozen).
+    every object torch, transformers and MLflow made, which otherwise cost seconds at each exit
+    (tests/test_cli_overhead.py holds the bound).
     Results are written by then (files with explicit flushes, MLflow synchronously); only cycles that nothing
     refers to are left to the operating system. Not in `main`: a caller in a long-lived process keeps its GC."""
     code = main()

@@ -5,7 +5,7 @@
         server.requests  # every request: path, headers (lower-cased names), JSON body, fault
 
 It serves POST /v1/chat/completions, POST /v1/completions (both with `stream: true` as SSE) and
-GET /v1/models on 127.0.0.1. The answer is the input (the last user message, or the prompt)
+GET /v1/models on 127.0.0.1; a model id it does not serve gets OpenAI's 404 `model_not_found`. The answer is the input (the last user message, or the prompt)
 upper-cased; under vLLM's `structured_outputs.choice` or a `json_schema` response format it is
 the first label named in the input (as `{"label": ...}` for the schema). A request's fault is
 drawn from (seed, input, attempt), the attempt being the SDK's `x-stainless-retry-count`, so a
@@ -50,7 +50,7 @@ class FakeOpenAI:
 
     def __init__(self, faults: Faults | None = None, *, usage: bool = True, api_key: str | None = None,
                  work_s: float = 0.0, stream_gap_s: float = 0.01, garbage_json: bool = False,
-                 model: str = "fake"):
+                 model: str = "fake", also_serves: tuple[str, ...] = (), models_route: bool = True):
         self.faults = faults or Faults()
         self.usage = usage                # False: responses carry no `usage`
         self.api_key = api_key            # set: any other bearer token gets a 401 that echoes it
@@ -58,6 +58,9 @@ class FakeOpenAI:
         self.stream_gap_s = stream_gap_s  # between streamed chunks
         self.garbage_json = garbage_json  # json_schema answers that are not JSON
         self.model = model
+        self.served = (model, *also_serves)  # other ids get a 404 `model_not_found`, as OpenAI answers
+        self.models_route = models_route  # False: no GET /v1/models, as some gateways
+        self.gets: list[dict[str, Any]] = []  # GET requests: path, headers (lower-cased names)
         self.requests: list[dict[str, Any]] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -142,12 +145,24 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _refuse_key(self, fake: FakeOpenAI) -> bool:
+        """A 401 that echoes the token (as OpenAI's does) where the server wants another; True if sent."""
+        if fake.api_key is None or self.headers.get("Authorization") == f"Bearer {fake.api_key}":
+            return False
+        got = self.headers.get("Authorization", "").removeprefix("Bearer ")
+        self._send_json(401, {"error": {"message": f"Incorrect API key provided: {got}",
+                                        "type": "invalid_request_error", "code": "invalid_api_key"}})
+        return True
+
     def do_GET(self) -> None:
         fake = self.server.fake
-        if self.path.rstrip("/") != "/v1/models":
+        fake.gets.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}})
+        if self.path.rstrip("/") != "/v1/models" or not fake.models_route:
             return self._send_json(404, {"error": {"message": "not found"}})
-        self._send_json(200, {"object": "list", "data": [{"id": fake.model, "object": "model", "created": 0,
-                                                          "owned_by": "fake"}]})
+        if self._refuse_key(fake):
+            return
+        self._send_json(200, {"object": "list", "data": [{"id": m, "object": "model", "created": 0,
+                                                          "owned_by": "fake"} for m in fake.served]})
 
     def do_POST(self) -> None:
         fake = self.server.fake
@@ -167,10 +182,12 @@ class _Handler(BaseHTTPRequestHandler):
                 fake.in_flight -= 1
 
     def _answer(self, fake: FakeOpenAI, body: dict[str, Any], record: dict[str, Any]) -> None:
-        if fake.api_key is not None and self.headers.get("Authorization") != f"Bearer {fake.api_key}":
-            got = self.headers.get("Authorization", "").removeprefix("Bearer ")
-            return self._send_json(401, {"error": {"message": f"Incorrect API key provided: {got}",
-                                                   "type": "invalid_request_error", "code": "invalid_api_key"}})
+        if self._refuse_key(fake):
+            return
+        if body.get("model") not in fake.served:
+            return self._send_json(404, {"error": {
+                "message": f"The model `{body.get('model')}` does not exist or you do not have access to it.",
+                "type": "invalid_request_error", "code": "model_not_found"}})
         if self.path == "/v1/chat/completions":
             text = next((m["content"] for m in reversed(body["messages"]) if m["role"] == "user"), "")
         elif self.path == "/v1/completions":

@@ -9,6 +9,7 @@ import yaml
 
 from conftest import ROOT, roi, sqlite_store
 from fake_openai import FakeOpenAI, Faults
+from pipeline.backends.preflight import PROBE_TEXT
 from pipeline.task.splits import eval_rows, load_task, task_config_for_folder
 
 pytestmark = pytest.mark.model  # real model runs: left out of make test-fast
@@ -95,33 +96,42 @@ def test_the_api_key_appears_nowhere(tmp_path, server_key):
     with FakeOpenAI(Faults(), api_key=marker if server_key == "accepts" else "the-right-key") as server:
         result = roi("run", str(_config(tmp_path, server.base_url, limit=12)), env=_env(tmp_path, marker),
                      cwd=tmp_path, timeout=300)
-        sent = {r["headers"].get("authorization") for r in server.requests}
+        sent = {r["headers"].get("authorization") for r in server.requests + server.gets}
     assert sent == {f"Bearer {marker}"}  # the key did go to the server, and only there
-    assert result.returncode == 0, result.stderr[-2000:]
     assert marker not in result.stdout + result.stderr
-    arm, _ = _arm_run(tmp_path)
-    if server_key == "rejects":
-        assert arm.data.metrics["failed_rate"] == 1.0  # every row failed with the 401, and was kept
+    if server_key == "rejects":  # the preflight stops the run: one line naming the variable, the key masked
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert result.stderr.count("\n") == 1 and "OPENAI_API_KEY" in result.stderr and "sk-…3a9c" in result.stderr
+        assert server.requests == []  # the model list refused the key: not one completion was asked for
     else:
+        assert result.returncode == 0, result.stderr[-2000:]
+        arm, _ = _arm_run(tmp_path)
         assert arm.data.metrics["failed_rate"] == 0.0
+        assert not any(marker in str(v) for v in {**arm.data.params, **arm.data.tags}.values())
     # The MLflow store (sqlite file and artifacts), the run folders, the stage store: nowhere.
     assert _files_containing(tmp_path, marker.encode()) == []
-    assert not any(marker in str(v) for v in {**arm.data.params, **arm.data.tags}.values())
 
 
 def test_a_rerun_reuses_the_stored_api_evaluation_and_force_calls_again(tmp_path):
     with FakeOpenAI(Faults()) as server:
         config, env = _config(tmp_path, server.base_url, limit=6), _env(tmp_path, "k")
         first = roi("run", str(config), env=env, cwd=tmp_path, timeout=300)
-        paid = len(server.requests)
+        paid = len(_evaluated(server))
         again = roi("run", str(config), env=env, cwd=tmp_path, timeout=300)
-        after_rerun = len(server.requests)
+        after_rerun = len(_evaluated(server))
         forced = roi("run", str(config), "--force", env=env, cwd=tmp_path, timeout=300)
-        after_force = len(server.requests)
+        after_force = len(_evaluated(server))
+        probes = len(server.requests) - after_force
     assert first.returncode == again.returncode == forced.returncode == 0, again.stderr[-2000:]
     assert paid == 6 and after_rerun == paid and after_force == 2 * paid
+    assert probes == 3  # each run asks for one token first, reused or not
     assert "reused stored results" in again.stdout
     # The same config pointed at another server is another stage: nothing is reused across endpoints.
     with FakeOpenAI(Faults()) as other:
         moved = roi("run", str(_config(tmp_path, other.base_url, limit=6)), env=env, cwd=tmp_path, timeout=300)
-        assert moved.returncode == 0 and len(other.requests) == 6
+        assert moved.returncode == 0 and len(_evaluated(other)) == 6
+
+
+def _evaluated(server: FakeOpenAI) -> list[dict]:
+    """The requests that evaluated rows: all but the preflight's one-token probes."""
+    return [r for r in server.requests if r.get("input") != PROBE_TEXT]

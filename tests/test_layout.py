@@ -125,3 +125,20 @@ def test_the_built_in_prompt_templates_exist_once():
     shipped = PACKAGE / "task" / "templates"
     assert shipped.is_symlink() and shipped.resolve() == (PACKAGE.parent / "prompts").resolve()
     assert {p.name for p in shipped.iterdir()} >= {"naive.yaml", "engineered.yaml", "finetuned.yaml"}
+
+
+def test_roi_export_does_not_import_the_serving_stack():
+    """`roi export` converts an adapter; FastAPI and uvicorn belong to `roi serve` alone. Every import export can
+    reach, lazy ones included, read from the source."""
+    graph, mods = import_graph(), modules()
+    reached, todo = set(), ["pipeline.apps.export"]
+    while todo:
+        mod = todo.pop()
+        if mod not in reached:
+            reached.add(mod)
+            todo += graph[mod]
+    assert "pipeline.apps.serve" not in reached
+    third_party = {node.names[0].name.split(".")[0] if isinstance(node, ast.Import) else (node.module or "").split(".")[0]
+                   for mod in reached for node in ast.walk(ast.parse(mods[mod].read_text(encoding="utf-8")))
+                   if isinstance(node, (ast.Import, ast.ImportFrom))}
+    assert not {"fastapi", "uvicorn"} & third_party

@@ -8,7 +8,8 @@ from collections import Counter
 import pytest
 
 from fake_openai import FakeOpenAI, Faults
-from pipeline.backends.openai import OpenAIBackend, check_api_key
+from pipeline.backends.openai import OpenAIBackend
+from pipeline.backends.preflight import check_api_key
 from pipeline.experiment.config import ConfigError, OpenAIModelConfig
 from pipeline.task.prompts import Prompt
 

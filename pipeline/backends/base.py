@@ -2,13 +2,13 @@
 
 A backend answers a list of prompts (one timed pass) and reports each call as its caller
 saw it. Everything else (warm-up, repeated passes, statistics, pricing) is the same for
-every backend and lives in `measure.py`.
+every backend and lives in `pipeline.measure`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from pipeline.task.prompts import Prompt
 
@@ -37,7 +37,10 @@ OnCalls = Callable[[list[Call]], None]
 
 class Backend(Protocol):
     """Answers prompts. `kind` is the MLflow `backend` tag; `tokens_estimated` is true where
-    token counts come from a local tokenizer rather than the server's own `usage`."""
+    token counts come from a local tokenizer rather than the server's own `usage`.
+
+    Besides answering, a backend class says what the run needs to know of the model config it serves
+    before building one (`backends.registry` finds the class from the config's `backend:` key)."""
 
     kind: str
     tokens_estimated: bool
@@ -46,9 +49,12 @@ class Backend(Protocol):
     # Calls retried over all passes so far; None where the backend never retries (a local model).
     retries_total: int | None
 
-    def run(self, prompts: list[Prompt], on_calls: OnCalls | None = None) -> list[Call]:
+    def run(self, prompts: list[Prompt], on_calls: OnCalls | None = None,
+            max_new_tokens: int | None = None) -> list[Call]:
         """One pass: a Call per prompt, in prompt order. `on_calls` sees finished calls as they
-        come, in prompt order (a backend that finishes calls out of order holds them back)."""
+        come, in prompt order (a backend that finishes calls out of order holds them back).
+        `max_new_tokens`: this pass's longest answer, where it differs from the backend's own (a served
+        request's `max_tokens`); a backend constrained to a label set keeps its own."""
         ...
 
     def uncached(self) -> Backend | None:
@@ -62,4 +68,31 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Release connections or memory; the backend is not used again."""
+        ...
+
+    @staticmethod
+    def preflight(models: dict[str, Any]) -> None:
+        """Probe each model (key -> config) once before any data loads; raise one UserError line where one cannot
+        answer. A model in this process has nothing to probe."""
+        ...
+
+    @staticmethod
+    def check_model(model: Any, where: str) -> None:
+        """Fail in one line, before any work, where the model config cannot be served (a missing key or source)."""
+        ...
+
+    @staticmethod
+    def model_name(model: Any) -> str:
+        """What reports call the model."""
+        ...
+
+    @staticmethod
+    def model_identity(model: Any) -> dict[str, Any]:
+        """What a stored measurement depends on, model-wise (never a secret)."""
+        ...
+
+    @staticmethod
+    def tokenizer_source(model: Any, fallback: Any) -> Any:
+        """The local model config whose tokenizer renders and counts this model's prompts: its own, or for a server
+        without one configured, `fallback` (the top-level model: counts then are an estimate)."""
         ...

@@ -15,6 +15,9 @@ import torch
 from pipeline.backends.base import Call, OnCalls
 from pipeline.backends.decoding.greedy import Answer, LabelConstraint, RowCaches, greedy_answers
 from pipeline.backends.decoding.packed_weights import PackedWeights, packing_supported
+from pipeline.experiment.config import ModelConfig
+from pipeline.models.loading import ModelError, resolve_source
+from pipeline.models.dtype import pick_dtype
 from pipeline.task.prompts import Prompt, static_prefix
 
 
@@ -60,8 +63,6 @@ class PrefixCache:
                   use_cache=True)
         if self.cache.get_seq_length() != self.length:
             # transformers before 5.24 ignored `cache=` and left it empty: every call would then crash.
-            from pipeline.models.loading import ModelError
-
             raise ModelError(f"the prefix KV cache holds {self.cache.get_seq_length()} of {self.length} tokens: "
                                "this transformers version does not fill a cache passed as `cache=` (need >= 5.24)")
         self.shared = SharedPrefixCache(self.cache) if shared else None
@@ -102,21 +103,21 @@ class LocalSettings:
     labels: list[str] | None = None  # constrained decoding: every answer is one of these
     min_prefix_tokens: int = 16
     # Attend to one batch-1 copy of the prefix (shared-prefix attention) rather than a copy per row.
-    # None: per device, as measured (bench/prompt_arm.py, 812-token prefix, batch 32-64): on CPU it is 1.6x faster
-    # than copying; on an H200 copying was (117 vs 66 calls/s: the copy is cheap there, the extra kernels are not).
+    # None: per device, as bench/prompt_arm.py measured (README, "How each number is measured"): shared on CPU,
+    # where copying the prefix per row costs more than it saves; copied on a GPU, where the copy is cheap and
+    # the extra small kernels are not.
     shared_prefix: bool | None = None
     # Without a template's static prefix (a server sees only requests), cache what a pass's prompts share.
     auto_prefix: bool = False
     # Keep each prompt's token ids for the next pass (an eval set repeats; a server's requests do not).
     remember_prompts: bool = True
-    # Decode in fixed waves over a static cache, each step a CUDA graph replay (backends.static_decoding), rather
-    # than with rows leaving and joining. None: on CUDA, where a step launched op by op is bound by the host
-    # (~20 ms a step for the default model on an H200, bench/gpu.py); the graph is captured only on CUDA.
+    # Decode in fixed waves over a static cache, each step a CUDA graph replay (backends.decoding.static_cache),
+    # rather than with rows leaving and joining. None: on CUDA, where a small model's step launched op by op is
+    # bound by the host (bench/gpu.py); the graph is captured only on CUDA.
     static_decoding: bool | None = None
     # On CPU, fp32 and bf16 linear layers multiply by copies of their weights packed once in oneDNN's layout (bf16:
-    # the same bits; fp32: sums in another order, the same answers where measured; decoding 1.1-1.5x faster), and
-    # torchao int8 ones, at up to 8 rows, by their int8 weight directly
-    # (backends.packed_weights). False: each layer's own forward (the benchmark's reference).
+    # the same bits; fp32: sums in another order), and torchao int8 ones, at a few rows, by their int8 weight
+    # directly (backends.decoding.packed_weights). False: each layer's own forward (the benchmark's reference).
     packed_weights: bool = True
 
 
@@ -134,6 +135,28 @@ class LocalBackend:
     kind = "local"
     tokens_estimated = False
     retries_total = None  # a local model call is not retried
+
+    @staticmethod
+    def preflight(models: dict[str, ModelConfig]) -> None:
+        """Nothing to probe: `check_model` finds the weights."""
+
+    @staticmethod
+    def check_model(model: ModelConfig, where: str) -> None:
+        resolve_source(model)
+
+    @staticmethod
+    def model_name(model: ModelConfig) -> str:
+        return resolve_source(model).display_name
+
+    @staticmethod
+    def model_identity(model: ModelConfig) -> dict[str, Any]:
+        source = resolve_source(model)
+        return {"backend": "local", "model": source.folder if model.source != "embedded" else "embedded",
+                "gguf": source.gguf_file, "dtype": str(pick_dtype(model.dtype))}
+
+    @staticmethod
+    def tokenizer_source(model: ModelConfig, fallback: ModelConfig) -> ModelConfig:
+        return model
 
     def __init__(self, model: Any, tokenizer: Any, settings: LocalSettings, prefix_probe: Prompt | None = None,
                  packed: PackedWeights | None = None):

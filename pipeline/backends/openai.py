@@ -17,20 +17,14 @@ import openai
 from aiolimiter import AsyncLimiter
 
 from pipeline.backends.base import Call, OnCalls
-from pipeline.experiment.config import ConfigError, OpenAIModelConfig
+from pipeline.backends.preflight import check_api_key, probe_models
+from pipeline.experiment.config import ModelConfig, OpenAIModelConfig
 from pipeline.task.prompts import Prompt
 
 # Servers that need no key still get one: the SDK refuses to start without any, and an explicit
 # placeholder keeps it from silently sending the user's OPENAI_API_KEY to a third-party URL.
 _NO_KEY = "not-needed"
 _MAX_ERROR = 200
-
-
-def check_api_key(spec: OpenAIModelConfig, where: str) -> None:
-    """Fail early, in one line naming the variable (never its value), when the key is missing."""
-    name = spec.api_key_env
-    if name and not os.environ.get(name):
-        raise ConfigError(f"{where}.api_key_env: environment variable {name} is not set")
 
 
 def _json_schema(labels: list[str]) -> dict[str, Any]:
@@ -62,6 +56,39 @@ class OpenAIBackend:
 
     kind = "openai"
 
+    @staticmethod
+    def preflight(models: dict[str, OpenAIModelConfig]) -> None:
+        probe_models(models)
+
+    @staticmethod
+    def check_model(model: OpenAIModelConfig, where: str) -> None:
+        check_api_key(model, where)
+
+    @staticmethod
+    def model_name(model: OpenAIModelConfig) -> str:
+        return model.model
+
+    @staticmethod
+    def model_identity(model: OpenAIModelConfig) -> dict[str, Any]:
+        return {"backend": "openai", "base_url": model.base_url, "model": model.model, "stream": model.stream,
+                "constrained_via": model.constrained_via}
+
+    @staticmethod
+    def tokenizer_source(model: OpenAIModelConfig, fallback: ModelConfig) -> ModelConfig:
+        return ModelConfig(source=model.tokenizer) if model.tokenizer else fallback
+
+    @classmethod
+    def for_eval(cls, model: OpenAIModelConfig, max_new_tokens: int, labels: list[str] | None,
+                 tokenizer: Any | None) -> "OpenAIBackend":
+        """The backend an arm is measured with: constrained to `labels` unless the model says not to ask the server
+        (`constrained_via: none`), counting tokens with `tokenizer` where the server reports no usage."""
+        counting: dict[str, Any] = {}
+        if tokenizer is not None:
+            counting = {"count_tokens": lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]),
+                        "chat_to_text": lambda messages: tokenizer.apply_chat_template(
+                            messages, tokenize=False, add_generation_prompt=True)}
+        return cls(model, max_new_tokens, labels if model.constrained_via != "none" else None, **counting)
+
     def __init__(self, spec: OpenAIModelConfig, max_new_tokens: int, labels: list[str] | None = None,
                  count_tokens: Callable[[str], int] | None = None,
                  chat_to_text: Callable[[list[dict]], str] | None = None):
@@ -77,8 +104,14 @@ class OpenAIBackend:
         self.retries_total = 0
         self._key = os.environ[spec.api_key_env] if spec.api_key_env else None
 
-    def run(self, prompts: list[Prompt], on_calls: OnCalls | None = None) -> list[Call]:
+    def run(self, prompts: list[Prompt], on_calls: OnCalls | None = None,
+            max_new_tokens: int | None = None) -> list[Call]:
         """One pass: a Call per prompt, in prompt order; failures are Calls with `error` set."""
+        if max_new_tokens is not None and max_new_tokens != self.max_new_tokens:
+            longer = OpenAIBackend(self.spec, max_new_tokens, self.labels, self.count_tokens, self.chat_to_text)
+            calls = longer.run(prompts, on_calls)
+            self.retries_total += longer.retries_total
+            return calls
         calls = asyncio.run(self._pass(list(prompts), on_calls))
         self.retries_total += sum(c.retries for c in calls)
         return calls

@@ -35,6 +35,7 @@ class ArmRows:
     gold: np.ndarray
     prompt_tokens: np.ndarray
     completion_tokens: np.ndarray
+    answered: np.ndarray | None = None  # False where the call failed: its tokens are no measurement
 
     @classmethod
     def from_predictions(cls, rows: list[dict], labels: list[str]) -> "ArmRows":
@@ -44,7 +45,15 @@ class ArmRows:
                    np.array([index.get(r["parsed_label"], -1) for r in rows]),
                    np.array([index[r["gold"]] for r in rows]),
                    np.array([float(r["prompt_tokens"]) for r in rows]),
-                   np.array([float(r["completion_tokens"]) for r in rows]))
+                   np.array([float(r["completion_tokens"]) for r in rows]),
+                   np.array(["error" not in r for r in rows]))
+
+    def token_means(self, idx: np.ndarray) -> tuple[float, float]:
+        """Mean prompt and completion tokens of the rows `idx` whose call was answered (NaN where none was)."""
+        ok = idx if self.answered is None else idx[self.answered[idx]]
+        if not len(ok):
+            return math.nan, math.nan
+        return float(self.prompt_tokens[ok].mean()), float(self.completion_tokens[ok].mean())
 
 
 def arm_cost(price: Price, metrics: dict[str, float], pricing: PricingConfig,
@@ -103,7 +112,7 @@ def arm_intervals(rows: ArmRows, price: Price, metrics: dict[str, float], pricin
     resampled test rows. Every arm draws the same resamples (same seed, same row count): paired."""
 
     def statistic(idx: np.ndarray) -> dict[str, float]:
-        prompt, completion = rows.prompt_tokens[idx].mean(), rows.completion_tokens[idx].mean()
+        prompt, completion = rows.token_means(idx)
         cost = arm_cost(price, metrics, pricing, prompt, completion).per_call(pricing.monthly_calls)
         return {"accuracy": rows.correct[idx].mean(), "macro_f1": macro_f1_present(rows.predicted[idx], rows.gold[idx]),
                 "prompt_tokens_mean": prompt, "cost_per_call_usd": cost}
@@ -178,9 +187,7 @@ def pair_metrics(pair: Pair, rows: dict[str, ArmRows], pricing: PricingConfig, s
     out["mcnemar_p"] = mcnemar_exact(base_rows.correct, cand_rows.correct)
 
     def statistic(idx: np.ndarray) -> dict[str, float]:
-        costs = pair.costs(pricing, base_tokens=(base_rows.prompt_tokens[idx].mean(),
-                                                 base_rows.completion_tokens[idx].mean()),
-                           cand_tokens=(cand_rows.prompt_tokens[idx].mean(), cand_rows.completion_tokens[idx].mean()))
+        costs = pair.costs(pricing, base_tokens=base_rows.token_means(idx), cand_tokens=cand_rows.token_means(idx))
         calls, monthly_calls = break_evens(*costs, volume)
         return {"break_even_calls": calls, "break_even_monthly_calls": monthly_calls}
 

@@ -16,7 +16,7 @@ class _Strict(BaseModel):
 class PerTokenPrice(_Strict):
     """An API billed by the token (USD per million tokens), with the provider's caching and batch rates."""
 
-    kind: Literal["per_token"]
+    kind: Literal["per_token"] = "per_token"
     input_usd_per_mtok: float = Field(ge=0)
     output_usd_per_mtok: float = Field(ge=0)
     cached_input_usd_per_mtok: float | None = Field(default=None, ge=0, description="a cache read")
@@ -43,7 +43,7 @@ class PerHourPrice(_Strict):
     whether busy or not; `min_replicas` always on, each planned at `target_utilisation` of its measured
     throughput."""
 
-    kind: Literal["per_hour"]
+    kind: Literal["per_hour"] = "per_hour"
     usd_per_hour: float | None = Field(default=None, ge=0)
     hardware: str | None = Field(default=None, description="a hardware preset: cpu-2core, t4, l4, a10g, a100, h100")
     min_replicas: int = Field(default=1, ge=0)
@@ -58,9 +58,16 @@ class PerHourPrice(_Strict):
         return self
 
 
+# A price's keys say its kind; `kind:` may still be given, and wins.
+_KIND_KEYS = {"catalog": ("catalog",), "per_token": ("input_usd_per_mtok", "output_usd_per_mtok"),
+              "per_hour": ("usd_per_hour", "hardware")}
+
+
 def _price_kind(value: Any) -> str | None:
     if isinstance(value, dict):
-        return value.get("kind", "catalog" if "catalog" in value else None)
+        if "kind" in value:
+            return value["kind"]
+        return next((kind for kind, keys in _KIND_KEYS.items() if any(k in value for k in keys)), None)
     return getattr(value, "kind", None)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from pipeline.experiment.config import (BUILTIN_ARMS, PROMPT_TEMPLATES, ArmSpec, ConfigError, EvalConfig, ExperimentConfig,
-                             FinetuneConfig, ModelConfig, OpenAIModelConfig, describe_error)
+                             FinetuneConfig, ModelConfig, OpenAIModelConfig, describe_errors)
 from pipeline.economics.catalog import Catalog, CatalogError
 from pipeline.economics.prices import CatalogPrice, PerHourPrice, PerTokenPrice
 
@@ -57,7 +57,7 @@ def _section(cls: type[BaseModel], base: BaseModel, override: dict, where: str) 
     try:
         return cls.model_validate(_deep_merge(base.model_dump(), override))
     except ValidationError as exc:
-        raise ConfigError(f"{where}.{describe_error(exc.errors()[0])}") from None
+        raise ConfigError(f"{where}.{describe_errors(exc.errors())}") from None
 
 
 def _arm_spec(entry: Any, where: str) -> ArmSpec:
@@ -72,7 +72,7 @@ def _arm_spec(entry: Any, where: str) -> ArmSpec:
     try:
         return ArmSpec.model_validate(entry)
     except ValidationError as exc:
-        raise ConfigError(f"{where}.{describe_error(exc.errors()[0])}") from None
+        raise ConfigError(f"{where}.{describe_errors(exc.errors())}") from None
 
 
 def _prompt_file(cfg: ExperimentConfig, name: str, base: Path) -> Path:
@@ -107,7 +107,7 @@ def resolve_arms(cfg: ExperimentConfig, base: Path, catalog: Catalog) -> list[Ar
         model_key, model = _arm_model(cfg, spec, where)
         finetune = None
         if spec.finetune is not None:
-            if model.backend != "local":
+            if not model.in_process:
                 raise ConfigError(f"{where}.finetune: model {model_key!r} is an {model.backend} model; only local "
                                   "models are fine-tuned here (serve the adapter and set kind: finetuned instead)")
             finetune = _section(FinetuneConfig, cfg.finetune, spec.finetune, f"{where}.finetune")
@@ -118,7 +118,7 @@ def resolve_arms(cfg: ExperimentConfig, base: Path, catalog: Catalog) -> list[Ar
         if "limit" in spec.eval:
             raise ConfigError(f"{where}.eval.limit: every arm is scored on the same test rows; set the top-level "
                               "eval.limit instead")
-        if spec.quantize and model.backend != "local":
+        if spec.quantize and not model.in_process:
             raise ConfigError(f"{where}.quantize: model {model_key!r} is an {model.backend} model; only local "
                               "models are quantized here")
         prompt = _prompt_file(cfg, spec.prompt, base)
@@ -127,7 +127,7 @@ def resolve_arms(cfg: ExperimentConfig, base: Path, catalog: Catalog) -> list[Ar
         price = spec.price or cfg.pricing.arms.get(spec.name)
         if price is not None:
             price = priced_from_catalog(price, catalog, f"{where}.price")
-        if price is None and model.backend != "local":
+        if price is None and not model.in_process:
             raise ConfigError(f"{where}.price: an arm on an {model.backend} model needs a price, e.g. "
                               "{kind: per_token, input_usd_per_mtok: 0.15, output_usd_per_mtok: 0.60}")
         arms.append(Arm(
@@ -162,7 +162,7 @@ def priced_from_catalog(price: Any, catalog: Catalog, where: str) -> PerTokenPri
     except CatalogError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     except ValidationError as exc:  # a catalog row whose values a price cannot take
-        raise ConfigError(f"{where}: catalog {getattr(price, 'catalog', '')}: {describe_error(exc.errors()[0])}") from None
+        raise ConfigError(f"{where}: catalog {getattr(price, 'catalog', '')}: {describe_errors(exc.errors())}") from None
     return price
 
 

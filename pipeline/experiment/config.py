@@ -6,7 +6,8 @@ Loading a file (overrides, paths, arms) is `pipeline.experiment.load`; this modu
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
@@ -28,6 +29,8 @@ class ModelConfig(_Strict):
     """A model run in this process: the embedded GGUF, a local HF folder or a cached hub id."""
 
     backend: Literal["local"] = "local"
+    # The weights load (and may train) in this process; an API model's live on its server.
+    in_process: ClassVar[bool] = True
     source: str = Field(
         default="embedded",
         validation_alias=AliasChoices("source", "name_or_path"),
@@ -46,6 +49,7 @@ class OpenAIModelConfig(_Strict):
     """A model behind any OpenAI-compatible HTTP API (OpenAI, a gateway, vLLM, llama.cpp, `roi serve`)."""
 
     backend: Literal["openai"]
+    in_process: ClassVar[bool] = False
     base_url: str = Field(description="e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
     model: str = Field(description="the model id the server knows")
     api_key_env: str | None = Field(
@@ -63,6 +67,21 @@ class OpenAIModelConfig(_Strict):
     tokenizer: str | None = Field(
         default=None, description="a local tokenizer (embedded, folder or hub id) to count tokens where the "
         "server reports no usage")
+
+    @field_validator("base_url")
+    @classmethod
+    def _scheme_and_host(cls, url: str) -> str:
+        # Without a scheme the SDK sends requests nowhere useful and every call fails: say so at the door.
+        parts = urlsplit(url)
+        if parts.scheme in ("http", "https") and parts.netloc:
+            return url
+        rest = url.strip().lstrip("/")
+        if "://" in url or not rest:
+            raise ValueError("expected an http:// or https:// URL with a host, e.g. http://127.0.0.1:8000/v1 or "
+                             "https://api.openai.com/v1")
+        host = rest.split("/", 1)[0].split(":", 1)[0]
+        local = host in ("localhost", "0.0.0.0") or host.startswith(("127.", "10.", "192.168.")) or "." not in host
+        raise ValueError(f"a base_url needs a scheme: did you mean {'http' if local else 'https'}://{rest}?")
 
 
 AnyModel = Annotated[Union[ModelConfig, OpenAIModelConfig], Field(discriminator="backend")]
@@ -149,6 +168,9 @@ class EvalConfig(_Strict):
     batch1_sample: int = Field(default=16, ge=0, description="rows also timed one call at a time (local arms "
                                "that batch): the latency percentiles (what one caller waits) and what batching is "
                                "worth; 0: latency is the batched pass's")
+    max_failed_rate: float = Field(
+        default=0.05, ge=0, le=1, description="the largest share of calls that may fail (after their retries) "
+        "for the arm to count as measured; above it the arm is reported as not measured and `roi run` exits 3")
 
 
 ARM_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -217,15 +239,87 @@ class ExperimentConfig(_Strict):
         return models
 
 
-def describe_error(error: dict) -> str:
-    """One pydantic error as the user reads it: the key path and what is wrong, in this project's words."""
-    loc = ".".join(str(p) for p in error["loc"])
-    kind = error["type"]
+# What a value of each pydantic type error should have been, in the words the user reads.
+_EXPECTED = {
+    "string_type": "text", "int_type": "a whole number", "int_parsing": "a whole number",
+    "int_from_float": "a whole number", "float_type": "a number", "float_parsing": "a number",
+    "bool_type": "true or false", "bool_parsing": "true or false", "list_type": "a list",
+    "dict_type": "a mapping of keys", "model_type": "a mapping of keys", "model_attributes_type": "a mapping of keys",
+    "path_type": "a path", "none_required": "null",
+}
+_BOUNDS = {"greater_than": ("gt", "must be greater than"), "greater_than_equal": ("ge", "must be at least"),
+           "less_than": ("lt", "must be less than"), "less_than_equal": ("le", "must be at most")}
+_UNION_TAGS = {"local", "openai", "per_token", "per_hour", "catalog"}
+_PRICE_KINDS = "catalog: NAME, input_usd_per_mtok and output_usd_per_mtok (per token), or usd_per_hour or hardware " \
+               "(per hour)"
+
+
+def _key_path(loc: tuple) -> tuple:
+    """The keys the user wrote: without the member labels pydantic adds inside unions (`openai`, `per_token`,
+    `list[str]`), which name no key of the config."""
+    kept: list = []
+    for i, part in enumerate(loc):
+        if _is_union_label(tuple(loc[:i]), part):
+            continue
+        kept.append(part)
+    return tuple(kept)
+
+
+def _is_union_label(before: tuple, part: Any) -> bool:
+    # Tagged unions sit at models.KEY, pricing.arms.NAME and an arm's price; other unions label their members by type.
+    tagged = (len(before) == 2 and before[0] == "models") or (len(before) == 3 and before[:2] == ("pricing", "arms")) \
+        or before[-1:] == ("price",)
+    if tagged and part in _UNION_TAGS:
+        return True
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "none")
+                                      or (part != "[key]" and "[" in part and part.endswith("]")))
+
+
+def _got(value: Any) -> str:
+    return "" if isinstance(value, (dict, list)) else f" (got {value!r})"
+
+
+def describe_error(error: dict, alternatives: list[dict] = ()) -> str:
+    """One pydantic error as the user reads it: the key path and what is expected, in this project's words
+    (never pydantic's own). `alternatives`: the errors of the other members of the same union."""
+    loc, kind, ctx, value = _key_path(error["loc"]), error["type"], error.get("ctx") or {}, error.get("input")
+    if loc[-1:] == ("[key]",):  # a key that is not one of the allowed ones
+        return f"{'.'.join(map(str, loc[:-2]))}: {loc[-2]!r} is not an allowed key (expected {ctx.get('expected')})"
+    where = ".".join(str(p) for p in loc)
     if kind == "extra_forbidden":
-        return f"{loc}: unknown key"
+        return f"{where}: unknown key"
     if kind == "missing":
-        return f"{loc}: required key is missing"
-    if kind == "literal_error":
-        allowed = error.get("ctx", {}).get("expected", "")
-        return f"{loc}: {error['input']!r} is not allowed (expected {allowed})"
-    return f"{loc}: {error['msg'].removeprefix('Value error, ')} (got {error.get('input')!r})"
+        return f"{where}: required key is missing"
+    if kind == "union_tag_invalid":
+        field = "backend" if "backend" in str(ctx.get("discriminator")) else "kind"
+        return f"{where}.{field}: {ctx.get('tag')!r} is not allowed (expected {ctx.get('expected_tags')})"
+    if kind == "union_tag_not_found":
+        return f"{where}: cannot tell what kind of price this is: give {_PRICE_KINDS}{_got(value)}"
+    if kind == "literal_error" and not alternatives:
+        return f"{where}: {value!r} is not allowed (expected {ctx.get('expected')})"
+    expected = [(e.get("ctx") or {}).get("expected") if e["type"] == "literal_error" else _EXPECTED.get(e["type"])
+                for e in [error, *alternatives]]
+    if all(expected):
+        return f"{where}: expected {' or '.join(dict.fromkeys(expected))}{_got(value)}"
+    if kind in _BOUNDS:
+        bound, words = _BOUNDS[kind]
+        limit = ctx.get(bound)
+        return f"{where}: {words} {f'{limit:g}' if isinstance(limit, float) else limit}{_got(value)}"
+    if kind == "string_too_short":
+        return f"{where}: must not be empty" if ctx.get("min_length") == 1 else \
+            f"{where}: needs at least {ctx.get('min_length')} characters{_got(value)}"
+    if kind == "too_short":
+        return f"{where}: needs at least {ctx.get('min_length')} entries"
+    if kind == "string_pattern_mismatch":
+        return f"{where}: use letters, digits, '.', '_' and '-', starting with a letter or digit{_got(value)}"
+    # A validator's own sentence (already in the user's words), or a type of error not named above.
+    text = error["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    return f"{where}: {text.replace('Input should be', 'expected')}{_got(value)}"
+
+
+def describe_errors(errors: list[dict]) -> str:
+    """The first error of a validation, with the other members' errors of the same union and a count of the rest."""
+    first = _key_path(errors[0]["loc"])
+    same = [e for e in errors[1:] if _key_path(e["loc"]) == first]
+    rest = len({_key_path(e["loc"]) for e in errors}) - 1
+    return describe_error(errors[0], same) + (f" (+{rest} more)" if rest else "")

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from pipeline.economics.catalog import Catalog, CatalogError, load_catalog
 from pipeline.experiment.arms import Arm, ComparePair, resolve_arms, resolve_compare
-from pipeline.experiment.config import ConfigError, ExperimentConfig, describe_error
+from pipeline.experiment.config import ConfigError, ExperimentConfig, describe_errors
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,13 @@ class ExperimentPlan:
     pair: ComparePair
     path: Path
     written: dict = field(default_factory=dict)  # the YAML as written, with the command line's overrides
+
+    def models_by_backend(self) -> dict[str, dict[str, Any]]:
+        """The distinct models the arms use, by backend name: {backend: {model key: model config}}."""
+        out: dict[str, dict[str, Any]] = {}
+        for arm in self.arms:
+            out.setdefault(arm.backend, {})[arm.model_key] = arm.model
+        return out
 
     def resolved(self) -> dict[str, Any]:
         """The config with every default filled in and each arm resolved (what a run used)."""
@@ -65,9 +72,7 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
     try:
         cfg = ExperimentConfig.model_validate(written)
     except ValidationError as exc:
-        errors = exc.errors()
-        more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise ConfigError(f"{path}: {describe_error(errors[0])}{more}") from None
+        raise ConfigError(f"{path}: {describe_errors(exc.errors())}") from None
     base = project_root_for(path)
     try:
         cfg = with_paths_resolved(cfg, base)

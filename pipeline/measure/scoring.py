@@ -114,7 +114,10 @@ def call_metrics(timed, predicted: list[int], references: list[int], labels: lis
 
     `predicted` comes from the configured parser; `accuracy_exact` and `accuracy_search` score the
     same answers with each parser, so a verbose arm's loss to the strict one shows. A call that
-    failed for good (an API error after its retries) counts as wrong and in `failed_rate`.
+    failed for good (an API error after its retries) counts as wrong and in `failed_rate`
+    (`failed_calls` of `calls`), and nowhere else: latency, throughput and tokens are the answered
+    calls' (throughput: answered calls per second of the pass), so a server that fails fast does not
+    look fast and a failure's estimated prompt is not priced. With no answered call there are none.
     Latency means what one caller waits: with `batch1` (the sample timed one call at a time, for an
     arm that batches) the percentiles are that sample's, and the batched pass's are `..._batched`;
     throughput is always the batched pass's.
@@ -123,21 +126,27 @@ def call_metrics(timed, predicted: list[int], references: list[int], labels: lis
     metrics = score(predicted, references, len(labels))
     for name, parse in PARSERS.items():
         metrics[f"accuracy_{name}"] = sum(parse(c.output, labels) == r for c, r in zip(calls, references)) / len(calls)
+    answered = [c for c in calls if c.error is None]
+    metrics["calls"] = float(len(calls))
+    metrics["failed_calls"] = float(len(calls) - len(answered))
+    metrics["failed_rate"] = metrics["failed_calls"] / len(calls)
+    if not answered:
+        return metrics
     one_at_a_time = batch1 or timed
-    metrics.update(latency_stats([c.latency_ms for c in one_at_a_time.calls], one_at_a_time.pass_p50_ms))
-    metrics["latency_calls_timed"] = float(len(one_at_a_time.calls))
+    timed_ok = [c for c in one_at_a_time.calls if c.error is None] or answered
+    metrics.update(latency_stats([c.latency_ms for c in timed_ok], one_at_a_time.pass_p50_ms))
+    metrics["latency_calls_timed"] = float(len(timed_ok))
     if batch1 is not None:
-        batched = latency_stats([c.latency_ms for c in calls])
+        batched = latency_stats([c.latency_ms for c in answered])
         metrics["latency_p50_ms_batched"] = batched["latency_p50_ms"]
         metrics["latency_p95_ms_batched"] = batched["latency_p95_ms"]
         metrics["throughput_calls_per_s_batch1"] = batch1.throughput_calls_per_s
-    n = len(calls)
-    metrics["prompt_tokens_mean"] = sum(c.prompt_tokens for c in calls) / n
-    metrics["completion_tokens_mean"] = sum(c.completion_tokens for c in calls) / n
-    metrics["cached_tokens_mean"] = sum(c.cached_tokens for c in calls) / n
-    metrics["throughput_calls_per_s"] = timed.throughput_calls_per_s
-    metrics["failed_rate"] = sum(c.error is not None for c in calls) / n
-    ttft = [c.ttft_ms for c in calls if c.ttft_ms is not None]
+    n = len(answered)
+    metrics["prompt_tokens_mean"] = sum(c.prompt_tokens for c in answered) / n
+    metrics["completion_tokens_mean"] = sum(c.completion_tokens for c in answered) / n
+    metrics["cached_tokens_mean"] = sum(c.cached_tokens for c in answered) / n
+    metrics["throughput_calls_per_s"] = n / timed.seconds if timed.seconds > 0 else 0.0
+    ttft = [c.ttft_ms for c in answered if c.ttft_ms is not None]
     if ttft:
         metrics["ttft_p50_ms"] = float(np.percentile(ttft, 50))
     return metrics

@@ -60,9 +60,14 @@ def measure(backend: Backend, prompts: list[Prompt], warmup: int = 0, repeats: i
         pass_seconds.append(time.perf_counter() - started - bookkeeping[0])
         if repeat == 0:
             calls = results
+        # A failed call's time measures the failure, not the model: each row's latency is its answered passes'.
         for i, call in enumerate(results):
-            latencies[i].append(call.latency_ms)
-        pass_p50_ms.append(statistics.median(call.latency_ms for call in results))
+            if call.error is None:
+                latencies[i].append(call.latency_ms)
+        answered = [call.latency_ms for call in results if call.error is None]
+        if answered:
+            pass_p50_ms.append(statistics.median(answered))
     for call, lat in zip(calls, latencies):
-        call.latency_ms = statistics.median(lat)
+        if lat:
+            call.latency_ms = statistics.median(lat)
     return Measurement(calls, statistics.median(pass_seconds), pass_p50_ms)

@@ -14,16 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import torch
 
 from pipeline.tracking import mlflow_store as tracking
-from pipeline.backends.local import LocalBackend, LocalSettings
+from pipeline.backends.local import LocalSettings
+from pipeline.backends.registry import backend_class
 from pipeline.experiment.arms import Arm
 from pipeline.experiment.config import ModelConfig
 from pipeline.experiment.load import ExperimentPlan
 from pipeline.recipe.inputs import RunInputs
 from pipeline.task.splits import hash_files
 from pipeline.models.loading import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINING_RECORD, check_adapter, load_model,
-                             load_tokenizer, model_bytes, pick_dtype, quantize_int8, resolve_source)
+                                      load_tokenizer, model_bytes, quantize_int8, resolve_source)
+from pipeline.models.dtype import auto_cpu_choice, pick_dtype
 from pipeline.task.prompts import PromptRenderer, PromptTemplate
 from pipeline.recipe.stages import stage_key
 
@@ -45,18 +48,16 @@ class ArmModels:
 
     def check_inputs(self) -> None:
         """Sources, given adapters and API keys, checked before any model loads or any call is paid."""
-        from pipeline.backends.openai import check_api_key
-
+        if any(arm.model.in_process and arm.model.dtype == "auto" for arm in self.plan.arms) \
+                and not torch.cuda.is_available():
+            choice = auto_cpu_choice()
+            self.notes.append(f"dtype auto is {str(choice.dtype).removeprefix('torch.')}: {choice.reason}")
         for arm in self.plan.arms:
-            if arm.backend == "openai":
-                check_api_key(arm.model, f"models.{arm.model_key}")
-                if arm.model.tokenizer:
-                    resolve_source(ModelConfig(source=arm.model.tokenizer))
-                continue
-            source = self._source(arm)
+            backend_class(arm.backend).check_model(arm.model, f"models.{arm.model_key}")
+            resolve_source(self._tokenizer_source(arm))
             adapter = arm.finetune.adapter if arm.finetune else None
-            if adapter is not None:
-                record = check_adapter(adapter, source, arm.model.trust_remote_code)
+            if adapter is not None:  # only local models train (experiment.arms)
+                record = check_adapter(adapter, self._source(arm), arm.model.trust_remote_code)
                 self._adapter_records[arm.name] = record
                 if "train_time_s" not in record:
                     self.notes.append(f"the given adapter {adapter} has no {TRAINING_RECORD}: its training cost "
@@ -70,17 +71,11 @@ class ArmModels:
     # --- names and identities -------------------------------------------------------------------
 
     def display_name(self, arm: Arm) -> str:
-        return arm.model.model if arm.backend == "openai" else self._source(arm).display_name
+        return backend_class(arm.backend).model_name(arm.model)
 
     def identity(self, arm: Arm) -> dict[str, Any]:
         """What a stored measurement depends on, model-wise (never a key)."""
-        if arm.backend == "openai":
-            spec = arm.model
-            return {"backend": "openai", "base_url": spec.base_url, "model": spec.model, "stream": spec.stream,
-                    "constrained_via": spec.constrained_via}
-        source = self._source(arm)
-        return {"backend": "local", "model": source.folder if arm.model.source != "embedded" else "embedded",
-                "gguf": source.gguf_file, "dtype": str(pick_dtype(arm.model.dtype))}
+        return backend_class(arm.backend).model_identity(arm.model)
 
     def adapter_key(self, arm: Arm, inputs: RunInputs, template: PromptTemplate) -> str | None:
         """The stage key of the arm's adapter: the given adapter's files, or what training depends on."""
@@ -100,15 +95,15 @@ class ArmModels:
 
     # --- models ----------------------------------------------------------------------------------
 
+    def _tokenizer_source(self, arm: Arm) -> ModelConfig:
+        # A server without a tokenizer of its own counts with the top-level model's: an estimate (tagged so),
+        # never a silent 0 tokens priced at $0.
+        return backend_class(arm.backend).tokenizer_source(arm.model, self.cfg.model)
+
     def tokenizer_for(self, arm: Arm) -> Any:
-        """The arm's local tokenizer (for an API arm: the one configured to count tokens, or None)."""
-        if arm.backend == "openai":
-            # Without a tokenizer of its own, the top-level model's counts: an estimate (tagged so),
-            # never a silent 0 tokens priced at $0.
-            config = ModelConfig(source=arm.model.tokenizer) if arm.model.tokenizer else self.cfg.model
-            key = f"tokenizer:{config.source}"
-        else:
-            key, config = arm.model_key, arm.model
+        """The local tokenizer that renders and counts the arm's prompts."""
+        config = self._tokenizer_source(arm)
+        key = f"{config.source}:{config.gguf_file}"
         if key not in self._tokenizers:
             self._tokenizers[key] = load_tokenizer(resolve_source(config), config.trust_remote_code)
         return self._tokenizers[key]
@@ -135,18 +130,9 @@ class ArmModels:
     def backend(self, arm: Arm, inputs: RunInputs, template: PromptTemplate):
         """The arm's backend, ready to answer, and what getting it measured (training time and tokens)."""
         labels = inputs.labels if arm.eval.decoding == "constrained" else None
-        if arm.backend == "openai":
-            from pipeline.backends.openai import OpenAIBackend
-
-            tokenizer = self.tokenizer_for(arm)
-            counting: dict[str, Any] = {}
-            if tokenizer is not None:
-                counting = {"count_tokens": lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]),
-                            "chat_to_text": lambda messages: tokenizer.apply_chat_template(
-                                messages, tokenize=False, add_generation_prompt=True)}
-            use_labels = labels if arm.model.constrained_via != "none" else None
-            return OpenAIBackend(arm.model, arm.eval.max_new_tokens, use_labels, **counting), {}
-        tokenizer = self.tokenizer_for(arm)
+        cls, tokenizer = backend_class(arm.backend), self.tokenizer_for(arm)
+        if not arm.model.in_process:
+            return cls.for_eval(arm.model, arm.eval.max_new_tokens, labels, tokenizer), {}
         model, stats = (self._finetuned(arm, inputs, template) if arm.finetune is not None
                         else (self._shared(arm), {}))
         if arm.quantize == "int8":
@@ -155,7 +141,7 @@ class ArmModels:
         renderer = PromptRenderer(template, tokenizer, inputs.task.labels, inputs.examples)
         settings = LocalSettings(batch_size=arm.eval.batch_size, max_new_tokens=arm.eval.max_new_tokens,
                                  prefix_cache=arm.eval.prefix_cache, labels=labels)
-        return LocalBackend(model, tokenizer, settings, prefix_probe=renderer.prefix_probe()), stats
+        return cls(model, tokenizer, settings, prefix_probe=renderer.prefix_probe()), stats
 
     def _finetuned(self, arm: Arm, inputs: RunInputs, template: PromptTemplate) -> tuple[Any, dict[str, float]]:
         """A fresh copy of the base with the arm's adapter merged in (served as deployed: no adapter
@@ -217,7 +203,14 @@ class ArmModels:
     def _record_training(self, arm: Arm, inputs: RunInputs, key: str, result: dict[str, Any]) -> dict[str, float]:
         """Log a finished training, write its record beside the adapter and store the stage; its figures."""
         if result.get("resumed_from"):
-            mlflow.set_tag("resumed_from_checkpoint", Path(result["resumed_from"]).name)
+            checkpoint = Path(result["resumed_from"]).name
+            mlflow.set_tag("resumed_from_checkpoint", checkpoint)
+            # finetune() checks that the resume goes on as the interrupted training would have; where it cannot
+            # tell, the run says so rather than passing the adapter off as the uninterrupted one.
+            inexact = result.get("resumed_inexact")
+            mlflow.set_tag("resumed", "inexact" if inexact else "exact")
+            if inexact:
+                self.notes.append(f"training resumed from {checkpoint} may differ from an uninterrupted one: {inexact}")
         mlflow.log_text(result["trainer_args"], "trainer/training_args.json")
         stats = {"train_time_s": result["train_time_s"], "train_tokens": float(result["train_tokens"]),
                  "train_loss": result["train_loss"]}

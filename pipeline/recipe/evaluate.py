@@ -74,8 +74,11 @@ def _uncached_sample(backend: Backend, prompts, arm: Arm, timed: Measurement, at
     sample = prompts[: arm.eval.uncached_sample]
     # Warmed like the cached pass, so neither pays one-off costs the other does not.
     calls = measure(plain, sample, warmup=min(arm.eval.warmup, len(sample)), repeats=arm.eval.repeats).calls
-    return {"latency_p50_ms_uncached": latency_stats([c.latency_ms for c in calls])["latency_p50_ms"],
-            "prefix_cache_agreement": sum(a.output == b.output for a, b in zip(calls, timed.calls)) / len(calls)}
+    out = {"prefix_cache_agreement": sum(a.output == b.output for a, b in zip(calls, timed.calls)) / len(calls)}
+    answered = [c.latency_ms for c in calls if c.error is None]
+    if answered:  # a failed call's time is not a latency
+        out["latency_p50_ms_uncached"] = latency_stats(answered)["latency_p50_ms"]
+    return out
 
 
 def _batch1_sample(backend: Backend, prompts, arm: Arm) -> Measurement | None:

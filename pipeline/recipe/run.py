@@ -20,6 +20,7 @@ import yaml
 from pipeline.economics import figures as economics
 from pipeline.economics.stats import confusion_matrix_png, per_label_table
 from pipeline.experiment.arms import Arm
+from pipeline.backends.registry import backend_class
 from pipeline.experiment.load import ExperimentPlan, flatten, project_root_for
 from pipeline.measure.scoring import read_predictions
 from pipeline.recipe.arm_models import ArmModels
@@ -27,6 +28,7 @@ from pipeline.recipe.evaluate import evaluate
 from pipeline.recipe.inputs import RunInputs
 from pipeline.recipe.stages import StageStore, machine, stage_key
 from pipeline.report.facts import build_facts, plot_sensitivity, save_facts, write_report
+from pipeline.report.format import not_measured
 from pipeline.report.summary import Summary, arms_table, plot_cost_vs_volume, print_table, summary_markdown
 from pipeline.task.prompts import PromptRenderer, load_template, pick_examples
 from pipeline.task.splits import eval_rows, load_task
@@ -43,6 +45,7 @@ class Experiment(RunInputs):
     notes: list[str] = field(default_factory=list)
     parent_run_id: str = ""
     outcomes: dict[str, Any] = field(default_factory=dict)  # arm name -> economics.figures.ArmRows
+    not_measured: dict[str, str] = field(default_factory=dict)  # arm name -> why it has no figures
 
 
 def run_experiment(plan: ExperimentPlan, console, force: bool = False, overrides: list[str] = ()) -> Summary:
@@ -57,11 +60,14 @@ def run_experiment(plan: ExperimentPlan, console, force: bool = False, overrides
         exp.parent_run_id = parent.info.run_id
         log_parent_inputs(exp)
         for arm in plan.arms:
-            results[arm.name] = run_arm(exp, arm)
-        pair = plan.pair
+            measured = run_arm(exp, arm)
+            if measured is not None:
+                results[arm.name] = measured
+        # An arm that was not measured has no figures: the compare, break-evens and verdict leave it out.
+        pair = [name if name in results else None for name in (plan.pair.baseline, plan.pair.candidate,
+                                                                 plan.pair.naive)]
         parent_metrics, sensitivity = economics.roi_metrics(
-            pair.baseline, pair.candidate, pair.naive, results, {a.name: a.price for a in plan.arms}, exp.outcomes,
-            cfg.pricing, cfg.stats)
+            *pair, results, {a.name: a.price for a in plan.arms}, exp.outcomes, cfg.pricing, cfg.stats)
         summary = summarise(exp, results, parent_metrics, parent.info.run_id)
         log_parent_results(exp, summary, sensitivity, parent.info.run_name)
     print_table(summary, console)
@@ -83,6 +89,9 @@ def run_name(config_path: Path, overrides: list[str], when: time.struct_time) ->
 def prepare(plan: ExperimentPlan, console, force: bool) -> Experiment:
     """Read the data, templates, adapters and keys; fail with one line before any model loads."""
     cfg = plan.config
+    # A server that cannot answer is found before data loads or a model trains (not after a "finished" run).
+    for backend, models in plan.models_by_backend().items():
+        backend_class(backend).preflight(models)
     task = load_task(cfg.task, cfg.data)
     rows = eval_rows(task, cfg.eval.limit, cfg.data.seed)
     templates = {arm.name: load_template(arm.prompt) for arm in plan.arms}
@@ -121,8 +130,9 @@ def log_parent_inputs(exp: Experiment) -> None:
                          f"{task.name}-test", "eval")
 
 
-def run_arm(exp: Experiment, arm: Arm) -> dict[str, float]:
-    """One arm as a child run: get its model, measure it (or reuse a stored measurement), price it."""
+def run_arm(exp: Experiment, arm: Arm) -> dict[str, float] | None:
+    """One arm as a child run: get its model, measure it (or reuse a stored measurement), price it. None where
+    more of its calls failed than `eval.max_failed_rate` allows: its run ends FAILED, saying why."""
     with tracking.start_run(arm.name, nested=True) as child:
         mlflow.set_tags({"arm": arm.name, "arm_kind": arm.kind, "backend": arm.backend,
                          "model": exp.models.display_name(arm), tracking.ROLE_TAG: "arm",
@@ -137,45 +147,97 @@ def run_arm(exp: Experiment, arm: Arm) -> dict[str, float]:
                              "few_shot_k": exp.cfg.prompts.few_shot_k, "model_key": arm.model_key,
                              **flatten(arm.eval.model_dump(), "eval."),
                              **(flatten(arm.finetune.model_dump(), "finetune.") if arm.trains else {})})
+        # The failed-call limit judges a measurement; it changes nothing measured, so it is not in the key.
         key = stage_key("eval", data=exp.task.content_hash, limit=exp.cfg.eval.limit, seed=exp.cfg.data.seed,
-                        prompt=template.sha, examples=exp.examples, eval=arm.eval.model_dump(),
+                        prompt=template.sha, examples=exp.examples,
+                        eval=arm.eval.model_dump(exclude={"max_failed_rate"}),
                         model=exp.models.identity(arm), adapter=exp.models.adapter_key(arm, exp, template),
                         **({"quantize": arm.quantize} if arm.quantize else {}),
                         # A local arm's timings hold only on the machine and libraries that measured them.
-                        **({"machine": machine()} if arm.backend == "local" else {}))
-        done = exp.store.load(key)
-        if done is not None:
-            # Same inputs, same code: the stored evaluation stands; say so in the run.
-            metrics, predictions = done["metrics"], exp.store.path(key) / "predictions.jsonl"
-            mlflow.set_tags({"reused": "true", "reused_stage": key})
-            exp.console.print(f"{arm.name:<12} reused stored results ({key})")
-        else:
-            backend, metrics = exp.models.backend(arm, exp, template)
-            predictions = exp.run_dir / arm.name / "predictions.jsonl"
-            renderer = PromptRenderer(template, exp.models.tokenizer_for(arm), exp.task.labels, exp.examples)
-            try:
-                metrics.update(evaluate(exp, arm, backend, renderer, predictions, exp.console))
-            finally:
-                backend.close()
+                        **({"machine": machine()} if arm.model.in_process else {}))
+        metrics, predictions, fresh = measure_arm(exp, arm, template, key)
+        failure = unmeasured(arm, predictions)
+        if failure is not None:
+            log_not_measured(exp, arm, metrics, predictions, failure)
+            return None
+        if fresh:  # stored only once it counts as measured: a rerun retries an arm that was not
             exp.store.finish(key, {"metrics": metrics}, {"predictions.jsonl": predictions})
         exp.models.log_adapter(arm, exp, template)
         if metrics.get("tokens_estimated"):
             mlflow.set_tag("tokens", "estimated")
-        # Prices are not part of a stage: stored measurements are re-priced on every run.
-        pricing = exp.cfg.pricing
-        metrics["fixed_cost_usd"] = economics.fixed_cost(arm.kind, arm.fixed_cost_usd, pricing, metrics,
-                                                         len(exp.task.splits["train"]))
-        metrics.update(economics.arm_figures(arm.price, metrics, pricing))
-        rows = exp.outcomes[arm.name] = economics.ArmRows.from_predictions(read_predictions(predictions), exp.labels)
-        metrics.update(economics.arm_intervals(rows, arm.price, metrics, pricing, exp.cfg.stats))
-        mlflow.log_metrics(metrics)
-        mlflow.log_artifact(str(predictions))
-        log_label_scores(exp, arm, rows)
+        price_arm(exp, arm, metrics, predictions)
         exp.console.print(f"{arm.name:<12} accuracy {100 * metrics['accuracy']:.1f}%  "
                           f"invalid {100 * metrics['invalid_rate']:.1f}%  "
                           + (f"failed {100 * metrics['failed_rate']:.1f}%  " if metrics.get("failed_rate") else "")
                           + f"{metrics['prompt_tokens_mean']:.0f} prompt tokens  p50 {metrics['latency_p50_ms']:.0f} ms")
         return metrics
+
+
+def measure_arm(exp: Experiment, arm: Arm, template, key: str) -> tuple[dict[str, float], Path, bool]:
+    """The arm's measurements and predictions file: stored ones where its stage is finished (fresh: False),
+    else measured now."""
+    done = exp.store.load(key)
+    if done is not None:
+        # Same inputs, same code: the stored evaluation stands; say so in the run.
+        mlflow.set_tags({"reused": "true", "reused_stage": key})
+        exp.console.print(f"{arm.name:<12} reused stored results ({key})")
+        return done["metrics"], exp.store.path(key) / "predictions.jsonl", False
+    backend, metrics = exp.models.backend(arm, exp, template)
+    predictions = exp.run_dir / arm.name / "predictions.jsonl"
+    renderer = PromptRenderer(template, exp.models.tokenizer_for(arm), exp.task.labels, exp.examples)
+    try:
+        metrics.update(evaluate(exp, arm, backend, renderer, predictions, exp.console))
+    finally:
+        backend.close()
+    return metrics, predictions, True
+
+
+def unmeasured(arm: Arm, predictions: Path) -> Failure | None:
+    """Why the arm's figures would measure its failures rather than its model: more of its calls failed (after
+    their retries) than `eval.max_failed_rate` allows, or none was answered. None where it is measured."""
+    rows = read_predictions(predictions)
+    failed = [r for r in rows if r.get("error")]
+    if not failed or (len(failed) < len(rows) and len(failed) / len(rows) <= arm.eval.max_failed_rate):
+        return None
+    return Failure(len(failed), len(rows), failed[0]["error"])
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An arm that could not be measured: how many of its calls failed, and the first error (its key masked)."""
+
+    failed: int
+    calls: int
+    first_error: str
+
+    def __str__(self) -> str:
+        return not_measured(self.failed, self.calls, self.first_error)
+
+
+def log_not_measured(exp: Experiment, arm: Arm, metrics: dict[str, float], predictions: Path, failure: Failure) -> None:
+    """The arm's run ends FAILED with a `failure` tag and the failed-call counts, its predictions kept; no figure
+    measured from failures (latency, throughput, tokens, cost) is logged."""
+    mlflow.set_tag("failure", failure.first_error)
+    mlflow.log_metrics({"calls": float(failure.calls), "failed_calls": float(failure.failed),
+                        "failed_rate": failure.failed / failure.calls})
+    mlflow.log_artifact(str(predictions))
+    exp.not_measured[arm.name] = str(failure)
+    exp.console.print(f"{arm.name:<12} {failure}", markup=False)
+    mlflow.end_run("FAILED")
+
+
+def price_arm(exp: Experiment, arm: Arm, metrics: dict[str, float], predictions: Path) -> None:
+    """The arm's cost figures and intervals (prices are not part of a stage: stored measurements are re-priced on
+    every run), logged with its measurements, predictions and per-label scores."""
+    pricing = exp.cfg.pricing
+    metrics["fixed_cost_usd"] = economics.fixed_cost(arm.kind, arm.fixed_cost_usd, pricing, metrics,
+                                                     len(exp.task.splits["train"]))
+    metrics.update(economics.arm_figures(arm.price, metrics, pricing))
+    rows = exp.outcomes[arm.name] = economics.ArmRows.from_predictions(read_predictions(predictions), exp.labels)
+    metrics.update(economics.arm_intervals(rows, arm.price, metrics, pricing, exp.cfg.stats))
+    mlflow.log_metrics(metrics)
+    mlflow.log_artifact(str(predictions))
+    log_label_scores(exp, arm, rows)
 
 
 def log_label_scores(exp: Experiment, arm: Arm, rows: economics.ArmRows) -> None:
@@ -196,7 +258,7 @@ def summarise(exp: Experiment, arms: dict[str, dict[str, float]], parent: dict[s
         candidate_arm=exp.plan.pair.candidate, monthly_calls=cfg.pricing.monthly_calls, run_id=run_id,
         decoding=cfg.eval.decoding, parser=cfg.eval.parser, repeats=cfg.eval.repeats, notes=exp.notes,
         error_cost_usd=cfg.pricing.error_cost_usd,
-        confidence=cfg.stats.confidence,
+        confidence=cfg.stats.confidence, not_measured=dict(exp.not_measured),
     )
 
 

@@ -138,6 +138,8 @@ def build_facts(exp, summary: Summary, sensitivity: list[dict], run_name: str) -
         "monthly_calls": cfg.pricing.monthly_calls, "hours_per_month": cfg.pricing.hours_per_month,
         "error_cost_usd": cfg.pricing.error_cost_usd,
         "arms": arm_facts(exp, summary),
+        "not_measured": [{"name": name, "model": exp.models.display_name(_arms_by_name(exp)[name]), "why": why}
+                         for name, why in summary.not_measured.items()],
         "break_even": {"calls": p.get("break_even_calls"), "calls_ci": logged_ci(p, "break_even_calls"),
                        "payback_months": p.get("payback_months"),
                        "monthly_calls": p.get("break_even_monthly_calls"),

@@ -89,3 +89,9 @@ def p_reading(p: float | None, confidence: float) -> str:
     if p < alpha:
         return f"p < {alpha:g}: the accuracy difference is unlikely to be chance"
     return f"p ≥ {alpha:g}: the accuracy difference could be chance"
+
+
+def not_measured(failed: float, total: float, first_error: str | None) -> str:
+    """Why an arm has no figures: `not measured: 30 of 100 calls failed (first error: ...)`."""
+    return (f"not measured: {int(failed):,} of {int(total):,} calls failed"
+            + (f" (first error: {first_error})" if first_error else ""))

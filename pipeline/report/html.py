@@ -43,7 +43,9 @@ def _view(facts: dict) -> dict:
                     + ([usd(a.get("quality_adjusted_cost_per_1k_usd"))] if quality else []))
     if quality:
         head.append("Quality-adjusted cost / 1,000")
-    arms_table = _table(head, set(range(3, len(head))), rows, [a["name"] for a in arms])
+    failed = facts.get("not_measured") or []  # reports from before it have none
+    rows += [[f["name"], "-", f["model"], f["why"]] + ["-"] * (len(head) - 4) for f in failed]
+    arms_table = _table(head, set(range(3, len(head))), rows, [a["name"] for a in arms] + [f["name"] for f in failed])
 
     be = facts["break_even"]
     pair = (f"{be['candidate']} (candidate) vs {be['baseline']} (baseline)"

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.economics.costing import total_cost
-from pipeline.report.format import calls, finite, interval, logged_ci, number, pct, pct_interval, usd
+from pipeline.report.format import (calls, finite, interval, logged_ci, not_measured, number, pct, pct_interval,
+                                    usd)
 
 @dataclass
 class Summary:
@@ -32,6 +33,8 @@ class Summary:
     notes: list[str] = field(default_factory=list)
     error_cost_usd: float = 0.0
     confidence: float = 0.95  # of every interval (stats.confidence)
+    # Arms with no figures, and why: "not measured: N of M calls failed (first error: ...)".
+    not_measured: dict[str, str] = field(default_factory=dict)
 
     @property
     def break_even_calls(self) -> float | None:
@@ -67,6 +70,8 @@ def arm_rows(summary: Summary) -> list[list[str]]:
             usd(m.get("cost_per_1k_calls_usd", 1000 * m["cost_per_call_usd"])),
             usd(m.get("monthly_cost_usd")),
         ])
+    width = len(headers(summary))
+    rows += [[arm, why] + ["-"] * (width - 2) for arm, why in summary.not_measured.items()]
     return rows
 
 
@@ -78,6 +83,10 @@ def headers(summary: Summary) -> list[str]:
 def verdict(summary: Summary) -> str:
     """One sentence a team lead can act on: what each route costs a month at the configured volume (hosting
     counted), whether and when the fine-tune pays back, from which volume it is cheaper, and the quality."""
+    missing = [a for a in (summary.baseline_arm, summary.candidate_arm) if a in summary.not_measured]
+    if missing:
+        return (f"No verdict: {' and '.join(missing)} {'was' if len(missing) == 1 else 'were'} not measured "
+                f"({'; '.join(summary.not_measured[a].removeprefix('not measured: ') for a in missing)}).")
     if not summary.has_pair:
         return "Break-even needs a fine-tuned arm and a prompt arm to compare (compare.baseline, compare.candidate)."
     cand_name, base_name = summary.candidate_arm, summary.baseline_arm
@@ -221,6 +230,7 @@ def arms_table(summary: Summary) -> list[dict[str, Any]]:
                      "latency_p50_ms": round(m["latency_p50_ms"], 1),
                      "cost_per_1k_calls_usd": float(f"{m['cost_per_1k_calls_usd']:.4g}"),
                      "fixed_cost_usd": float(f"{summary.fixed_cost(arm):.4g}")})
+    rows += [{"arm": arm, "not_measured": why} for arm, why in summary.not_measured.items()]
     return rows
 
 
@@ -264,7 +274,10 @@ def summary_from_runs(parent, children) -> Summary:
     params = parent.data.params
     by_name = {child.data.tags["arm"]: child for child in children if child.data.tags.get("arm")}
     order = [a for a in params.get("arms", "").split(",") if a in by_name]  # as configured
-    arms = {name: dict(by_name[name].data.metrics) for name in order + sorted(set(by_name) - set(order))}
+    ordered = [by_name[name] for name in order + sorted(set(by_name) - set(order))]
+    arms = {r.data.tags["arm"]: dict(r.data.metrics) for r in ordered if "failure" not in r.data.tags}
+    failed = {r.data.tags["arm"]: not_measured(r.data.metrics.get("failed_calls", 0), r.data.metrics.get("calls", 0),
+                                               r.data.tags["failure"]) for r in ordered if "failure" in r.data.tags}
     return Summary(
         experiment=params.get("experiment", ""),
         task=parent.data.tags.get("task", ""),
@@ -284,6 +297,7 @@ def summary_from_runs(parent, children) -> Summary:
         error_cost_usd=float(params.get("pricing.error_cost_usd") or 0.0),
         confidence=float(params.get("stats.confidence") or 0.95),
         notes=[n for n in parent.data.tags.get("notes", "").split("\n") if n],
+        not_measured=failed,
     )
 
 

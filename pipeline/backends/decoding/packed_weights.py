@@ -1,27 +1,20 @@
 """Local decoding on CPU with linear kernels fit for a few rows: weights packed once for oneDNN, int8 direct.
 
 A plain `F.linear` on a CPU tensor hands MKL (fp32) or oneDNN (bf16) the row-major weight on every call. At the
-row counts decoding runs (1 to 64) each matmul is bound by reading its weight, and that way the default model's
-layers read theirs at ~10 GB/s. A copy packed once in oneDNN's blocked layout (what torch.compile's CPU freezing
-pass builds: `mkldnn._reorder_linear_weight`, then `mkldnn._linear_pointwise`) is faster, measured alternating
-in one process on the default model's layer shapes:
-- bf16 (a CPU with AVX-512 bf16): the same bits, 1.3-1.6x faster at 1-64 rows, ~1.05x at 640; decoding
-  1.3-1.5x faster at batch 1 and 1.1-1.2x at batch 32, identical answers.
-- fp32 (a 2-core AMD EPYC with AVX2 only, where bf16 has no kernels and `dtype: auto` is fp32): 1.9x faster at
-  1 row, 2.0-2.4x at 8-32, 1.3x at 128, 1.07x at 640, reading the weights at ~17 GB/s at batch 1 (that machine
-  sums memory at 18-22 GB/s); decoding 1.13-1.16x faster at batch 1 and 1.20-1.26x at batch 32. oneDNN adds in
-  another order than MKL, so logits differ in the last bits (relative ~1e-6); the answers to 64 naive and 64
-  engineered prompts were identical.
+row counts decoding runs (1 to 64) each matmul is bound by reading its weight. A copy packed once in oneDNN's
+blocked layout (what torch.compile's CPU freezing pass builds: `mkldnn._reorder_linear_weight`, then
+`mkldnn._linear_pointwise`) reads it faster: in bf16 with the same bits, in fp32 with sums in another order than
+MKL's (logits differ in the last bits). The figures, measured alternating in one process on the default model's
+shapes, are in the README ("How each number is measured") and `bench/prompt_arm.py`'s output.
 Inference only (the packed op has no backward), and bf16 only on CPUs whose oneDNN has bf16 kernels. The packed
 copies double the weights in memory while a `PackedWeights` holds them (a backend, until it closes).
 
-torchao's int8 weight-only layers cast the whole int8 weight to bf16 on every call, then multiply: at batch 1
-that made the int8 arm 2.5x slower than bf16, the opposite of what int8 weights are for. At up to
-`INT8_DIRECT_ROWS` rows they multiply by the int8 weight directly (`aten._weight_int8pack_mm`, torch's CPU kernel
-for int8 weight-only matmuls): 2.2x faster than torchao's path for the default model's layers at 1-4 rows, level
-at 16, slower beyond, where torchao's path stays. The same weights and scales; the scale is applied to the fp32
-sums rather than to their bf16 rounding, so outputs differ from torchao's by bf16 rounding (~0.5%). bf16 only: with
-fp32 inputs, on the AVX2 machine above, that kernel was slower than torchao's path (1.1x at 1 row, 6x at 8).
+torchao's int8 weight-only layers cast the whole int8 weight to bf16 on every call, then multiply: at a few rows
+that is slower than bf16, the opposite of what int8 weights are for. At up to `INT8_DIRECT_ROWS` rows they
+multiply by the int8 weight directly (`aten._weight_int8pack_mm`, torch's CPU kernel for int8 weight-only
+matmuls); beyond the measured crossover torchao's path stays. The same weights and scales; the scale is applied to
+the fp32 sums rather than to their bf16 rounding, so outputs differ from torchao's by bf16 rounding. bf16 only:
+with fp32 inputs that kernel was slower than torchao's path.
 """
 
 from __future__ import annotations
@@ -33,7 +26,7 @@ import torch
 
 from pipeline.models.replaced_forwards import forwards_replaced
 
-# Rows up to which an int8 layer multiplies by its int8 weight directly (measured crossover: ~16).
+# Rows up to which an int8 layer multiplies by its int8 weight directly (below the measured crossover).
 INT8_DIRECT_ROWS = 8
 # Packed copies double a model's weights in memory while they are held: only when that fits in this
 # share of the memory available.
@@ -56,8 +49,8 @@ def _packable_dtype(dtype: torch.dtype) -> bool:
 @cache
 def _bf16_kernels() -> bool:
     """Whether this CPU's oneDNN has bf16 kernels: asked once, not for every layer on every pass. Not what
-    `models.cpu_supports_bf16` asks (are bf16 matmuls native, so faster than fp32: what `dtype: auto` picks by):
-    oneDNN has bf16 kernels from AVX-512 on, native or not, so a model a user put in bf16 there is packed too."""
+    `dtype: auto` picks by (`models.dtype`: which dtype is faster here, measured): oneDNN has bf16 kernels from
+    AVX-512 on, native or not, so a model a user put in bf16 there is packed too."""
     return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 

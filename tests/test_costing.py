@@ -5,9 +5,14 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from pipeline.economics.prices import PerTokenPrice
-from pipeline.economics.costing import break_even, cached_call_cost, finetune_fixed_cost, total_cost
+from pipeline.economics.costing import break_even, finetune_fixed_cost
+from pipeline.economics.serving import PROVIDER_RULES, billed_call_cost
 
 API = PerTokenPrice(kind="per_token", input_usd_per_mtok=2.5, output_usd_per_mtok=10.0)
+
+
+def cached_call_cost(prompt, completion, price, prefix_tokens, hit_rate=1.0, provider="openai", batch=False):
+    return billed_call_cost(prompt, completion, prefix_tokens, price, PROVIDER_RULES[provider], hit_rate, batch)
 
 
 def test_per_token_cost_by_hand():
@@ -58,11 +63,11 @@ def test_total_costs_meet_at_break_even(fixed_prompt, per_call_prompt, fixed_ft,
     n = result.calls
     assert n >= 0 and math.isfinite(n)
     if fixed_ft > fixed_prompt:
-        assert total_cost(fixed_ft, per_call_ft, n) == pytest.approx(total_cost(fixed_prompt, per_call_prompt, n),
+        assert fixed_ft + per_call_ft * n == pytest.approx(fixed_prompt + per_call_prompt * n,
                                                                      rel=1e-6, abs=1e-9)
     # beyond break-even the fine-tuned route is never dearer
     later = n * 2 + 1
-    assert total_cost(fixed_ft, per_call_ft, later) <= total_cost(fixed_prompt, per_call_prompt, later) + 1e-9
+    assert fixed_ft + per_call_ft * later <= fixed_prompt + per_call_prompt * later + 1e-9
     assert result.payback_months == pytest.approx(n / monthly)
 
 
@@ -76,7 +81,7 @@ def test_per_token_cost_is_non_negative_and_monotone(prompt, completion, price_i
 
 # --- deployment, levers and both break-evens (issue: decision-grade economics) --------------------------
 
-from pipeline.economics.costing import (ArmCost, Deployment, cached_prefix_tokens, monthly_break_even,  # noqa: E402
+from pipeline.economics.costing import (ArmCost, Deployment, monthly_break_even,  # noqa: E402
                               one_off_break_even, quality_adjusted_per_call, sensitivity)
 
 OPENAI_LIKE = PerTokenPrice(kind="per_token", input_usd_per_mtok=2.5, output_usd_per_mtok=10.0,
@@ -88,24 +93,20 @@ ANTHROPIC_LIKE = PerTokenPrice(kind="per_token", input_usd_per_mtok=1.0, output_
 BOX = Deployment(usd_per_hour=0.10, min_replicas=1, target_utilisation=0.5)  # $73 a month per replica
 
 
-def test_a_provider_caches_only_a_long_enough_prefix():
-    assert cached_prefix_tokens(1200, 1024, 0.8) == pytest.approx((960, 240))
-    assert cached_prefix_tokens(800, 1024, 1.0) == (0.0, 0.0)  # below OpenAI's 1,024-token minimum
-
-
 def test_cached_call_cost_by_hand():
-    # 300 fresh * 2.5 + 1200 read * 1.25 + 5 out * 10 = 750 + 1500 + 50 = 2300 per 1e6
-    assert cached_call_cost(1500, 5, OPENAI_LIKE, prefix_tokens=1200) == pytest.approx(0.0023)
+    # OpenAI's rule caches whole 128-token steps: a 1,280-token prefix is cached whole.
+    # 220 fresh * 2.5 + 1280 read * 1.25 + 5 out * 10 = 550 + 1600 + 50 = 2200 per 1e6
+    assert cached_call_cost(1500, 5, OPENAI_LIKE, prefix_tokens=1280) == pytest.approx(0.0022)
     # a 900-token prefix is not cached at all: 1500 * 2.5 + 50 = 3800 per 1e6
     assert cached_call_cost(1500, 5, OPENAI_LIKE, prefix_tokens=900) == pytest.approx(0.0038)
-    # Anthropic-like: 1350 read * 0.1 + 150 written * 1.25 + 500 fresh * 1.0 + 10 out * 5 = 872.5 per 1e6
-    assert cached_call_cost(2000, 10, ANTHROPIC_LIKE, prefix_tokens=1500) == pytest.approx(0.0008725)
-    # the batch API: 300 * 1.25 + 1200 * 1.25 (cached) + 5 * 5 = 1900 per 1e6
-    assert cached_call_cost(1500, 5, OPENAI_LIKE, prefix_tokens=1200, batch=True) == pytest.approx(0.0019)
-    with pytest.raises(ValueError):
-        cached_call_cost(1500, 5, ANTHROPIC_LIKE, 1200, batch=True)  # no batch rates
-    # a prefix counted longer than the prompt the server counted never makes input negative: all of it cached
-    assert cached_call_cost(1100, 0, OPENAI_LIKE, prefix_tokens=1200) == pytest.approx(1100 * 1.25 / 1e6)
+    # Anthropic's rule: 1350 read * 0.1 + 150 written * 1.25 + 500 fresh * 1.0 + 10 out * 5 = 872.5 per 1e6
+    assert cached_call_cost(2000, 10, ANTHROPIC_LIKE, prefix_tokens=1500, hit_rate=0.9,
+                            provider="anthropic") == pytest.approx(0.0008725)
+    # OpenAI's batch API halves input and output and does not stack with the cache (before GPT-5):
+    # 1500 * 1.25 + 5 * 5 = 1900 per 1e6
+    assert cached_call_cost(1500, 5, OPENAI_LIKE, prefix_tokens=1280, batch=True) == pytest.approx(0.0019)
+    # a prefix counted longer than the prompt the server counted never makes input negative: 1,024 cached of 1,100
+    assert cached_call_cost(1100, 0, OPENAI_LIKE, prefix_tokens=1200) == pytest.approx((76 * 2.5 + 1024 * 1.25) / 1e6)
 
 
 def test_replicas_and_monthly_cost_by_hand():

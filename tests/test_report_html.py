@@ -54,6 +54,13 @@ def facts():
         "break_even": {"calls": 48213.4, "calls_ci": [31000.2, INF], "payback_months": 0.4018,
                        "monthly_calls": INF, "monthly_calls_ci": None, "quality_adjusted_calls": 20500.0,
                        "baseline": "engineered", "candidate": "qwen-lora"},
+        "horizon": {"months": 12, "tco_baseline_usd": 5840.0, "tco_candidate_usd": 4410.5,
+                    "tco_baseline_usd_ci": [5800.0, 5900.0], "tco_candidate_usd_ci": None,
+                    "ranges": [{"start": 0.0, "end": 250000.0, "state": "dearer"},
+                               {"start": 250000.0, "end": 120000000.0, "state": "cheaper"}]},
+        "what_if": [{"arm": "engineered", "model": "gpt-4o-mini", "monthly_usd": 33.1, "horizon_usd": 1197.2,
+                     "price_date": "2026-11-20"}],
+        "cost_chart_text": "qwen-lora costs less over 12 months from 250,000 calls/month on.",
         "claims": [{"claim": "Fine-tuning cuts prompt tokens by 95%", "measured": "1,840.5 -> 38.0 tokens (-97.9%)"},
                    {"claim": "The fine-tuned model is at least as accurate", "measured": "90.1% vs 77.3%"}],
         "levers": [{"lever": "shorter prompt", "arm": "engineered", "detail": "drop 40 of 77 examples",
@@ -151,10 +158,14 @@ def test_markdown_content(facts):
     for arm in facts["arms"]:
         assert f"| {arm['name']} |" in md
     assert "48,214 [31,001–never]" in md
-    assert "**Monthly break-even volume (calls/month):** never" in md
+    assert "**Fine-tune cheaper over 12 months from (calls/month):** never" in md
+    assert "**Total cost over 12 months, engineered:** $5,840.00 [$5,800.00–$5,900.00]" in md
+    assert "dearer from 0 to 250,000; cheaper from 250,000 to 120,000,000" in md
     assert "0.4 months" in md and "20,500" in md
+    assert "## What the prompt would cost hosted" in md and "| engineered | gpt-4o-mini | $33.10 | $1,197.20 |" in md
     assert "84.2%" in md and "$1.84e-06 [$1.75e-06–$1.94e-06]" in md
-    assert "![Cumulative cost against call volume](cost_vs_volume.png)" in md and "(sensitivity.png)" in md
+    assert "![qwen-lora costs less over 12 months from 250,000 calls/month on.](cost_vs_volume.png)" in md
+    assert "(sensitivity.png)" in md
     assert "|---|---|---|---:|" in md  # numbers right-aligned
     assert "p < 0.05: the accuracy difference is unlikely to be chance" in md
     assert "lambdalabs.com/service/gpu-cloud" in md and "transformers" in md and "5.24.0" in md

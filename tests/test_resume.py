@@ -150,3 +150,109 @@ def test_ctrl_c_ends_runs_killed_and_keeps_the_predictions_so_far(tmp_path):
     kept = Path(local).read_text().splitlines()
     assert 1 <= len(kept) < 200
     assert not list(out.glob("stages/eval-*/done.json"))  # an interrupted evaluation is not stored as finished
+
+
+# The default task at its real size (911 rows, 57 steps an epoch at batch 16, 114 in all), fp32, a checkpoint every
+# 20 steps, trained in its own process so that a SIGKILL ends it as it would a user's run.
+TRAINER = """
+import json, sys, time
+from pathlib import Path
+import torch
+from pipeline.experiment.config import FinetuneConfig, ModelConfig
+from pipeline.models.loading import load_model, load_tokenizer, resolve_source
+from pipeline.training.lora import finetune
+
+out, log, hang_at = Path(sys.argv[1]), open(sys.argv[2], "a"), int(sys.argv[3])
+if hang_at:  # stall the save of checkpoint-<hang_at> after its weights and optimizer, before its state file
+    from transformers import Trainer
+    save = Trainer._save_rng_state
+    def stalled(self, output_dir):
+        save(self, output_dir)
+        if Path(output_dir).name == f"checkpoint-{hang_at}":
+            (out / "saving").write_text(output_dir)
+            time.sleep(3600)
+    Trainer._save_rng_state = stalled
+rows = [json.loads(line) for line in Path("datasets/support_tickets/train.jsonl").read_text().splitlines()]
+source = resolve_source(ModelConfig())
+def on_log(values, step):
+    log.write(json.dumps({"step": step, "loss": values["loss"], "lr": values["learning_rate"]}) + "\\n")
+    log.flush()
+result = finetune(load_model(source, torch.float32), load_tokenizer(source), [r["text"] for r in rows],
+                  [r["label"] for r in rows], FinetuneConfig(dtype="float32", checkpoint_steps=20, logging_steps=1),
+                  torch.float32, out, on_log=on_log,
+                  on_resume=lambda checkpoint: log.write(json.dumps({"resumed_from": Path(checkpoint).name}) + "\\n"))
+log.write(json.dumps({"inexact": result.resumed_inexact, "train_loss": result.train_loss}) + "\\n")
+"""
+
+
+def _train(out: Path, log: Path, hang_at: int = 0) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", TRAINER, str(out), str(log), str(hang_at)], cwd=ROOT,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def _kill_when(proc: subprocess.Popen, ready, after_s: float = 0.0) -> None:
+    deadline = time.time() + 1800
+    while not ready():
+        assert proc.poll() is None, "training ended before it could be killed"
+        assert time.time() < deadline, "the kill point never came"
+        time.sleep(0.1)
+    time.sleep(after_s)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def _complete(out: Path, step: int) -> bool:
+    try:
+        state = json.loads((out / "trainer" / f"checkpoint-{step}" / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return "TrainClock" in state.get("stateful_callbacks", {})
+
+
+def _entries(log: Path) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def _losses(entries: list[dict]) -> dict[int, tuple[float, float]]:
+    return {e["step"]: (e["loss"], e["lr"]) for e in entries if "step" in e}
+
+
+@pytest.mark.slow
+def test_sigkilled_training_at_its_real_size_resumes_to_the_uninterrupted_one(tmp_path):
+    """Killed 2 s after a checkpoint in the first epoch (40), 2 s after one in the second (80), and while one is
+    being written (100, after its weights, optimizer and RNG state): each resume goes on with the same loss and
+    learning rate at every step as the uninterrupted training, to the same adapter within 1e-6."""
+    whole_log, log = tmp_path / "whole.jsonl", tmp_path / "killed-{}.jsonl"
+    proc = _train(tmp_path / "whole", whole_log)
+    assert proc.wait() == 0
+    whole = _losses(_entries(whole_log))
+    assert sorted(whole) == list(range(1, 115))
+
+    out = tmp_path / "killed"
+    _kill_when(_train(out, Path(str(log).format(1))), lambda: _complete(out, 40), after_s=2)
+    _kill_when(_train(out, Path(str(log).format(2))), lambda: _complete(out, 80), after_s=2)
+    _kill_when(_train(out, Path(str(log).format(3)), hang_at=100), lambda: (out / "saving").exists())
+    assert (out / "trainer" / "checkpoint-100").is_dir() and not _complete(out, 100)
+    assert _train(out, Path(str(log).format(4))).wait() == 0
+
+    first = _losses(_entries(Path(str(log).format(1))))
+    assert min(first) == 1 and max(first) >= 40 and all(first[step] == whole[step] for step in first)
+    for part, checkpoint, last in [(2, 40, None), (3, 80, 100), (4, 80, 114)]:
+        entries = _entries(Path(str(log).format(part)))
+        assert entries[0] == {"resumed_from": f"checkpoint-{checkpoint}"}, (part, entries[:1])
+        steps = _losses(entries)
+        assert min(steps) == checkpoint + 1 and (last is None or max(steps) >= last), (part, sorted(steps))
+        for step, (loss, lr) in steps.items():
+            assert loss == pytest.approx(whole[step][0], abs=1e-6) and lr == whole[step][1], (part, step)
+    assert _entries(Path(str(log).format(4)))[-1]["inexact"] is None
+    assert _entries(Path(str(log).format(4)))[-1]["train_loss"] == pytest.approx(_entries(whole_log)[-1]["train_loss"],
+                                                                                  abs=1e-6)
+    a, b = _adapter_at(tmp_path / "whole"), _adapter_at(out)
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+def _adapter_at(out: Path):
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.economics.stats import (bootstrap_intervals, confusion_matrix_png, macro_f1_present, mcnemar_exact,
+from pipeline.report.charts import confusion_matrix_png
+from pipeline.economics.stats import (bootstrap_intervals, macro_f1_present, mcnemar_exact,
                             per_label_table)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -17,7 +17,8 @@ from rich.console import Console
 from conftest import ROOT
 from pipeline.training import lora as training
 from pipeline.experiment.config import FinetuneConfig, ModelConfig
-from pipeline.models.loading import load_model, pick_dtype, resolve_source
+from pipeline.models.loading import load_model, resolve_source
+from pipeline.models.dtype import pick_dtype
 
 # Tiny: 12 short rows, 2 per step; checkpoints at steps 2, 4 and 6 (the Trainer keeps the last two).
 pytestmark = pytest.mark.model  # real model runs: left out of make test-fast
@@ -219,3 +220,85 @@ def test_cpu_training_runs_the_adapters_in_bf16_on_every_linear_layer(tmp_path, 
     assert len(lora_layers) == 30 * 7 and not any("forward" in vars(m) for m in lora_layers)  # peft's forward is back
     _finetune(tmp_path / "bf16", tokenizer, cfg.model_copy(update={"adapter_fp32": False}))
     assert layers == [30 * 7]  # bf16 adapters compute in bf16 already
+
+
+# Two epochs of 4 steps (16 rows, 4 a step), a checkpoint every 3 steps: checkpoint-3 in the first epoch,
+# checkpoint-6 in the second. fp32, so a resume that restores everything gives the same numbers to the last bit;
+# LoRA dropout and the length-grouped order (the defaults) draw random numbers in every step and epoch.
+EXACT = FinetuneConfig(epochs=2, batch_size=4, max_length=64, checkpoint_steps=3, logging_steps=1)
+
+
+_LORA_TRAINER = training._lora_trainer  # as built, before any test wraps it
+
+
+class _Stop(Exception):
+    """Raised right after a checkpoint is written: training ends there as a kill would."""
+
+
+def _exact_finetune(out: Path, tokenizer, monkeypatch, stop_after: int | None = None):
+    """A fp32 training of 16 rows; its per-step losses and learning rates; stopped after checkpoint `stop_after`."""
+    import torch
+    from transformers import TrainerCallback
+
+    class StopAfter(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == stop_after:
+                raise _Stop
+
+    def with_stop(*args, **kwargs):
+        trainer = _LORA_TRAINER(*args, **kwargs)
+        trainer.add_callback(StopAfter())
+        return trainer
+
+    monkeypatch.setattr(training, "_lora_trainer", with_stop)
+    rows = [json.loads(line) for line in
+            (ROOT / "datasets" / "support_tickets" / "train.jsonl").read_text().splitlines()[:16]]
+    steps: dict[int, tuple[float, float]] = {}
+    model = load_model(resolve_source(ModelConfig()), torch.float32)
+    try:
+        result = training.finetune(model, tokenizer, [r["text"] for r in rows], [r["label"] for r in rows], EXACT,
+                                   torch.float32, out,
+                                   on_log=lambda v, step: steps.__setitem__(step, (v["loss"], v["learning_rate"])))
+    except _Stop:
+        result = None
+    return result, steps
+
+
+def test_a_resume_in_either_epoch_is_the_uninterrupted_training(tmp_path, tokenizer, monkeypatch):
+    """Stopped after a checkpoint in the first or the second epoch and resumed, training goes on as if never
+    stopped: the same loss and learning rate at every step after the checkpoint, the same adapter to 1e-6, the
+    same reported training loss. (The second epoch's order was drawn from the global RNG at the resume before.)"""
+    whole, whole_steps = _exact_finetune(tmp_path / "whole", tokenizer, monkeypatch)
+    assert sorted(whole_steps) == list(range(1, 9))
+    stopped, _ = _exact_finetune(tmp_path / "stopped", tokenizer, monkeypatch, stop_after=6)
+    assert stopped is None
+    for checkpoint in (3, 6):
+        out = tmp_path / f"from{checkpoint}"
+        shutil.copytree(tmp_path / "stopped", out)
+        for newer in (out / "trainer").glob("checkpoint-*"):
+            if int(newer.name.split("-")[1]) > checkpoint:
+                shutil.rmtree(newer)
+        resumed, steps = _exact_finetune(out, tokenizer, monkeypatch)
+        assert resumed.resumed_from == str(out / "trainer" / f"checkpoint-{checkpoint}")
+        assert resumed.resumed_inexact is None
+        assert sorted(steps) == list(range(checkpoint + 1, 9))
+        for step, (loss, lr) in steps.items():
+            assert loss == pytest.approx(whole_steps[step][0], abs=1e-6), (checkpoint, step)
+            assert lr == whole_steps[step][1], (checkpoint, step)
+        a, b = _adapter(tmp_path / "whole"), _adapter(out)
+        assert a.keys() == b.keys()
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6, checkpoint
+        assert resumed.train_loss == pytest.approx(whole.train_loss, abs=1e-6)  # the whole training's mean
+
+
+def test_a_resume_that_draws_another_data_order_says_so(tmp_path, tokenizer, monkeypatch):
+    """Where the epoch in progress is drawn again in another order than the checkpoint recorded, the result
+    says the resume is inexact rather than passing it off as the same training."""
+    _exact_finetune(tmp_path, tokenizer, monkeypatch, stop_after=3)
+    monkeypatch.setattr(training._EpochSeededLengthGroups, "set_epoch", lambda self, epoch: None)
+    state = tmp_path / "trainer" / "checkpoint-3" / "trainer_state.json"
+    recorded = json.loads(state.read_text())
+    recorded["stateful_callbacks"]["TrainClock"]["attributes"]["order"]["digest"] = "another order"
+    state.write_text(json.dumps(recorded))
+    resumed, _ = _exact_finetune(tmp_path, tokenizer, monkeypatch)
+    assert resumed.resumed_inexact and "data order" in resumed.resumed_inexact

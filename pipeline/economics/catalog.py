@@ -38,6 +38,8 @@ class TokenPrices:
     cache_min_prefix_tokens: int
     source: str
     date: str
+    provider: str | None = None
+    deprecation_date: str | None = None
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,8 @@ class Catalog:
         per_mtok = {ours: None if row.get(f) is None else round(row[f] * 1e6, 10) for f, ours in _PER_MTOK.items()}
         cmin = next((row[f] for f in ("cache_min_prefix_tokens", "prompt_cache_min_tokens") if row.get(f) is not None),
                     DEFAULT_CACHE_MIN_PREFIX_TOKENS)
-        return TokenPrices(**per_mtok, cache_min_prefix_tokens=int(cmin), source=row["source"], date=row["date"])
+        return TokenPrices(**per_mtok, cache_min_prefix_tokens=int(cmin), source=row["source"], date=row["date"],
+                           provider=row.get("litellm_provider"), deprecation_date=row.get("deprecation_date"))
 
     def hardware(self, name: str) -> Hardware:
         """An hourly hardware preset, e.g. 't4'."""

@@ -12,41 +12,9 @@ import math
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Iterator
 
-from pipeline.economics.prices import PerTokenPrice
 
 SECONDS_PER_HOUR = 3600.0
 HOURS_PER_MONTH = 730.0  # 365 * 24 / 12
-
-
-def cached_prefix_tokens(prefix_tokens: float, min_prefix_tokens: int, hit_rate: float) -> tuple[float, float]:
-    """(read, written) prompt tokens per call under a provider's caching rule.
-
-    A provider caches only a static prefix of at least `min_prefix_tokens` (OpenAI: 1,024); a call
-    then reads it from the cache with probability `hit_rate` and otherwise writes it.
-    """
-    if prefix_tokens < min_prefix_tokens:
-        return 0.0, 0.0
-    return prefix_tokens * hit_rate, prefix_tokens * (1.0 - hit_rate)
-
-
-def cached_call_cost(prompt_tokens: float, completion_tokens: float, price: PerTokenPrice, prefix_tokens: float,
-                     batch: bool = False) -> float:
-    """USD for one API call with the provider's prompt caching applied to the static prefix (and its batch
-    prices when `batch`): reads at the cached rate, writes at the cache-write rate (else the input rate)."""
-    input_rate, output_rate = price.input_usd_per_mtok, price.output_usd_per_mtok
-    if batch:
-        if price.batch_input_usd_per_mtok is None or price.batch_output_usd_per_mtok is None:
-            raise ValueError("this price has no batch rates")
-        input_rate, output_rate = price.batch_input_usd_per_mtok, price.batch_output_usd_per_mtok
-    read, written = (0.0, 0.0)
-    # The prefix is counted with a local tokenizer, the prompt maybe by the server: never more than the prompt.
-    prefix_tokens = min(prefix_tokens, prompt_tokens)
-    if price.cached_input_usd_per_mtok is not None:
-        read, written = cached_prefix_tokens(prefix_tokens, price.cache_min_prefix_tokens, price.cache_hit_rate)
-    fresh = prompt_tokens - read - written
-    write_rate = price.cache_write_usd_per_mtok if price.cache_write_usd_per_mtok is not None else input_rate
-    read_rate = price.cached_input_usd_per_mtok or 0.0
-    return (fresh * input_rate + read * read_rate + written * write_rate + completion_tokens * output_rate) / 1e6
 
 
 @dataclass(frozen=True)
@@ -206,10 +174,6 @@ def break_even(
         return BreakEven(None, None)
     calls = max(0.0, (fixed_finetune - fixed_prompt) / saving)
     return BreakEven(calls, calls / monthly_calls)
-
-
-def total_cost(fixed: float, per_call: float, calls: float) -> float:
-    return fixed + per_call * calls
 
 
 def ratio(numerator: float, denominator: float) -> float:

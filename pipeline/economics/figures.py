@@ -9,21 +9,18 @@ prices, metrics and rows, never a file, a run or a config file.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
-from pipeline.economics.costing import (ArmCost, Deployment, cached_call_cost, finetune_fixed_cost, monthly_break_even,
-                                       one_off_break_even, quality_adjusted_per_call, ratio, sensitivity)
-from pipeline.economics.prices import PerHourPrice, PerTokenPrice, PricingConfig, StatsConfig
+from pipeline.economics.costing import (ArmCost, finetune_fixed_cost, one_off_break_even, quality_adjusted_per_call,
+                                       ratio, sensitivity)
+from pipeline.economics.prices import PerTokenPrice, PricingConfig, StatsConfig
+from pipeline.economics.routes import ApiUsage, Price, running_cost, scaled
+from pipeline.economics.serving import AlwaysOn
 from pipeline.economics.stats import bootstrap_intervals, macro_f1_present, mcnemar_exact
-
-Price = Union[PerTokenPrice, PerHourPrice]
-
-# How far past the configured volume the monthly break-even is searched.
-SEARCH_VOLUME_X = 1000
 
 
 @dataclass
@@ -58,31 +55,28 @@ class ArmRows:
 
 def arm_cost(price: Price, metrics: dict[str, float], pricing: PricingConfig,
              prompt_tokens: float | None = None, completion_tokens: float | None = None) -> ArmCost:
-    """The arm's cost model: an API's per-call price from its measured tokens (the provider's caching rule
-    applied to the prompt's static prefix, whatever the local prefix cache did), or a deployment of
-    replicas at the measured throughput; plus its one-off cost."""
-    fixed = metrics.get("fixed_cost_usd", 0.0)
-    if isinstance(price, PerTokenPrice):
-        per_call = cached_call_cost(metrics["prompt_tokens_mean"] if prompt_tokens is None else prompt_tokens,
-                                    metrics["completion_tokens_mean"] if completion_tokens is None else completion_tokens,
-                                    price, metrics.get("prefix_tokens", 0.0))
-        return ArmCost(per_call_usd=per_call, fixed_usd=fixed, hours_per_month=pricing.hours_per_month)
-    return ArmCost(deployment=Deployment(price.usd_per_hour, price.min_replicas, price.target_utilisation),
-                   throughput_calls_per_s=metrics["throughput_calls_per_s"], fixed_usd=fixed,
+    """The arm's cost per call at the configured monthly volume, as deployed (`routes.running_cost`: an API as
+    billed, replicas sized for the volume's peak), plus its one-off cost."""
+    volume = pricing.monthly_calls
+    running = running_cost(price, metrics, pricing, prompt_tokens, completion_tokens)
+    return ArmCost(per_call_usd=running.monthly(volume) / volume, fixed_usd=metrics.get("fixed_cost_usd", 0.0),
                    hours_per_month=pricing.hours_per_month)
 
 
 def arm_figures(price: Price, metrics: dict[str, float], pricing: PricingConfig) -> dict[str, float]:
     """What the arm costs at the configured monthly volume, and what each lever would change."""
-    volume, cost = pricing.monthly_calls, arm_cost(price, metrics, pricing)
-    per_call = cost.per_call(volume)
-    figures = {"cost_per_call_usd": per_call, "cost_per_1k_calls_usd": 1000 * per_call,
-               "monthly_cost_usd": cost.monthly(volume)}
-    if cost.deployment is not None:
-        figures["replicas"] = float(cost.replicas(volume))
+    volume = pricing.monthly_calls
+    running = running_cost(price, metrics, pricing)
+    monthly = running.monthly(volume)
+    figures = {"cost_per_call_usd": monthly / volume, "cost_per_1k_calls_usd": 1000 * monthly / volume,
+               "monthly_cost_usd": monthly}
+    if isinstance(running, AlwaysOn):
+        figures["replicas"] = float(running.replicas(volume))
+    if isinstance(running, ApiUsage):
+        figures["cache_hit_rate"] = running.hit_rate(volume)
     if pricing.error_cost_usd:
         figures["quality_adjusted_cost_per_call_usd"] = quality_adjusted_per_call(
-            per_call, metrics["accuracy"], pricing.error_cost_usd)
+            monthly / volume, metrics["accuracy"], pricing.error_cost_usd)
     figures.update(lever_figures(price, metrics, pricing))
     return figures
 
@@ -92,17 +86,15 @@ def lever_figures(price: Price, metrics: dict[str, float], pricing: PricingConfi
     (API arms), or every call served at batch 1 (self-hosted arms measured at batch 1 too)."""
     volume, out = pricing.monthly_calls, {}
     if isinstance(price, PerTokenPrice):
-        tokens = (metrics["prompt_tokens_mean"], metrics["completion_tokens_mean"])
+        usage = running_cost(price, metrics, pricing)
         if price.cached_input_usd_per_mtok is not None:
-            uncached = price.model_copy(update={"cached_input_usd_per_mtok": None})
-            out["cost_per_1k_calls_usd_no_cache"] = 1000 * cached_call_cost(*tokens, uncached, 0.0)
+            uncached = replace(usage, price=price.model_copy(update={"cached_input_usd_per_mtok": None}))
+            out["cost_per_1k_calls_usd_no_cache"] = 1000 * uncached.per_call(volume)
         if price.batch_input_usd_per_mtok is not None and price.batch_output_usd_per_mtok is not None:
-            out["cost_per_1k_calls_usd_batch_api"] = 1000 * cached_call_cost(
-                *tokens, price, metrics.get("prefix_tokens", 0.0), batch=True)
+            out["cost_per_1k_calls_usd_batch_api"] = 1000 * replace(usage, batch=True).per_call(volume)
     elif metrics.get("throughput_calls_per_s_batch1"):
-        at_batch1 = arm_cost(price, {**metrics, "throughput_calls_per_s": metrics["throughput_calls_per_s_batch1"]},
-                             pricing)
-        out["cost_per_1k_calls_usd_batch1"] = 1000 * at_batch1.per_call(volume)
+        at_batch1 = {**metrics, "throughput_calls_per_s": metrics["throughput_calls_per_s_batch1"], "batch_size": 1}
+        out["cost_per_1k_calls_usd_batch1"] = 1000 * arm_cost(price, at_batch1, pricing).per_call(volume)
     return out
 
 
@@ -145,13 +137,11 @@ class Pair:
         """Both arms' cost models, with inputs scaled by `factors` (sensitivity), resampled token means,
         and each wrong answer priced at `pricing.error_cost_usd` when `quality` gives the accuracies."""
         f = factors or {}
-        base = arm_cost(self.base_price, self.base_metrics, pricing, *(base_tokens or (None, None)))
-        cand = arm_cost(self.cand_price, self.cand_metrics, pricing, *(cand_tokens or (None, None)))
-        base = base.scaled(per_call_usd=f.get("baseline price", 1.0), usd_per_hour=f.get("baseline price", 1.0),
-                           throughput=f.get("baseline throughput", 1.0))
-        cand = cand.scaled(per_call_usd=f.get("candidate price", 1.0), usd_per_hour=f.get("candidate price", 1.0),
-                           throughput=f.get("candidate throughput", 1.0),
-                           fixed_usd=f.get("fine-tune one-off cost", 1.0))
+        base = arm_cost(*scaled(self.base_price, self.base_metrics, f.get("baseline price", 1.0),
+                                f.get("baseline throughput", 1.0)), pricing, *(base_tokens or (None, None)))
+        cand = arm_cost(*scaled(self.cand_price, self.cand_metrics, f.get("candidate price", 1.0),
+                                f.get("candidate throughput", 1.0)), pricing, *(cand_tokens or (None, None)))
+        cand = cand.scaled(fixed_usd=f.get("fine-tune one-off cost", 1.0))
         if quality is not None:
             base = _with_errors(base, quality[0], pricing.error_cost_usd)
             cand = _with_errors(cand, quality[1], pricing.error_cost_usd)
@@ -164,32 +154,29 @@ def _with_errors(cost: ArmCost, accuracy: float, error_cost_usd: float) -> ArmCo
 
 
 @lru_cache(maxsize=4096)  # resamples of self-hosted pairs repeat the same costs: solve each once
-def break_evens(base: ArmCost, cand: ArmCost, volume: float) -> tuple[float, float]:
-    """(one-off break-even calls, monthly break-even volume); inf where there is none."""
+def one_off_calls(base: ArmCost, cand: ArmCost, volume: float) -> float:
+    """Calls at this volume until the candidate's extra one-off cost is paid back by its saving a call; inf
+    where it never is."""
     one_off = one_off_break_even(base, cand, volume)
-    monthly = monthly_break_even(base, cand, SEARCH_VOLUME_X * volume)
-    return (math.inf if one_off.never else one_off.calls), (math.inf if monthly is None else monthly)
+    return math.inf if one_off.never else one_off.calls
 
 
 def pair_metrics(pair: Pair, rows: dict[str, ArmRows], pricing: PricingConfig, stats: StatsConfig) -> dict[str, float]:
-    """Parent-run figures of the compare pair: both break-evens (and quality-adjusted ones) with intervals,
-    payback months, and McNemar's p between the two arms."""
+    """Parent-run figures of the compare pair at the configured volume: the one-off break-even (calls until the
+    fine-tune's extra one-off cost is paid back by its saving per call; and quality-adjusted) with its interval,
+    and McNemar's p between the two arms. The horizon figures are `economics.decision`'s."""
     volume = pricing.monthly_calls
-    one_off, monthly = break_evens(*pair.costs(pricing), volume)
-    out: dict[str, float] = {"break_even_calls": one_off, "break_even_monthly_calls": monthly,
-                             "payback_months": one_off / volume}
+    one_off = one_off_calls(*pair.costs(pricing), volume)
+    out: dict[str, float] = {"break_even_calls": one_off}
     if pricing.error_cost_usd:
         quality = (pair.base_metrics["accuracy"], pair.cand_metrics["accuracy"])
-        q_one_off, q_monthly = break_evens(*pair.costs(pricing, quality=quality), volume)
-        out.update({"quality_adjusted_break_even_calls": q_one_off,
-                    "quality_adjusted_break_even_monthly_calls": q_monthly})
+        out["quality_adjusted_break_even_calls"] = one_off_calls(*pair.costs(pricing, quality=quality), volume)
     base_rows, cand_rows = rows[pair.baseline], rows[pair.candidate]
     out["mcnemar_p"] = mcnemar_exact(base_rows.correct, cand_rows.correct)
 
     def statistic(idx: np.ndarray) -> dict[str, float]:
         costs = pair.costs(pricing, base_tokens=base_rows.token_means(idx), cand_tokens=cand_rows.token_means(idx))
-        calls, monthly_calls = break_evens(*costs, volume)
-        return {"break_even_calls": calls, "break_even_monthly_calls": monthly_calls}
+        return {"break_even_calls": one_off_calls(*costs, volume)}
 
     out.update(_flatten_intervals(bootstrap_intervals(len(base_rows.correct), statistic, stats.resamples,
                                                       stats.seed, stats.confidence)))
@@ -201,15 +188,13 @@ SENSITIVITY_FACTORS = ("baseline price", "candidate price", "baseline throughput
 
 
 def break_even_sensitivity(pair: Pair, pricing: PricingConfig, spread: float = 0.5) -> list[dict[str, Any]]:
-    """Both break-evens with each input alone at -50% and +50%: the rows of the tornado chart."""
-    rows = []
-    for figure, position in (("break_even_calls", 0), ("break_even_monthly_calls", 1)):
-        def evaluate(factors: dict[str, float]) -> float:
-            return break_evens(*pair.costs(pricing, factors), pricing.monthly_calls)[position]
+    """The one-off break-even with each input alone at -50% and +50%: rows of the tornado chart."""
 
-        for name, low, high in sensitivity(evaluate, list(SENSITIVITY_FACTORS), spread):
-            rows.append({"figure": figure, "factor": name, "low": low, "high": high})
-    return rows
+    def evaluate(factors: dict[str, float]) -> float:
+        return one_off_calls(*pair.costs(pricing, factors), pricing.monthly_calls)
+
+    return [{"figure": "break_even_calls", "factor": name, "low": low, "high": high}
+            for name, low, high in sensitivity(evaluate, list(SENSITIVITY_FACTORS), spread)]
 
 
 def prompt_pair_metrics(rows: dict[str, ArmRows], baseline: str | None, naive: str | None) -> dict[str, float]:
@@ -237,23 +222,3 @@ def fixed_cost(kind: str, given_usd: float | None, pricing: PricingConfig, metri
         return metrics.get("train_tokens", 0.0) * rates.training_usd_per_mtok / 1e6 + labelling
     return finetune_fixed_cost(metrics.get("train_time_s", 0.0), rates.usd_per_hour, n_train,
                                rates.labelling_usd_per_example)
-
-
-def roi_metrics(baseline: str | None, candidate: str | None, naive: str | None, arms: dict[str, dict[str, float]],
-                prices: dict[str, Price], rows: dict[str, ArmRows], pricing: PricingConfig,
-                stats: StatsConfig) -> tuple[dict[str, float], list[dict]]:
-    """Parent-run metrics for the compare pair (fixed cost, both break-evens with intervals, payback,
-    McNemar's p, token reduction, prompt gain) and the break-evens' sensitivity rows."""
-    out: dict[str, float] = {}
-    if baseline and naive and baseline != naive:
-        out["prompt_gain_pts"] = 100 * (arms[baseline]["accuracy"] - arms[naive]["accuracy"])
-        out.update(prompt_pair_metrics(rows, baseline, naive))
-    if not candidate:
-        return out, []
-    out["finetune_fixed_cost_usd"] = arms[candidate]["fixed_cost_usd"]
-    if not baseline:
-        return out, []
-    pair = Pair(baseline, candidate, prices[baseline], prices[candidate], arms[baseline], arms[candidate])
-    out["token_reduction_x"] = token_reduction(arms[baseline], arms[candidate])
-    out.update(pair_metrics(pair, rows, pricing, stats))
-    return out, break_even_sensitivity(pair, pricing)

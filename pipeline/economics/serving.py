@@ -223,3 +223,26 @@ def batch_price_mismatches(price: PerTokenPrice, rule: ProviderRule, rel: float 
              "batch_output_usd_per_mtok": (price.batch_output_usd_per_mtok, price.output_usd_per_mtok)}
     return [name for name, (batch, standard) in pairs.items()
             if batch is not None and abs(batch - standard * rule.batch_factor) > rel * standard * rule.batch_factor]
+
+
+def provider_rule(provider: str | None) -> ProviderRule:
+    """The billing rule of a price's provider (LiteLLM's provider names); OpenAI's where unknown."""
+    return PROVIDER_RULES.get(provider or "openai", PROVIDER_RULES["openai"])
+
+
+def price_notes(name: str, price: PerTokenPrice, today: str, max_age_days: int) -> list[str]:
+    """One line each for what a reader should doubt in a price: past its deprecation date, older than
+    `max_age_days`, or batch rates that are not the provider's batch rule applied to its prices."""
+    import datetime
+
+    notes, day = [], datetime.date.fromisoformat(today)
+    if price.deprecation_date and datetime.date.fromisoformat(price.deprecation_date[:10]) < day:
+        notes.append(f"price {name}: the model was deprecated on {price.deprecation_date[:10]}")
+    if price.date and (day - datetime.date.fromisoformat(price.date[:10])).days > max_age_days:
+        notes.append(f"price {name}: dated {price.date[:10]}, older than pricing.max_price_age_days "
+                     f"({max_age_days}); check the provider's current price")
+    wrong = batch_price_mismatches(price, provider_rule(price.provider))
+    if wrong:
+        notes.append(f"price {name}: {', '.join(wrong)} is not {provider_rule(price.provider).batch_factor:g}x the "
+                     "standard price, as the provider's batch rule has it; the batch rule is used")
+    return notes

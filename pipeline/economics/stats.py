@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 from scipy.stats import binomtest, bootstrap
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+from sklearn.metrics import precision_recall_fscore_support
 
 INVALID = -1  # a prediction that parsed to no label
 
@@ -64,50 +63,16 @@ def macro_f1_present(predictions: Sequence[int], references: Sequence[int]) -> f
     return float(np.mean(2 * true_positive[present] / (predicted_count[present] + gold_count[present])))
 
 
-def _present(predictions: Sequence[int], references: Sequence[int]) -> list[int]:
+def present_labels(predictions: Sequence[int], references: Sequence[int]) -> list[int]:
+    """The label ids that occur as gold or as a prediction, sorted (invalid left out)."""
     return sorted((set(references) | set(predictions)) - {INVALID})
 
 
 def per_label_table(predictions: Sequence[int], references: Sequence[int], labels: list[str]) -> list[dict]:
     """Precision, recall, F1 and support of each label that is gold or predicted on some row, in label order."""
-    present = _present(predictions, references)
+    present = present_labels(predictions, references)
     precision, recall, f1, support = precision_recall_fscore_support(references, predictions, labels=present,
                                                                      zero_division=0)
     return [{"label": labels[label], "precision": round(float(p), 4), "recall": round(float(r), 4),
              "f1": round(float(f), 4), "support": int(s)}
             for label, p, r, f, s in zip(present, precision, recall, f1, support)]
-
-
-def confusion_matrix_png(predictions: Sequence[int], references: Sequence[int], labels: list[str], path: Path,
-                         title: str) -> None:
-    """Confusion matrix (rows gold, columns predicted, plus an "invalid" column when needed) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    present = _present(predictions, references)
-    columns = present + ([INVALID] if INVALID in set(predictions) else [])
-    # Counted over the columns' labels and cut to the gold rows: -1 is never gold, so its row would be empty.
-    counts = confusion_matrix(references, predictions, labels=columns)[: len(present)]
-    names = [labels[label] for label in present]
-    column_names = names + (["invalid"] if INVALID in columns else [])
-
-    side = max(5.0, 0.22 * len(columns) + 2.5)  # ~0.22 inch per label keeps 80 ticks apart at 6 pt
-    font = 8 if len(columns) <= 30 else 6
-    fig, ax = plt.subplots(figsize=(side, side * len(present) / len(columns) + 1.0), dpi=120)
-    image = ax.imshow(counts, cmap="Blues", aspect="auto")
-    fig.colorbar(image, ax=ax, shrink=0.6)
-    ax.set_xticks(range(len(columns)), column_names, rotation=90, fontsize=font)
-    ax.set_yticks(range(len(present)), names, fontsize=font)
-    if len(columns) <= 30:  # counts in the cells are legible only on small matrices
-        for (row, col), n in np.ndenumerate(counts):
-            if n:
-                ax.text(col, row, str(n), ha="center", va="center", fontsize=font,
-                        color="white" if n > counts.max() / 2 else "black")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("gold")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)

@@ -154,7 +154,8 @@ def priced_from_catalog(price: Any, catalog: Catalog, where: str) -> PerTokenPri
                 batch_input_usd_per_mtok=row.batch_input_usd_per_mtok,
                 batch_output_usd_per_mtok=row.batch_output_usd_per_mtok,
                 cache_min_prefix_tokens=row.cache_min_prefix_tokens, cache_hit_rate=price.cache_hit_rate,
-                source=f"catalog {price.catalog}: {row.source}", date=row.date)
+                provider=row.provider, source=f"catalog {price.catalog}: {row.source}", date=row.date,
+                deprecation_date=row.deprecation_date)
         if isinstance(price, PerHourPrice) and price.hardware is not None:
             row = catalog.hardware(price.hardware)
             return price.model_copy(update={"usd_per_hour": row.usd_per_hour, "source": price.source or row.source,

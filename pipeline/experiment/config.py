@@ -134,6 +134,11 @@ class FinetuneConfig(_Strict):
         default=1, gt=0, description="data-parallel training processes (one per GPU, or CPU processes with gloo), "
         "started with torchrun; batch_size stays the global batch (`roi run --processes N` sets this)")
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    # What owning the fine-tune costs, not how it trains: left out of the adapter's stage key.
+    search_runs: int = Field(default=1, ge=1, description="training runs a team makes to keep one: the training "
+                             "cost counts this many times")
+    retrain_every_months: float | None = Field(default=None, gt=0, description="retrain (training, new labels, "
+                                               "people) this often within pricing.horizon_months; unset: never")
     adapter: Path | None = Field(
         default=None,
         description="a trained LoRA adapter folder (safetensors), e.g. an earlier run's `adapter` artifact: "
@@ -204,6 +209,16 @@ BUILTIN_ARMS: dict[str, dict[str, Any]] = {
 PROMPT_TEMPLATES = ("naive", "engineered", "finetuned")  # shipped in prompts/
 
 
+# Cheap hosted models a prompt's measured tokens are priced on, "what would it cost hosted".
+DEFAULT_WHAT_IF = ["gemini/gemini-2.5-flash-lite", "gpt-4o-mini", "claude-haiku-5-5"]
+
+
+class ReportConfig(_Strict):
+    price_what_if: list[str] = Field(default_factory=lambda: list(DEFAULT_WHAT_IF),
+                                     description="catalog models each prompt arm's measured tokens are priced on "
+                                     "(cost only: accuracy is not measured there)")
+
+
 class CompareConfig(_Strict):
     baseline: str | None = Field(default=None, description="the prompt route (default: engineered)")
     candidate: str | None = Field(default=None, description="the fine-tuned route (default: the first one)")
@@ -227,6 +242,7 @@ class ExperimentConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     pricing: PricingConfig = Field(default_factory=PricingConfig)
     stats: StatsConfig = Field(default_factory=StatsConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
     output_dir: Path = Path("runs")
 
     @field_validator("models", mode="before")

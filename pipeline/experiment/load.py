@@ -8,6 +8,7 @@ every default filled in, and the compare pair. Every other module receives a pla
 from __future__ import annotations
 
 import copy
+import datetime
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,9 @@ import yaml
 from pydantic import ValidationError
 
 from pipeline.economics.catalog import Catalog, CatalogError, load_catalog
-from pipeline.experiment.arms import Arm, ComparePair, resolve_arms, resolve_compare
+from pipeline.economics.prices import CatalogPrice, PerTokenPrice
+from pipeline.economics.serving import price_notes
+from pipeline.experiment.arms import Arm, ComparePair, priced_from_catalog, resolve_arms, resolve_compare
 from pipeline.experiment.config import ConfigError, ExperimentConfig, describe_errors
 
 
@@ -29,6 +32,8 @@ class ExperimentPlan:
     pair: ComparePair
     path: Path
     written: dict = field(default_factory=dict)  # the YAML as written, with the command line's overrides
+    what_if: dict[str, PerTokenPrice] = field(default_factory=dict)  # report.price_what_if, priced
+    notes: list[str] = field(default_factory=list)  # prices a reader should doubt
 
     def models_by_backend(self) -> dict[str, dict[str, Any]]:
         """The distinct models the arms use, by backend name: {backend: {model key: model config}}."""
@@ -80,11 +85,27 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
         cfg = with_finetune_rates(cfg, catalog)
         arms = resolve_arms(cfg, base, catalog)
         pair = resolve_compare(cfg, arms, base)
+        check_ownership(cfg, arms)
+        what_if = {name: priced_from_catalog(CatalogPrice(catalog=name), catalog, f"report.price_what_if[{i}]")
+                   for i, name in enumerate(cfg.report.price_what_if)}
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     if not cfg.task.path.is_dir():
         raise ConfigError(f"{path}: task.path: folder {cfg.task.path} not found")
-    return ExperimentPlan(cfg, arms, pair, path, written)
+    today = datetime.date.today().isoformat()
+    priced = {**{a.name: a.price for a in arms if isinstance(a.price, PerTokenPrice)}, **what_if}
+    notes = [n for name, price in priced.items() for n in price_notes(name, price, today, cfg.pricing.max_price_age_days)]
+    return ExperimentPlan(cfg, arms, pair, path, written, what_if, notes)
+
+
+def check_ownership(cfg: ExperimentConfig, arms: list[Arm]) -> None:
+    """Keys that price owning a route, checked against each other (each alone is checked by the schema)."""
+    horizon = cfg.pricing.horizon_months
+    for arm in arms:
+        every = arm.finetune.retrain_every_months if arm.finetune else None
+        if every is not None and every > horizon:
+            raise ConfigError(f"arms ({arm.name}).finetune.retrain_every_months: {every:g} is longer than "
+                              f"pricing.horizon_months ({horizon:g}); it would never retrain")
 
 
 def read_yaml_mapping(path: Path) -> dict:

@@ -31,6 +31,9 @@ from pipeline.task.prompts import PromptRenderer, PromptTemplate
 from pipeline.recipe.stages import stage_key
 
 
+# Finetune keys that price owning the fine-tune rather than train it: a change to them retrains nothing.
+OWNERSHIP_KEYS = {"search_runs", "retrain_every_months"}
+
 
 class ArmModels:
     """Models, tokenizers and backends for the arms of one run, loaded on first use: a re-run whose
@@ -87,7 +90,7 @@ class ArmModels:
                              **self.identity(arm))
         # trl's version too: its SFTTrainer (and the fused head completion_head replaces) does the training
         return stage_key("finetune", data=inputs.task.content_hash, prompt=template.sha, examples=inputs.examples,
-                         finetune=arm.finetune.model_dump(), train_dtype=str(self._train_dtype(arm)),
+                         finetune=arm.finetune.model_dump(exclude=OWNERSHIP_KEYS), train_dtype=str(self._train_dtype(arm)),
                          trl=version("trl"), **self.identity(arm))
 
     def _train_dtype(self, arm: Arm):

@@ -7,6 +7,7 @@ inputs and reused by the next run of the same experiment unless `--force` is giv
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
@@ -18,7 +19,9 @@ import mlflow
 import yaml
 
 from pipeline.economics import figures as economics
-from pipeline.economics.stats import confusion_matrix_png, per_label_table
+from pipeline.economics.decision import ArmInputs, Decision, compare
+from pipeline.economics.routes import Ownership
+from pipeline.economics.stats import per_label_table
 from pipeline.experiment.arms import Arm
 from pipeline.backends.registry import backend_class
 from pipeline.experiment.load import ExperimentPlan, flatten, project_root_for
@@ -27,9 +30,10 @@ from pipeline.recipe.arm_models import ArmModels
 from pipeline.recipe.evaluate import evaluate
 from pipeline.recipe.inputs import RunInputs
 from pipeline.recipe.stages import StageStore, machine, stage_key
-from pipeline.report.facts import build_facts, plot_sensitivity, save_facts, write_report
+from pipeline.report.charts import confusion_matrix_png, plot_cost_curves, plot_sensitivity
+from pipeline.report.facts import build_facts, json_safe, save_facts, write_report
 from pipeline.report.format import not_measured
-from pipeline.report.summary import Summary, arms_table, plot_cost_vs_volume, print_table, summary_markdown
+from pipeline.report.summary import Summary, arms_table, print_table, summary_markdown
 from pipeline.task.prompts import PromptRenderer, load_template, pick_examples
 from pipeline.task.splits import eval_rows, load_task
 from pipeline.tracking import mlflow_store as tracking
@@ -66,10 +70,10 @@ def run_experiment(plan: ExperimentPlan, console, force: bool = False, overrides
         # An arm that was not measured has no figures: the compare, break-evens and verdict leave it out.
         pair = [name if name in results else None for name in (plan.pair.baseline, plan.pair.candidate,
                                                                  plan.pair.naive)]
-        parent_metrics, sensitivity = economics.roi_metrics(
-            *pair, results, {a.name: a.price for a in plan.arms}, exp.outcomes, cfg.pricing, cfg.stats)
-        summary = summarise(exp, results, parent_metrics, parent.info.run_id)
-        log_parent_results(exp, summary, sensitivity, parent.info.run_name)
+        measured = {a.name: arm_inputs(exp, a, results[a.name]) for a in plan.arms if a.name in results}
+        decision = compare(*pair, measured, exp.outcomes, cfg.pricing, cfg.stats, plan.what_if)
+        summary = summarise(exp, results, decision, parent.info.run_id)
+        log_parent_results(exp, summary, decision, parent.info.run_name)
     print_table(summary, console)
     console.print(f"outputs in {exp.run_dir}; MLflow run {summary.run_id} in {tracking.redact(tracking.tracking_uri())}")
     console.print(f"compare the arms in the MLflow UI (`roi ui` for a local store): "
@@ -230,6 +234,7 @@ def price_arm(exp: Experiment, arm: Arm, metrics: dict[str, float], predictions:
     """The arm's cost figures and intervals (prices are not part of a stage: stored measurements are re-priced on
     every run), logged with its measurements, predictions and per-label scores."""
     pricing = exp.cfg.pricing
+    metrics["batch_size"] = float(arm.eval.batch_size)  # the batched pass's size: what a deployment can batch
     metrics["fixed_cost_usd"] = economics.fixed_cost(arm.kind, arm.fixed_cost_usd, pricing, metrics,
                                                      len(exp.task.splits["train"]))
     metrics.update(economics.arm_figures(arm.price, metrics, pricing))
@@ -249,8 +254,17 @@ def log_label_scores(exp: Experiment, arm: Arm, rows: economics.ArmRows) -> None
     mlflow.log_artifact(str(image))
 
 
-def summarise(exp: Experiment, arms: dict[str, dict[str, float]], parent: dict[str, float], run_id: str) -> Summary:
+def arm_inputs(exp: Experiment, arm: Arm, metrics: dict[str, float]) -> ArmInputs:
+    """A measured arm as the money math takes it: its price, figures, what owning its route involves."""
+    own = Ownership(arm.kind, arm.fixed_cost_usd, arm.finetune.search_runs if arm.finetune else 1,
+                    arm.finetune.retrain_every_months if arm.finetune else None, len(exp.task.splits["train"]),
+                    len(exp.rows))
+    return ArmInputs(arm.name, arm.price, metrics, own)
+
+
+def summarise(exp: Experiment, arms: dict[str, dict[str, float]], decision: Decision, run_id: str) -> Summary:
     cfg = exp.cfg
+    parent = decision.parent
     return Summary(
         experiment=cfg.experiment, task=exp.task.name,
         model=", ".join(dict.fromkeys(exp.models.display_name(a) for a in exp.plan.arms)),
@@ -259,10 +273,12 @@ def summarise(exp: Experiment, arms: dict[str, dict[str, float]], parent: dict[s
         decoding=cfg.eval.decoding, parser=cfg.eval.parser, repeats=cfg.eval.repeats, notes=exp.notes,
         error_cost_usd=cfg.pricing.error_cost_usd,
         confidence=cfg.stats.confidence, not_measured=dict(exp.not_measured),
+        verdict=decision.verdict, horizon_months=cfg.pricing.horizon_months, what_if=decision.what_if,
+        cost_ranges=decision.ranges,
     )
 
 
-def log_parent_results(exp: Experiment, summary: Summary, sensitivity: list[dict], run_name: str) -> None:
+def log_parent_results(exp: Experiment, summary: Summary, decision: Decision, run_name: str) -> None:
     """The parent's figures (a figure that never happens is a tag `...=never`, not a metric), its arms table,
     the summary and the report with its plots and facts (under `report/`, for `roi report --out`)."""
     finite = {k: v for k, v in summary.parent.items() if math.isfinite(v)}
@@ -272,18 +288,25 @@ def log_parent_results(exp: Experiment, summary: Summary, sensitivity: list[dict
         mlflow.set_tags({k: "never" for k in never})
     if summary.has_pair and summary.break_even_calls is None:
         mlflow.set_tag("break_even", "never")
+    if decision.verdict is not None:
+        mlflow.set_tags({"verdict": decision.verdict[0], "verdict_reason": decision.verdict[1]})
     tracking.log_table(arms_table(summary), "arms.json")
+    if decision.what_if:
+        tracking.log_table(decision.what_if, "price_what_if.json")
     (exp.run_dir / "roi_summary.md").write_text(summary_markdown(summary), encoding="utf-8")
     mlflow.log_artifact(str(exp.run_dir / "roi_summary.md"))
     report_dir = exp.run_dir / "report"
     report_dir.mkdir(exist_ok=True)
+    for name, data in (("cost_curves.json", decision.curves), ("cost_ranges.json", decision.ranges)):
+        (report_dir / name).write_text(json.dumps(json_safe(data), indent=1), encoding="utf-8")
+        mlflow.log_artifact(str(report_dir / name))
     images = {"cost_vs_volume": report_dir / "cost_vs_volume.png", "sensitivity": report_dir / "sensitivity.png"}
-    plot_cost_vs_volume(summary, images["cost_vs_volume"])
+    plot_cost_curves(decision.curves, f"{summary.experiment}: cost against calls per month", images["cost_vs_volume"])
     mlflow.log_artifact(str(images["cost_vs_volume"]))
-    plot_sensitivity(sensitivity, summary.parent, images["sensitivity"])
+    plot_sensitivity(decision.sensitivity, summary.parent, images["sensitivity"])
     for arm in summary.arms:
         images[f"confusion_{arm}"] = exp.run_dir / arm / "confusion_matrix.png"
-    facts = build_facts(exp, summary, sensitivity, run_name)
+    facts = build_facts(exp, summary, decision, run_name)
     save_facts(facts, report_dir / "facts.json")
     for path in write_report(facts, images, report_dir):
         mlflow.log_artifact(str(path), artifact_path="report")

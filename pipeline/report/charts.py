@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipeline.economics.stats import INVALID, present_labels
 from pipeline.report.format import calls, finite
 
 _STYLES = {"api": "-", "always_on": "-", "per_second": "-."}
@@ -50,7 +52,7 @@ def plot_cost_curves(curves: dict[str, Any], title: str, path: Path) -> None:
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"${v:,.0f}" if v >= 1 else f"${v:.2g}"))
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: calls(v)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: compact(v)))
         ax.set_xlabel("calls per month (dotted: the configured volume)")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
@@ -59,6 +61,14 @@ def plot_cost_curves(curves: dict[str, Any], title: str, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def compact(v: float) -> str:
+    """A tick label short enough for a log axis: 10k, 2.5M, 1B."""
+    for size, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if v >= size:
+            return f"{v / size:g}{suffix}"
+    return f"{v:g}"
 
 
 def _positive(values: list[float]) -> np.ndarray:
@@ -131,3 +141,36 @@ def plot_sensitivity(rows: list[dict], base: dict[str, float | None], path: Path
     fig.savefig(path)
     plt.close(fig)
     return True
+
+
+def confusion_matrix_png(predictions: Sequence[int], references: Sequence[int], labels: list[str], path: Path,
+                         title: str) -> None:
+    """Confusion matrix (rows gold, columns predicted, plus an "invalid" column when needed) as a PNG."""
+    from sklearn.metrics import confusion_matrix
+
+    plt = _pyplot()
+    present = present_labels(predictions, references)
+    columns = present + ([INVALID] if INVALID in set(predictions) else [])
+    # Counted over the columns' labels and cut to the gold rows: -1 is never gold, so its row would be empty.
+    counts = confusion_matrix(references, predictions, labels=columns)[: len(present)]
+    names = [labels[label] for label in present]
+    column_names = names + (["invalid"] if INVALID in columns else [])
+
+    side = max(5.0, 0.22 * len(columns) + 2.5)  # ~0.22 inch per label keeps 80 ticks apart at 6 pt
+    font = 8 if len(columns) <= 30 else 6
+    fig, ax = plt.subplots(figsize=(side, side * len(present) / len(columns) + 1.0), dpi=120)
+    image = ax.imshow(counts, cmap="Blues", aspect="auto")
+    fig.colorbar(image, ax=ax, shrink=0.6)
+    ax.set_xticks(range(len(columns)), column_names, rotation=90, fontsize=font)
+    ax.set_yticks(range(len(present)), names, fontsize=font)
+    if len(columns) <= 30:  # counts in the cells are legible only on small matrices
+        for (row, col), n in np.ndenumerate(counts):
+            if n:
+                ax.text(col, row, str(n), ha="center", va="center", fontsize=font,
+                        color="white" if n > counts.max() / 2 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.economics.prices import PerTokenPrice
-from pipeline.report.format import finite, logged_ci
+from pipeline.report.charts import cost_chart_text
+from pipeline.report.format import logged_ci
 from pipeline.report.summary import Summary, verdict
 from pipeline.report.html import render_html, render_markdown
 
@@ -126,13 +127,14 @@ def claim_facts(summary: Summary) -> list[dict[str, str]]:
     return claims
 
 
-def build_facts(exp, summary: Summary, sensitivity: list[dict], run_name: str) -> dict[str, Any]:
-    """Everything the report says, from the finished run: one dict, saved with the run."""
-    cfg, p = exp.cfg, summary.parent
+def build_facts(exp, summary: Summary, decision, run_name: str) -> dict[str, Any]:
+    """Everything the report says, from the finished run (its summary and `economics.decision.Decision`): one
+    dict, saved with the run."""
+    cfg, p, sensitivity = exp.cfg, summary.parent, decision.sensitivity
     return {
         "title": f"Prompting or fine-tuning? {cfg.experiment}", "experiment": cfg.experiment,
         "run_id": summary.run_id, "run_name": run_name, "generated_at": time.strftime("%Y-%m-%d %H:%M %Z"),
-        "decision": verdict(summary),
+        "decision": verdict(summary), "verdict": summary.verdict[0] if summary.verdict else None,
         "task": {"name": exp.task.name, "n_train": len(exp.task.splits["train"]), "n_eval": len(exp.rows),
                  "dataset_hash": exp.task.content_hash},
         "monthly_calls": cfg.pricing.monthly_calls, "hours_per_month": cfg.pricing.hours_per_month,
@@ -141,13 +143,23 @@ def build_facts(exp, summary: Summary, sensitivity: list[dict], run_name: str) -
         "not_measured": [{"name": name, "model": exp.models.display_name(_arms_by_name(exp)[name]), "why": why}
                          for name, why in summary.not_measured.items()],
         "break_even": {"calls": p.get("break_even_calls"), "calls_ci": logged_ci(p, "break_even_calls"),
-                       "payback_months": p.get("payback_months"),
+                       "payback_months": p.get("payback_months"), "payback_months_ci": logged_ci(p, "payback_months"),
                        "monthly_calls": p.get("break_even_monthly_calls"),
                        "monthly_calls_ci": logged_ci(p, "break_even_monthly_calls"),
                        "quality_adjusted_calls": p.get("quality_adjusted_break_even_calls"),
+                       "quality_adjusted_monthly_calls": p.get("quality_adjusted_break_even_monthly_calls"),
+                       "quality_adjusted_monthly_calls_ci": logged_ci(p, "quality_adjusted_break_even_monthly_calls"),
+                       "quality_adjusted_payback_months": p.get("quality_adjusted_payback_months"),
                        "baseline": summary.baseline_arm, "candidate": summary.candidate_arm},
+        "horizon": {"months": cfg.pricing.horizon_months,
+                    **{k: p.get(k) for k in ("tco_baseline_usd", "tco_candidate_usd", "quality_adjusted_tco_baseline_usd",
+                                             "quality_adjusted_tco_candidate_usd")},
+                    **{f"{k}_ci": logged_ci(p, k) for k in ("tco_baseline_usd", "tco_candidate_usd")},
+                    "ranges": summary.cost_ranges},
+        "what_if": summary.what_if,
+        "cost_chart_text": cost_chart_text(decision.curves),
         "claims": claim_facts(summary), "levers": lever_facts(exp, summary),
-        "sensitivity": [{"factor": f"{r['factor']} ({'one-off' if r['figure'] == 'break_even_calls' else 'monthly'})",
+        "sensitivity": [{"factor": f"{r['factor']} ({SENSITIVITY_FIGURES.get(r['figure'], r['figure'])})",
                          "low": r["low"], "high": r["high"]} for r in sensitivity],
         "statistics": {"confidence": cfg.stats.confidence, "resamples": cfg.stats.resamples,
                        "mcnemar_p": p.get("mcnemar_p"), "mcnemar_p_prompt": p.get("mcnemar_p_prompt")},
@@ -160,19 +172,32 @@ def build_facts(exp, summary: Summary, sensitivity: list[dict], run_name: str) -
     }
 
 
+SENSITIVITY_FIGURES = {"break_even_calls": "one-off", "break_even_monthly_calls": "volume over the horizon",
+                       "quality_adjusted_break_even_monthly_calls": "volume over the horizon, errors priced"}
+
+
 def assumptions(cfg) -> list[str]:
-    ft = cfg.pricing.finetune
+    ft, people = cfg.pricing.finetune, cfg.pricing.people
     training = (f"training tokens at ${ft.training_usd_per_mtok:g} per Mtok ({ft.catalog})"
                 if ft.training_usd_per_mtok is not None else
                 f"measured training time at ${ft.usd_per_hour:g}/h" + (f" ({ft.hardware})" if ft.hardware else ""))
     return [
         f"{cfg.pricing.monthly_calls:,.0f} calls a month, {cfg.pricing.hours_per_month:g} hours a month.",
-        "Self-hosted arms pay for every replica every hour, busy or not; replicas = max(always-on, volume / "
-        "(measured throughput x hours x target utilisation)).",
-        f"The fine-tune's one-off cost: {training}, plus ${ft.labelling_usd_per_example:g} of labelling per "
-        "training example.",
-        "API prompt caching is billed by the provider's rule on the prompt's static prefix, whatever the local "
-        "prefix cache did.",
+        f"Each route is owned for {cfg.pricing.horizon_months:g} months (pricing.horizon_months): people at "
+        f"${people.usd_per_hour:g}/h, {people.prompt_hours:g} h to build the prompt route and {people.finetune_hours:g} h "
+        f"the fine-tune, {people.retrain_hours:g} h each retraining (pricing.people)"
+        + (" — people cost nothing here: set pricing.people." if not (people.usd_per_hour and
+                                                                   (people.prompt_hours or people.finetune_hours))
+           else "."),
+        f"The fine-tune's training: {training}, times finetune.search_runs; labelling "
+        f"${cfg.pricing.labelling_usd_per_example():g} per training example"
+        + (" (none: set pricing.labelling)." if not cfg.pricing.labelling_usd_per_example() else "."),
+        f"Always-on self-hosted replicas are billed every hour, busy or not, sized for {cfg.pricing.peak_to_average:g}x "
+        f"the average arrival rate at the throughput those arrivals can batch within a p95 of "
+        f"{cfg.pricing.latency_target_ms:g} ms (pricing.latency_target_ms); per-second billing counts busy seconds "
+        "and cold starts.",
+        "API prompt caching is billed by the provider's rule (its minimum and step) on the prompt's static prefix, "
+        "with the hit rate that the volume's arrival rate gives within the provider's cache lifetime, unless set.",
         f"Intervals: {cfg.stats.confidence:.0%} percentile bootstrap over the test rows ({cfg.stats.resamples} "
         "resamples, the same rows for every arm); timings and throughput are not resampled.",
         f"Each wrong answer costs ${cfg.pricing.error_cost_usd:g} (pricing.error_cost_usd)."
@@ -196,49 +221,6 @@ def environment() -> dict[str, Any]:
             "python": sys.version.split()[0], "libraries": libraries}
 
 
-def plot_sensitivity(rows: list[dict], base: dict[str, float | None], path: Path) -> bool:
-    """A tornado chart per break-even: for each factor, the break-even with that factor alone at -50% (◀) and
-    +50% (▶), joined by a bar; `never` sits at the right edge. False (no file) when no value is finite."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = []
-    for figure in ("break_even_calls", "break_even_monthly_calls"):
-        mine = [r for r in rows if r["figure"] == figure]
-        values = [v for r in mine for v in (r["low"], r["high"]) if finite(v) is not None] + \
-                 ([base[figure]] if finite(base.get(figure)) is not None else [])
-        if any(v > 0 for v in values):
-            panels.append((figure, mine, values))
-    if not panels:
-        return False
-    fig, axes = plt.subplots(len(panels), 1, figsize=(7.5, 1.4 + 1.5 * len(panels)), dpi=120, squeeze=False)
-    for ax, (figure, mine, values) in zip(axes[:, 0], panels):
-        positive = [v for v in values if v > 0]
-        left, right = min(positive) / 3, max(positive) * 3
-        for i, r in enumerate(mine):
-            xs = [right if finite(v) is None else max(v, left) for v in (r["low"], r["high"])]
-            ax.plot(xs, [i, i], color="tab:gray", linewidth=6, alpha=0.35, solid_capstyle="butt")
-            ax.scatter(xs[0], i, marker="<", color="tab:blue", zorder=3, label="-50%" if i == 0 else None)
-            ax.scatter(xs[1], i, marker=">", color="tab:orange", zorder=3, label="+50%" if i == 0 else None)
-            for x, v in zip(xs, (r["low"], r["high"])):
-                if finite(v) is None:
-                    ax.annotate("never", (x, i), xytext=(6, -3), textcoords="offset points", fontsize=7)
-        if finite(base.get(figure)) is not None:
-            ax.axvline(base[figure], color="black", linewidth=1, label="measured")
-        ax.set_xscale("log")
-        ax.set_xlim(left, right * 4)
-        ax.set_yticks(range(len(mine)), [r["factor"] for r in mine], fontsize=8)
-        ax.set_title("one-off break-even (calls)" if figure == "break_even_calls"
-                     else "monthly break-even (calls/month)", fontsize=9)
-        ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return True
-
-
 def write_report(facts: dict[str, Any], images: dict[str, Path], out_dir: Path) -> list[Path]:
     """roi_report.html (self-contained) and roi_report.md with its plots beside it; the files written."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -258,16 +240,17 @@ def write_report(facts: dict[str, Any], images: dict[str, Path], out_dir: Path) 
 
 def save_facts(facts: dict[str, Any], path: Path) -> None:
     # inf (a break-even that never happens) is not JSON: stored as null, which the report reads as never.
-    path.write_text(json.dumps(_json_safe(facts), indent=1), encoding="utf-8")
+    path.write_text(json.dumps(json_safe(facts), indent=1), encoding="utf-8")
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """JSON without NaN or infinity: a figure that never comes is null."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 

@@ -18,6 +18,14 @@ TEMPLATES = Path(__file__).parent / "templates"
 IMAGE_FILES = {"cost_vs_volume": "cost_vs_volume.png", "sensitivity": "sensitivity.png"}
 
 
+def _from_volume(volume: float | None, ci) -> str:
+    return "every volume" if volume == 0 else interval(volume, ci)
+
+
+def _ranges(ranges: list[dict]) -> str:
+    return "; ".join(f"{r['state']} from {calls(r['start'])} to {calls(r['end'])}" for r in ranges) or "-"
+
+
 def _table(head: list[str], num: set[int], rows: list[list[str]], keys: list[str] | None = None) -> dict:
     return {"head": head, "num": [i in num for i in range(len(head))],
             "rows": [{"key": k, "cells": r} for k, r in zip(keys or [None] * len(rows), rows)]}
@@ -50,14 +58,29 @@ def _view(facts: dict) -> dict:
     be = facts["break_even"]
     pair = (f"{be['candidate']} (candidate) vs {be['baseline']} (baseline)"
             if be.get("baseline") and be.get("candidate") else "no baseline/candidate pair")
+    hz = facts.get("horizon") or {}
+    span = f"over {number(hz.get('months'), 0)} months" if hz else "a month"
     break_even = [
         ("Compared", pair),
-        ("One-off break-even (calls)", interval(be.get("calls"), be.get("calls_ci"))),
-        ("Payback at the monthly volume", months(be.get("payback_months"))),
-        ("Monthly break-even volume (calls/month)", interval(be.get("monthly_calls"), be.get("monthly_calls_ci"))),
-        ("Quality-adjusted break-even (calls)",
-         calls(be.get("quality_adjusted_calls")) if quality else "not computed (no error cost set)"),
+        (f"Total cost {span}, {be.get('baseline')}", interval(hz.get("tco_baseline_usd"), hz.get("tco_baseline_usd_ci"),
+                                                              usd)),
+        (f"Total cost {span}, {be.get('candidate')}", interval(hz.get("tco_candidate_usd"),
+                                                               hz.get("tco_candidate_usd_ci"), usd)),
+        (f"Fine-tune cheaper {span} from (calls/month)", _from_volume(be.get("monthly_calls"),
+                                                                      be.get("monthly_calls_ci"))),
+        ("Its extra cost recovered after, at the configured volume", interval(be.get("payback_months"),
+                                                                              be.get("payback_months_ci"), months)),
+        ("Cheaper, tied and dearer by volume", _ranges(hz.get("ranges") or [])),
+        ("One-off cost recovered after (calls, at the configured volume)", interval(be.get("calls"), be.get("calls_ci"))),
     ]
+    if quality:
+        break_even += [
+            (f"Total cost {span} with errors priced", f"{be.get('baseline')} {usd(hz.get('quality_adjusted_tco_baseline_usd'))}, "
+             f"{be.get('candidate')} {usd(hz.get('quality_adjusted_tco_candidate_usd'))}"),
+            ("With errors priced, fine-tune cheaper from (calls/month)",
+             _from_volume(be.get("quality_adjusted_monthly_calls"), be.get("quality_adjusted_monthly_calls_ci"))),
+            ("With errors priced, extra cost recovered after", months(be.get("quality_adjusted_payback_months"))),
+            ("With errors priced, one-off cost recovered after (calls)", calls(be.get("quality_adjusted_calls")))]
     if not (be.get("baseline") and be.get("candidate")):  # nothing to break even between: not "never"
         break_even = [("Compared", pair)] + [(label, "n/a") for label, _ in break_even[1:]]
 
@@ -79,6 +102,10 @@ def _view(facts: dict) -> dict:
                     "per wrong answer."),
         "arms": arms_table,
         "break_even": break_even,
+        "what_if": _table(["Prompt arm", "Hosted model", "Cost a month", f"Total {span}", "Price dated"], {2, 3},
+                          [[w["arm"], w["model"], usd(w["monthly_usd"]), usd(w["horizon_usd"]), w.get("price_date") or "-"]
+                           for w in facts.get("what_if") or []]),
+        "cost_chart_text": facts.get("cost_chart_text") or "Cost against calls per month.",
         "levers": _table(["Lever", "Arm", "Detail", "Cost / 1,000 calls", "Change"], {3, 4},
                          [[lv["lever"], lv["arm"], lv["detail"], usd(lv.get("cost_per_1k_calls_usd")),
                            signed_pct(lv.get("change_pct"))] for lv in facts["levers"]]),
@@ -137,7 +164,9 @@ def render_markdown(facts: dict) -> str:
     out = [f"# {_md(v['title'])}", "", f"Run {_md(v['run_name'])} (`{v['run_id']}`), experiment "
            f"{_md(v['experiment'])}, generated {_md(v['generated_at'])}.", "", f"> **{_md(v['decision'])}**", "",
            _md(v["context"]), "", "## Arms", "", *_md_table(v["arms"]), "## Break-even", "",
-           *_md_pairs(v["break_even"]), "", "![Cumulative cost against call volume](cost_vs_volume.png)", "",
+           *_md_pairs(v["break_even"]), "", f"![{_md(v['cost_chart_text'])}](cost_vs_volume.png)", "",
+           *(["## What the prompt would cost hosted", "", "Cost only: accuracy was not measured on these models.", "",
+              *_md_table(v["what_if"])] if v["what_if"]["rows"] else []),
            "## Levers", "", *_md_table(v["levers"]), "## Sensitivity", "", *_md_table(v["sensitivity"])]
     if v["sensitivity"]["rows"]:
         out += ["![Break-even sensitivity to each factor at -50% and +50%](sensitivity.png)", ""]

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from pipeline.economics.costing import total_cost
 from pipeline.report.format import (calls, finite, interval, logged_ci, not_measured, number, pct, pct_interval,
                                     usd)
 
@@ -35,6 +33,10 @@ class Summary:
     confidence: float = 0.95  # of every interval (stats.confidence)
     # Arms with no figures, and why: "not measured: N of M calls failed (first error: ...)".
     not_measured: dict[str, str] = field(default_factory=dict)
+    verdict: tuple[str, str] | None = None  # (decision, its one-sentence reason)
+    horizon_months: float = 12.0
+    what_if: list[dict] = field(default_factory=list)  # a prompt's measured tokens priced on hosted models
+    cost_ranges: list[dict] = field(default_factory=list)  # where the candidate is cheaper / tied / dearer
 
     @property
     def break_even_calls(self) -> float | None:
@@ -81,50 +83,42 @@ def headers(summary: Summary) -> list[str]:
 
 
 def verdict(summary: Summary) -> str:
-    """One sentence a team lead can act on: what each route costs a month at the configured volume (hosting
-    counted), whether and when the fine-tune pays back, from which volume it is cheaper, and the quality."""
+    """What a team lead acts on, first: the verdict and its reason, then each route's whole cost over the horizon,
+    the monthly volume from which the fine-tune costs less, and its payback at the configured volume, all on the
+    basis the verdict was decided on (wrong answers priced where an error cost is set)."""
     missing = [a for a in (summary.baseline_arm, summary.candidate_arm) if a in summary.not_measured]
     if missing:
-        return (f"No verdict: {' and '.join(missing)} {'was' if len(missing) == 1 else 'were'} not measured "
+        return (f"Not measurable: {' and '.join(missing)} {'was' if len(missing) == 1 else 'were'} not measured "
                 f"({'; '.join(summary.not_measured[a].removeprefix('not measured: ') for a in missing)}).")
     if not summary.has_pair:
-        return "Break-even needs a fine-tuned arm and a prompt arm to compare (compare.baseline, compare.candidate)."
-    cand_name, base_name = summary.candidate_arm, summary.baseline_arm
-    ft, base, p = summary.arms[cand_name], summary.arms[base_name], summary.parent
-    gain = 100 * (ft["accuracy"] - base["accuracy"])
-    text = (f"At {summary.monthly_calls:,.0f} calls/month {cand_name} costs {usd(ft.get('monthly_cost_usd'))}/month"
-            f" against {usd(base.get('monthly_cost_usd'))} for {base_name}")
-    if summary.break_even_calls is not None:
-        text += (f"; it pays back its {usd(summary.fixed_cost(cand_name))} one-off cost after"
-                 f" {interval(summary.break_even_calls, logged_ci(p, 'break_even_calls'))} calls"
-                 f" ({number(p.get('payback_months'), 2)} months)")
-    else:
-        text += f"; at this volume it never pays back its {usd(summary.fixed_cost(cand_name))} one-off cost"
-    monthly = summary.break_even_monthly_calls
-    if "break_even_monthly_calls" in p:  # runs from before the monthly break-even have none
-        text += (f", and it is the cheaper deployment above "
-                 f"{interval(monthly, logged_ci(p, 'break_even_monthly_calls'))} calls/month" if monthly is not None
-                 else ", and it is not the cheaper deployment at any volume up to 1,000x this one")
-    mcnemar = p.get("mcnemar_p")
-    text += (f". Accuracy {gain:+.1f} pts against {base_name}"
-             + (f" (McNemar p {'< 0.001' if mcnemar < 0.001 else f'= {mcnemar:.3f}'})." if mcnemar is not None
-                else "."))
-    if summary.error_cost_usd and "quality_adjusted_cost_per_call_usd" in ft:
-        quality = finite(p.get("quality_adjusted_break_even_calls"))
-        text += (f" Counting {usd(summary.error_cost_usd)} per wrong answer, a call costs"
-                 f" {usd(ft['quality_adjusted_cost_per_call_usd'])} on {cand_name} against"
-                 f" {usd(base['quality_adjusted_cost_per_call_usd'])} on {base_name}, and it pays back "
-                 + ("never." if quality is None else
-                    "from the first call." if quality < 1 else f"after {calls(quality)} calls."))
-    return text
+        return "No verdict: it needs a fine-tuned arm and a prompt arm to compare (compare.baseline, compare.candidate)."
+    cand, p = summary.candidate_arm, summary.parent
+    quality = "quality_adjusted_" if summary.error_cost_usd and "quality_adjusted_tco_baseline_usd" in p else ""
+    text = f"{summary.verdict[0].capitalize()}. {summary.verdict[1]}" if summary.verdict else ""
+    if f"{quality}tco_baseline_usd" not in p:  # a run from before the horizon figures
+        return text or "No verdict in this run."
+    volume = p.get(f"{quality}break_even_monthly_calls")
+    ci = logged_ci(p, f"{quality}break_even_monthly_calls")
+    text += (f" Counting people, labels, training, evaluation, retraining and running, {cand} costs less over "
+             f"{summary.horizon_months:g} months " + ("at every volume up to 1,000x this one" if volume == 0
+             else f"from {interval(volume, ci)} calls/month on" if finite(volume)
+             else "at no volume up to 1,000x this one"))
+    months = p.get(f"{quality}payback_months")
+    text += ("; at this volume it is never the dearer route." if months == 0
+             else f"; at this volume its extra cost is recovered after {number(months, 1)} months." if finite(months)
+             else "; at this volume its extra cost is never recovered.")
+    return text.strip()
 
 
 def _break_even_text(summary: Summary) -> str:
     if not summary.has_pair:
         return "n/a"
     be, monthly = summary.break_even_calls, summary.break_even_monthly_calls
-    return (("never" if be is None else f"{calls(be)} calls") + " one-off, "
-            + ("none" if monthly is None else f"{calls(monthly)} calls/month") + " monthly")
+    if summary.error_cost_usd and "quality_adjusted_break_even_monthly_calls" in summary.parent:
+        be = finite(summary.parent.get("quality_adjusted_break_even_calls"))
+        monthly = finite(summary.parent["quality_adjusted_break_even_monthly_calls"])
+    return (("never" if be is None else f"{calls(be)} calls") + " one-off at this volume, "
+            + ("none" if monthly is None else f"{calls(monthly)} calls/month") + f" over {summary.horizon_months:g} months")
 
 
 def parser_line(summary: Summary) -> str:
@@ -234,41 +228,6 @@ def arms_table(summary: Summary) -> list[dict[str, Any]]:
     return rows
 
 
-def plot_cost_vs_volume(summary: Summary, path: Path) -> None:
-    """Cumulative cost of each arm against call volume on log-log axes (costs are positive), break-even marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-    from matplotlib.ticker import FuncFormatter
-
-    be = summary.break_even_calls
-    top = max(summary.monthly_calls * 12, (be or 0) * 4, 1000)
-    volumes = np.logspace(0, math.log10(top), 200)
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    for arm, m in summary.arms.items():
-        costs = np.array([total_cost(summary.fixed_cost(arm), m["cost_per_call_usd"], v) for v in volumes])
-        ax.plot(volumes, np.where(costs > 0, costs, np.nan), label=arm)  # a free arm has no point on a log axis
-    if be is not None and be > 0:
-        ax.axvline(be, color="grey", linestyle="--", linewidth=1)
-        ax.annotate(f"break-even\n{calls(be)} calls", (be, 0.5), xycoords=("data", "axes fraction"), fontsize=8,
-                    ha="left")
-    ax.axvline(summary.monthly_calls, color="black", linestyle=":", linewidth=1)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"${v:,.0f}" if v >= 1 else f"${v:.2g}"))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: calls(v)))
-    ax.set_xlabel("calls")
-    ax.set_ylabel("total cost (USD)")
-    ax.set_title(f"{summary.experiment}: cost vs volume (dotted: monthly volume)")
-    ax.legend()
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
 def summary_from_runs(parent, children) -> Summary:
     """Rebuild a Summary from MLflow Run objects (a parent and its arm runs)."""
     params = parent.data.params
@@ -296,6 +255,8 @@ def summary_from_runs(parent, children) -> Summary:
         repeats=int(params.get("latency_repeats", 1)),
         error_cost_usd=float(params.get("pricing.error_cost_usd") or 0.0),
         confidence=float(params.get("stats.confidence") or 0.95),
+        verdict=(tags["verdict"], tags.get("verdict_reason", "")) if "verdict" in (tags := parent.data.tags) else None,
+        horizon_months=float(params.get("pricing.horizon_months") or 12),
         notes=[n for n in parent.data.tags.get("notes", "").split("\n") if n],
         not_measured=failed,
     )

@@ -272,7 +272,7 @@ def load_task(task: TaskConfig, data: DataConfig | None = None) -> TaskData:
          "seed": data.seed, "test_size": task.test_size, "validation_size": task.validation_size}
     )
     content_hash = hash_files(list(files.values()), label_text + settings)
-    return TaskData(task.name, labels, splits, files, content_hash, notes=notes)
+    return TaskData(task.name or Path(task.path).resolve().name, labels, splits, files, content_hash, notes=notes)
 
 
 def _check_distinct_files(files: dict[str, Path]) -> None:

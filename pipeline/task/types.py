@@ -22,7 +22,7 @@ class _Strict(BaseModel):
 
 
 class TaskConfig(_Strict):
-    name: str = "task"
+    name: str | None = Field(default=None, description="default: the task folder's name")
     path: Path = Field(description="folder holding the split files")
     format: Literal["auto", "csv", "jsonl", "json", "parquet"] = "auto"
     splits: dict[Literal["train", "validation", "test"], str] = Field(

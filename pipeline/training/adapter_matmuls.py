@@ -2,8 +2,8 @@
 
 On a GPU the Trainer's autocast already runs the adapters' matmuls in bf16. On CPU there is no autocast (the
 base weights are bf16 already, and autocast would add a cast to every other op), so peft casts each layer's
-input to fp32 and runs the adapter's two skinny matmuls, forward and backward, in fp32: ~200 ms of a ~1.2 s
-step for the default model at batch 16, plus the casts. Here each adapter's weights are cast to bf16 instead
+input to fp32 and runs the adapter's two skinny matmuls, forward and backward, in fp32: a sizeable share of a
+step for the default model, plus the casts (bench/train.py). Here each adapter's weights are cast to bf16 instead
 (16 x 576 and 1536 x 16 values, not the batch's activations), as autocast would: the gradients still reach
 the fp32 weights through the cast, so the optimizer's small updates do not round away.
 """

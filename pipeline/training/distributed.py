@@ -120,7 +120,7 @@ def _worker(job_file: Path) -> None:
         log.close()
         figures = {"train_time_s": result.train_time_s, "train_tokens": result.train_tokens,
                    "train_loss": result.train_loss, "trainer_args": result.trainer_args,
-                   "resumed_from": result.resumed_from,
+                   "resumed_from": result.resumed_from, "resumed_inexact": result.resumed_inexact,
                    "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1}
         # Written last: its presence tells the recipe that training finished.
         (out_dir / RESULT).write_text(json.dumps(figures))

@@ -35,15 +35,19 @@ class FinetuneResult:
     adapter_dir: Path
     resumed_from: str | None = None
     trainer_args: str = "{}"  # the Trainer's full configuration, as JSON
+    # Why the resumed training may differ from an uninterrupted one (one line); None when it is the same.
+    resumed_inexact: str | None = None
 
 
 class _TrainClock:
-    """Training wall time that survives a resume: recorded in each checkpoint, added on restart.
+    """What a resume needs besides the Trainer's own state: the training wall time, the sum of the step losses
+    (the reported training loss is the whole training's mean, not the resumed part's) and the data order of the
+    epoch in progress (to check that the resume draws the same one). Recorded in each checkpoint, added on restart.
 
-    The time goes into the checkpoint's trainer_state.json, as the state of an `ExportableState`
-    callback: the Trainer writes that file in one write, last, after the weights, optimizer,
-    scheduler and RNG state. So a checkpoint has its time exactly when it is complete; a kill
-    mid-save leaves a checkpoint without a (valid) state file, which resuming skips.
+    They go into the checkpoint's trainer_state.json, as the state of an `ExportableState` callback: the Trainer
+    writes that file in one write, last, after the weights, optimizer, scheduler and RNG state. So a checkpoint
+    has them exactly when it is complete; a kill mid-save leaves a checkpoint without a (valid) state file, which
+    resuming skips.
     """
 
     NAME = "TrainClock"  # the callback's class name: its key in the state's `stateful_callbacks`
@@ -51,9 +55,27 @@ class _TrainClock:
     def __init__(self):
         self.started = time.perf_counter()
         self.before = 0.0
+        self.loss_before: float | None = 0.0  # None: resumed from a checkpoint that did not record it
+        self.steps_before = 0
+        self.trainer: Any = None  # set once built: the step losses so far are the Trainer's
+        self.order: Any = None  # the training's `_EpochSeededLengthGroups`, when it has one
+        self.resumed_order: Any = None  # the order the checkpoint resumed from recorded
 
     def seconds(self) -> float:
         return self.before + time.perf_counter() - self.started
+
+    def loss_sum(self) -> float:
+        """The sum of every step's loss so far, this session's (the Trainer's running sums) and before."""
+        trainer = self.trainer
+        if not hasattr(trainer, "_tr_loss"):  # the Trainer asks for the state once before training too
+            return self.loss_before or 0.0
+        return (self.loss_before or 0.0) + trainer._total_loss_scalar + float(trainer._tr_loss.item())
+
+    def mean_loss(self, session_mean: float, steps: int) -> float:
+        """The whole training's mean step loss, from this session's (the Trainer's figure) over `steps` in all."""
+        if self.loss_before is None:
+            return session_mean
+        return (self.loss_before + session_mean * (steps - self.steps_before)) / max(steps, 1)
 
     def callback(self) -> Any:
         from transformers import TrainerCallback
@@ -64,7 +86,11 @@ class _TrainClock:
         class TrainClock(TrainerCallback, ExportableState):
             def state(self) -> dict:
                 # Called inside Trainer._save_checkpoint right before it writes trainer_state.json.
-                return {"args": {}, "attributes": {"seconds": clock.seconds()}}
+                attributes = {"seconds": clock.seconds(), "loss_sum": clock.loss_sum(),
+                              "steps": clock.trainer.state.global_step if clock.trainer else 0}
+                if clock.order is not None:
+                    attributes["order"] = clock.order.drawn()
+                return {"args": {}, "attributes": attributes}
 
             def on_step_end(self, args, state, control, **kwargs):
                 interrupts.check()  # a Ctrl-C swallowed inside the step still stops training here
@@ -74,14 +100,88 @@ class _TrainClock:
     @classmethod
     def recorded(cls, checkpoint: Path) -> float | None:
         """The time a checkpoint recorded; None when it is incomplete (a kill while it was saved)."""
+        attributes = cls.attributes(checkpoint)
+        seconds = attributes.get("seconds") if attributes else None
+        if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+            return None
+        return float(seconds) if math.isfinite(seconds) and seconds >= 0 else None
+
+    @classmethod
+    def attributes(cls, checkpoint: Path) -> dict | None:
+        """All a complete checkpoint recorded here; None when it is incomplete."""
         if not all((checkpoint / name).is_file() for name in RESUME_FILES):
             return None
         try:
             state = json.loads((checkpoint / STATE_FILE).read_text())
-            seconds = float(state["stateful_callbacks"][cls.NAME]["attributes"]["seconds"])
+            attributes = state["stateful_callbacks"][cls.NAME]["attributes"]
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        return seconds if math.isfinite(seconds) and seconds >= 0 else None
+        return attributes if isinstance(attributes, dict) else None
+
+    def resume_from(self, checkpoint: Path) -> None:
+        attributes = self.attributes(checkpoint) or {}
+        self.before = self.recorded(checkpoint) or 0.0
+        self.resumed_order = attributes.get("order")
+        loss_sum, steps = attributes.get("loss_sum"), attributes.get("steps")
+        known = isinstance(loss_sum, (int, float)) and isinstance(steps, int)
+        self.loss_before, self.steps_before = (float(loss_sum), steps) if known else (None, 0)
+
+    def inexact(self) -> str | None:
+        """Why the resumed training may differ from the uninterrupted one; None if it does not.
+
+        Checked: the data order of the epoch that was in progress, as the checkpoint recorded it against as drawn
+        again after the resume.
+        """
+        if self.order is None:  # a random order: accelerate's sampler draws each epoch from data_seed + epoch
+            return None
+        recorded = self.resumed_order
+        if not isinstance(recorded, dict):
+            return "the checkpoint records no data order, so the batches after the resume may differ"
+        epoch, digest = recorded.get("epoch"), recorded.get("digest")
+        again = self.order.digests.get(epoch)
+        if again is None:
+            # That epoch was finished at the checkpoint (none of its batches were left), or never drawn again
+            # because training ended there: nothing of it to differ.
+            return None
+        if again != digest:
+            return f"the data order of epoch {epoch} differs after the resume from the interrupted training's"
+        return None
+
+
+class _EpochSeededLengthGroups(torch.utils.data.Sampler):
+    """The Trainer's length-grouped order (rows of similar length in a batch), its shuffle drawn from `seed +
+    epoch` rather than from the global RNG.
+
+    The Trainer's own `LengthGroupedSampler` shuffles with the global torch RNG at the start of each epoch, where
+    its state depends on all that ran before (dropout draws in the epochs before): a run resumed in its second
+    epoch drew that epoch's order from the state at the resume, another order than the uninterrupted run's. This
+    one draws the same order for an epoch whenever it is drawn, as accelerate's sampler does for a random order
+    (`data_seed + epoch`); the Trainer and accelerate call `set_epoch` before each epoch, resumed or not.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, 0
+        self.digests: dict[int, str] = {}  # epoch -> the order drawn for it, hashed
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        import hashlib
+
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = get_length_grouped_indices(self.lengths, self.batch_size, generator=generator)
+        self.digests[self.epoch] = hashlib.sha256(json.dumps(order).encode()).hexdigest()[:16]
+        return iter(order)
+
+    def drawn(self) -> dict:
+        """The epoch in progress and its order's digest: what a resume must draw again."""
+        return {"epoch": self.epoch, "digest": self.digests.get(self.epoch)}
 
 
 def last_complete_checkpoint(trainer_dir: Path) -> tuple[str | None, float]:
@@ -270,9 +370,12 @@ def finetune(model: Any, tokenizer: Any, prompts: list[str], completions: list[s
     if cfg.checkpoint_steps is None:
         callbacks.append(_save_every(CHECKPOINT_EVERY_S))
     trainer = _lora_trainer(peft_model, tokenizer, prompts, completions, cfg, dtype, trainer_dir, callbacks)
-    checkpoint, clock.before = last_complete_checkpoint(trainer_dir) if trainer_dir.is_dir() else (None, 0.0)
-    if checkpoint and on_resume:
-        on_resume(checkpoint)
+    clock.trainer, clock.order = trainer, _seed_the_length_groups(trainer, cfg.seed)
+    checkpoint, _ = last_complete_checkpoint(trainer_dir) if trainer_dir.is_dir() else (None, 0.0)
+    if checkpoint:
+        clock.resume_from(Path(checkpoint))
+        if on_resume:
+            on_resume(checkpoint)
     # fp32 adapters on a bf16 base on CPU: their matmuls in bf16, as the Trainer's autocast does on a GPU.
     bf16_adapters = not torch.cuda.is_available() and dtype == torch.bfloat16 and cfg.adapter_fp32
     try:
@@ -288,8 +391,9 @@ def finetune(model: Any, tokenizer: Any, prompts: list[str], completions: list[s
         trainer.model.save_pretrained(str(adapter_dir), safe_serialization=True)
     model.set_attn_implementation(serving_attention)
     return FinetuneResult(peft_model.eval(), train_time_s, int(trainer.state.num_input_tokens_seen),
-                          float(output.training_loss), adapter_dir, resumed_from=checkpoint,
-                          trainer_args=trainer.args.to_json_string())
+                          clock.mean_loss(float(output.training_loss), trainer.state.global_step), adapter_dir,
+                          resumed_from=checkpoint, trainer_args=trainer.args.to_json_string(),
+                          resumed_inexact=clock.inexact() if checkpoint else None)
 
 
 def _with_lora(model: Any, cfg: FinetuneConfig, dtype: torch.dtype) -> Any:
@@ -330,6 +434,19 @@ def _lora_trainer(peft_model: Any, tokenizer: Any, prompts: list[str], completio
     parameters = peft_model.num_parameters(exclude_embeddings=True)
     trainer.floating_point_ops = lambda inputs: 6 * inputs["input_ids"].numel() * parameters
     return trainer
+
+
+def _seed_the_length_groups(trainer: Any, seed: int) -> _EpochSeededLengthGroups | None:
+    """Make the Trainer's length-grouped order a function of `seed` and the epoch (`_EpochSeededLengthGroups`);
+    the sampler it will train with, None for a random order (already drawn from data_seed + epoch)."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    grouped = trainer._get_train_sampler()
+    if not isinstance(grouped, LengthGroupedSampler):
+        return None
+    sampler = _EpochSeededLengthGroups(grouped.lengths, grouped.batch_size, seed)
+    trainer._get_train_sampler = lambda train_dataset=None: sampler  # asked for the training data only
+    return sampler
 
 
 @contextmanager

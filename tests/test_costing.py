@@ -5,7 +5,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from pipeline.economics.prices import PerTokenPrice
-from pipeline.economics.costing import break_even, finetune_fixed_cost
+from pipeline.economics.costing import break_even
 from pipeline.economics.serving import PROVIDER_RULES, billed_call_cost
 
 API = PerTokenPrice(kind="per_token", input_usd_per_mtok=2.5, output_usd_per_mtok=10.0)
@@ -20,11 +20,6 @@ def test_per_token_cost_by_hand():
     assert cached_call_cost(800, 5, API, prefix_tokens=0) == pytest.approx(0.00205)
     # without a cached price a long prefix bills as normal input
     assert cached_call_cost(1500, 5, API, prefix_tokens=1200) == pytest.approx(0.00380)
-
-
-def test_finetune_fixed_cost_by_hand():
-    # 1800 s at $2/h = $1, plus 1000 examples at $0.05 = $50
-    assert finetune_fixed_cost(1800, 2.0, 1000, 0.05) == pytest.approx(51.0)
 
 
 def test_break_even_by_hand():

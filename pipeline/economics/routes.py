@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Union
 
-from pipeline.economics.costing import SECONDS_PER_HOUR
+from pipeline.economics.costing import HOURS_PER_MONTH, SECONDS_PER_HOUR
 from pipeline.economics.horizon import Route, RunningCost
 from pipeline.economics.prices import PerHourPrice, PerTokenPrice, PricingConfig
 from pipeline.economics.serving import (AlwaysOn, PerSecond, ThroughputPoint, billed_call_cost, cache_hit_rate,
@@ -28,7 +28,7 @@ class ApiUsage:
     completion_tokens: float
     prefix_tokens: float
     cached_tokens: float | None = None  # mean a call, as the server reported them; None: it reported none
-    hours_per_month: float = 730.0
+    hours_per_month: float = HOURS_PER_MONTH
     batch: bool = False
 
     @property
@@ -123,13 +123,23 @@ class Ownership:
     n_eval: int = 0
 
 
+def evaluation_usd(price: Price, metrics: dict[str, float], running: RunningCost, n_eval: int,
+                   pricing: PricingConfig) -> float:
+    """What evaluating the route on the test rows costs: an API's calls at the configured volume's price; a
+    self-hosted model's busy time for them at its measured throughput (not a share of a month's idle replicas)."""
+    if isinstance(price, PerTokenPrice):
+        return n_eval * running.monthly(pricing.monthly_calls) / pricing.monthly_calls
+    throughput = metrics.get("throughput_calls_per_s") or 0.0
+    return n_eval / throughput / SECONDS_PER_HOUR * price.usd_per_hour * price.premium if throughput else 0.0
+
+
 def route(price: Price, metrics: dict[str, float], pricing: PricingConfig, own: Ownership,
           running: RunningCost | None = None) -> Route:
     """The arm as a route: `running` (default: as deployed) plus people, labels, training x search runs,
     evaluation (the test rows at the configured volume's cost a call) and retraining."""
     running = running or running_cost(price, metrics, pricing)
     people, label_usd = pricing.people, pricing.labelling_usd_per_example()
-    evaluation = own.n_eval * running.monthly(pricing.monthly_calls) / pricing.monthly_calls
+    evaluation = evaluation_usd(price, metrics, running, own.n_eval, pricing)
     if own.kind != "finetuned":
         return Route(running, people.prompt_hours, people.usd_per_hour,
                      training_usd=own.given_fixed_usd if own.given_fixed_usd is not None else pricing.prompt_fixed_usd,

@@ -181,9 +181,9 @@ PROVIDER_RULES: dict[str, ProviderRule] = {
 }
 
 
-def cacheable_prefix(prefix_tokens: float, rule: ProviderRule) -> float:
+def cacheable_prefix(prefix_tokens: float, rule: ProviderRule, minimum: int = 0) -> float:
     """The static prefix the provider caches: 0 below its minimum, else rounded down to its step."""
-    if prefix_tokens < rule.cache_min_tokens:
+    if prefix_tokens < max(rule.cache_min_tokens, minimum):
         return 0.0
     return math.floor(prefix_tokens / rule.cache_step_tokens) * rule.cache_step_tokens
 
@@ -200,10 +200,10 @@ def billed_call_cost(prompt_tokens: float, completion_tokens: float, prefix_toke
     every prompt token bills at the batch input rate. Batch rates follow the rule, not the catalog's columns
     (see `batch_price_mismatches`).
     """
-    cached = 0.0
-    if price.cached_input_usd_per_mtok is not None:
-        cached = cacheable_prefix(min(prefix_tokens, prompt_tokens), rule)
-    read = min(cached_tokens, prompt_tokens) if cached_tokens is not None else cached * hit_rate
+    cached, read = 0.0, 0.0
+    if price.cached_input_usd_per_mtok is not None:  # without a cached rate every prompt token bills as input
+        cached = cacheable_prefix(min(prefix_tokens, prompt_tokens), rule, price.cache_min_prefix_tokens)
+        read = min(cached_tokens, prompt_tokens) if cached_tokens is not None else cached * hit_rate
     written = max(0.0, cached - read)
     input_rate, output_rate = price.input_usd_per_mtok, price.output_usd_per_mtok
     read_rate = price.cached_input_usd_per_mtok or 0.0

@@ -234,12 +234,8 @@ def check_adapter(adapter_dir: Path, source: ModelSource, trust_remote_code: boo
     Every adapted module must exist in the base model with the feature sizes the LoRA matrices
     expect; the model's skeleton is built on the meta device, so no weights are loaded for this.
     """
+    adapter_cfg = read_adapter_config(adapter_dir, "finetune.adapter")
     config_file, weights = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
-    if not config_file.is_file():
-        raise ModelError(f"finetune.adapter: {config_file} not found (not a peft adapter folder)")
-    if not weights.is_file():
-        raise ModelError(f"finetune.adapter: {weights} not found (adapters load only from safetensors)")
-    adapter_cfg = read_json_object(config_file)
     if adapter_cfg.get("peft_type") != "LORA":
         raise ModelError(f"{config_file}: peft_type must be LORA")
     record_file = adapter_dir / TRAINING_RECORD
@@ -265,6 +261,17 @@ def check_adapter(adapter_dir: Path, source: ModelSource, trust_remote_code: boo
                 raise ModelError(f"finetune.adapter: {key} has shape {list(shape)}, but {name} of "
                                  f"{source.display_name} has {expected} features (an adapter for another base model)")
     return record
+
+
+def read_adapter_config(adapter_dir: Path, where: str) -> dict:
+    """The config of a peft adapter folder, after one-line refusals (naming `where`) of a folder without its
+    config or its safetensors weights (adapters load only from safetensors, as vLLM reads them too)."""
+    config_file, weights = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
+    if not config_file.is_file():
+        raise ModelError(f"{where}: {config_file} not found (not a LoRA adapter folder)")
+    if not weights.is_file():
+        raise ModelError(f"{where}: {weights} not found (adapters load only from safetensors)")
+    return read_json_object(config_file)
 
 
 def read_json_object(path: Path) -> dict:

@@ -19,7 +19,7 @@ import mlflow
 import yaml
 
 from pipeline.economics import figures as economics
-from pipeline.economics.decision import ArmInputs, Decision, compare
+from pipeline.economics.decision import ArmInputs, Decision, arm_route, compare
 from pipeline.economics.routes import Ownership
 from pipeline.economics.stats import per_label_table
 from pipeline.experiment.arms import Arm
@@ -235,8 +235,8 @@ def price_arm(exp: Experiment, arm: Arm, metrics: dict[str, float], predictions:
     every run), logged with its measurements, predictions and per-label scores."""
     pricing = exp.cfg.pricing
     metrics["batch_size"] = float(arm.eval.batch_size)  # the batched pass's size: what a deployment can batch
-    metrics["fixed_cost_usd"] = economics.fixed_cost(arm.kind, arm.fixed_cost_usd, pricing, metrics,
-                                                     len(exp.task.splits["train"]))
+    # Everything the route costs once: people, labels, training x search runs, evaluation.
+    metrics["fixed_cost_usd"] = arm_route(arm_inputs(exp, arm, metrics), pricing).one_off_usd
     metrics.update(economics.arm_figures(arm.price, metrics, pricing))
     rows = exp.outcomes[arm.name] = economics.ArmRows.from_predictions(read_predictions(predictions), exp.labels)
     metrics.update(economics.arm_intervals(rows, arm.price, metrics, pricing, exp.cfg.stats))

@@ -86,10 +86,12 @@ def cost_chart_text(curves: dict[str, Any]) -> str:
     base, cand = routes["baseline"], routes["candidate"]
     text = (f"Cost of {base['name']} ({_kind_words(base)}) and {cand['name']} ({_kind_words(cand)}) against calls "
             f"per month; the configured volume is {calls(curves['configured_volume'])} calls/month. ")
-    crossing = next((m for m in marks if m["key"] == "break_even_monthly_calls"), None)
+    # The figure the verdict is decided on: with errors priced where an error cost is set.
+    crossing = next((m for m in marks if m["key"] == "quality_adjusted_break_even_monthly_calls"),
+                    next((m for m in marks if m["key"] == "break_even_monthly_calls"), None))
     if crossing is None or not finite(crossing.get("volume")):
-        return text + (f"Over {curves['horizon_months']:g} months {cand['name']} never costs less than "
-                       f"{base['name']} in the range drawn.")
+        return text + (f"Over {curves['horizon_months']:g} months {cand['name']} does not cost less than "
+                       f"{base['name']} for good at any volume drawn.")
     if crossing["volume"] == 0:
         return text + f"{cand['name']} costs less over {curves['horizon_months']:g} months at every volume drawn."
     return text + (f"Over {curves['horizon_months']:g} months, fixed costs included, {cand['name']} costs less from "
@@ -102,7 +104,8 @@ def _kind_words(route: dict[str, Any]) -> str:
 
 
 SENSITIVITY_TITLES = {"break_even_calls": "one-off break-even (calls)",
-                      "break_even_monthly_calls": "monthly break-even (calls/month)"}
+                      "break_even_monthly_calls": "break-even volume over the horizon (calls/month)",
+                      "quality_adjusted_break_even_monthly_calls": "break-even volume, errors priced (calls/month)"}
 
 
 def plot_sensitivity(rows: list[dict], base: dict[str, float | None], path: Path) -> bool:

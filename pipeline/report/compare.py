@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.tracking import mlflow_store as tracking
-from pipeline.report.format import calls, logged_ci, pct_interval, pvalue, usd
+from pipeline.report.format import calls, logged_ci, months, pct_interval, pvalue, usd
 
-COLUMNS = ("experiment", "run", "baseline", "candidate", "baseline accuracy", "candidate accuracy",
+COLUMNS = ("experiment", "run", "verdict", "baseline", "candidate", "baseline accuracy", "candidate accuracy",
            "token reduction", "baseline $/1k calls", "candidate $/1k calls", "baseline $/month", "candidate $/month",
-           "break-even (calls)", "monthly break-even (calls/month)", "McNemar p")
+           "baseline total over the horizon", "candidate total over the horizon", "break-even (calls)",
+           "break-even volume (calls/month)", "payback", "McNemar p")
 
 
 def _break_even(value: float | None, tag: str | None) -> str:
@@ -34,7 +35,7 @@ def run_row(parent: Any, children: list[Any]) -> dict[str, str]:
     p = metrics.get("mcnemar_p")
     return {
         "experiment": params.get("experiment", ""), "run": parent.info.run_name or parent.info.run_id,
-        "baseline": base_name, "candidate": cand_name,
+        "verdict": tags.get("verdict", "-"), "baseline": base_name, "candidate": cand_name,
         "baseline accuracy": _accuracy(base), "candidate accuracy": _accuracy(cand),
         "token reduction": f"{metrics['token_reduction_x']:.1f}x" if "token_reduction_x" in metrics else "-",
         "baseline $/1k calls": usd(base.get("cost_per_1k_calls_usd")),
@@ -42,8 +43,12 @@ def run_row(parent: Any, children: list[Any]) -> dict[str, str]:
         "baseline $/month": usd(base.get("monthly_cost_usd")), "candidate $/month": usd(cand.get("monthly_cost_usd")),
         "break-even (calls)": _break_even(metrics.get("break_even_calls"), tags.get("break_even_calls")
                                      or tags.get("break_even")),
-        "monthly break-even (calls/month)": _break_even(metrics.get("break_even_monthly_calls"),
-                                                   tags.get("break_even_monthly_calls")),
+        "baseline total over the horizon": usd(metrics.get("tco_baseline_usd")),
+        "candidate total over the horizon": usd(metrics.get("tco_candidate_usd")),
+        "break-even volume (calls/month)": _break_even(metrics.get("break_even_monthly_calls"),
+                                                       tags.get("break_even_monthly_calls")),
+        "payback": months(metrics.get("payback_months")) if "payback_months" in metrics or
+        tags.get("payback_months") == "never" else "-",
         "McNemar p": pvalue(p),
     }
 

@@ -1,5 +1,5 @@
 """The report to forward: its facts gathered once from a finished run, its plots, and the files
-`roi_report.html` / `roi_report.md` rendered from them (`report_html`). The facts and plots are kept
+`roi_report.html` / `roi_report.md` rendered from them (`report.html`). The facts and plots are kept
 with the parent run (`report/`), so `roi report --out` renders the same report again later."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.economics.prices import PerTokenPrice
+from pipeline.economics.serving import provider_rule
 from pipeline.report.charts import cost_chart_text
 from pipeline.report.format import logged_ci
 from pipeline.report.summary import Summary, verdict
@@ -28,8 +29,14 @@ def price_text(price: Any) -> str:
     if isinstance(price, PerTokenPrice):
         text = f"${price.input_usd_per_mtok:g} in / ${price.output_usd_per_mtok:g} out per Mtok"
         if price.cached_input_usd_per_mtok is not None:
-            text += (f", cached ${price.cached_input_usd_per_mtok:g} (prefixes >= {price.cache_min_prefix_tokens}"
-                     f" tokens, hit rate {price.cache_hit_rate:.0%})")
+            rule = provider_rule(price.provider)
+            hits = ("hit rate from the volume's arrival rate" if price.cache_hit_rate is None
+                    else f"hit rate {price.cache_hit_rate:.0%}")
+            text += (f", cached ${price.cached_input_usd_per_mtok:g} (prefixes of "
+                     f"{max(rule.cache_min_tokens, price.cache_min_prefix_tokens)} tokens or more, {hits})")
+    elif price.billing == "per_second":
+        text = (f"${price.usd_per_hour:g}/h x {price.premium:g} per busy second" + (f" ({price.hardware})" if price.hardware
+                else "") + f", {price.cold_start_s:g} s billed a cold start, >= {price.min_replicas} always on")
     else:
         text = (f"${price.usd_per_hour:g}/h per replica" + (f" ({price.hardware})" if price.hardware else "")
                 + f", >= {price.min_replicas} always on, planned at {price.target_utilisation:.0%} utilisation")

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.report.format import (calls, finite, interval, logged_ci, not_measured, number, pct, pct_interval,
+from pipeline.report.format import (calls, finite, interval, logged_ci, months, not_measured, number, pct, pct_interval,
                                     usd)
 
 @dataclass
@@ -45,7 +45,7 @@ class Summary:
 
     @property
     def break_even_monthly_calls(self) -> float | None:
-        """Monthly volume above which the candidate's deployment costs less a month; None: none found."""
+        """Monthly volume above which the candidate's total over the horizon is lower; None: none found."""
         return finite(self.parent.get("break_even_monthly_calls"))
 
     @property
@@ -93,7 +93,7 @@ def verdict(summary: Summary) -> str:
     if not summary.has_pair:
         return "No verdict: it needs a fine-tuned arm and a prompt arm to compare (compare.baseline, compare.candidate)."
     cand, p = summary.candidate_arm, summary.parent
-    quality = "quality_adjusted_" if summary.error_cost_usd and "quality_adjusted_tco_baseline_usd" in p else ""
+    quality = _basis(summary)
     text = f"{summary.verdict[0].capitalize()}. {summary.verdict[1]}" if summary.verdict else ""
     if f"{quality}tco_baseline_usd" not in p:  # a run from before the horizon figures
         return text or "No verdict in this run."
@@ -102,12 +102,18 @@ def verdict(summary: Summary) -> str:
     text += (f" Counting people, labels, training, evaluation, retraining and running, {cand} costs less over "
              f"{summary.horizon_months:g} months " + ("at every volume up to 1,000x this one" if volume == 0
              else f"from {interval(volume, ci)} calls/month on" if finite(volume)
-             else "at no volume up to 1,000x this one"))
+             else "at no volume for good up to 1,000x this one"))
     months = p.get(f"{quality}payback_months")
     text += ("; at this volume it is never the dearer route." if months == 0
              else f"; at this volume its extra cost is recovered after {number(months, 1)} months." if finite(months)
              else "; at this volume its extra cost is never recovered.")
     return text.strip()
+
+
+def _basis(summary: Summary) -> str:
+    """The prefix of the figures the verdict is decided on: quality-adjusted where an error cost is set."""
+    return ("quality_adjusted_" if summary.error_cost_usd and "quality_adjusted_tco_baseline_usd" in summary.parent
+            else "")
 
 
 def _break_even_text(summary: Summary) -> str:
@@ -172,11 +178,12 @@ def summary_markdown(summary: Summary) -> str:
     lines += [
         "",
         f"- Break-even: {_break_even_text(summary)} of {summary.candidate_arm} against {summary.baseline_arm}"
-        + (f"; payback {number(p.get('payback_months'), 2)} months at {summary.monthly_calls:,.0f} calls/month."
-           if summary.break_even_calls is not None else "."),
-        "- Costs are at the configured volume: API arms by their measured tokens, self-hosted arms as replicas"
-        " billed every hour (always-on ones included) at their measured throughput.",
-        f"- Fine-tuning fixed cost: {usd(p.get('finetune_fixed_cost_usd'))}"
+        + (f"; its extra cost recovered after {months(p[_basis(summary) + 'payback_months'])} at "
+           f"{summary.monthly_calls:,.0f} calls/month." if _basis(summary) + "payback_months" in p else "."),
+        "- Costs are at the configured volume: API arms by their measured tokens as the provider bills them,"
+        " self-hosted arms as replicas sized for the peak, billed every hour (or per busy second).",
+        f"- Fine-tuning one-off cost (people, labels, training x search runs, evaluation): "
+        f"{usd(p.get('finetune_fixed_cost_usd'))}"
         + (f" (training {number(summary.arms[summary.candidate_arm].get('train_time_s'))} s,"
            f" {summary.arms[summary.candidate_arm].get('train_tokens', 0):,.0f} tokens)"
            if summary.candidate_arm in summary.arms else ""),

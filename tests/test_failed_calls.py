@@ -98,7 +98,7 @@ def test_an_arm_with_30_percent_failed_calls_is_not_measured_and_the_others_stan
         assert "prompt_gain_pts" not in parent.data.metrics
         run_dir = max((tmp_path / "runs" / "failed-calls").glob("*"))
         summary_md = (run_dir / "roi_summary.md").read_text()
-        assert "No verdict: engineered-api was not measured (6 of 20 calls failed" in summary_md
+        assert "Not measurable: engineered-api was not measured (6 of 20 calls failed" in summary_md
         assert "| engineered-api | not measured: 6 of 20 calls failed (first error: InternalServerError" in summary_md
         assert "not measured: 6 of 20 calls failed" in (run_dir / "report" / "roi_report.html").read_text()
         assert "not measured: 6 of 20 calls failed" in result.stdout
@@ -127,7 +127,7 @@ def test_roi_report_shows_an_arm_that_was_not_measured(tmp_path):
     summary = summary_from_runs(*find_parent_run("failed-calls"))
     assert list(summary.arms) == ["naive-api"]
     assert summary.not_measured["engineered-api"].startswith("not measured: 5 of 10 calls failed (first error: ")
-    assert verdict(summary).startswith("No verdict: engineered-api was not measured (5 of 10 calls failed")
+    assert verdict(summary).startswith("Not measurable: engineered-api was not measured (5 of 10 calls failed")
 
 
 def test_two_percent_failed_calls_are_kept_out_of_every_figure(tmp_path):

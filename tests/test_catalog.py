@@ -99,3 +99,21 @@ def test_every_shipped_row_is_sourced_dated_and_priced():
         assert row["source"] and row["date"], name
         assert cat.hardware(name).usd_per_hour > 0, name
     assert {"cpu-2core", "t4", "l4", "a10g", "a100", "h100"} <= set(cat.hardware_names())
+
+
+def test_every_shipped_batch_price_follows_its_providers_rule():
+    """A catalog row's batch prices are the provider's batch factor times its prices (OpenAI: half); a row that
+    is not would price the batch lever wrong (ft:gpt-4o-2024-08-06 once had 2.225e-06 / 1.25e-05)."""
+    from pipeline.economics.prices import PerTokenPrice
+    from pipeline.economics.serving import batch_price_mismatches, provider_rule
+
+    catalog = load_catalog()
+    wrong = {}
+    for name in catalog.names():
+        row = catalog.tokens(name)
+        price = PerTokenPrice(input_usd_per_mtok=row.input_usd_per_mtok, output_usd_per_mtok=row.output_usd_per_mtok,
+                              batch_input_usd_per_mtok=row.batch_input_usd_per_mtok,
+                              batch_output_usd_per_mtok=row.batch_output_usd_per_mtok, provider=row.provider)
+        if batch_price_mismatches(price, provider_rule(row.provider)):
+            wrong[name] = (row.batch_input_usd_per_mtok, row.batch_output_usd_per_mtok)
+    assert not wrong

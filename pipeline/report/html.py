@@ -31,30 +31,10 @@ def _table(head: list[str], num: set[int], rows: list[list[str]], keys: list[str
             "rows": [{"key": k, "cells": r} for k, r in zip(keys or [None] * len(rows), rows)]}
 
 
-def _view(facts: dict) -> dict:
-    """Everything both renderers show, as ready-formatted strings."""
-    quality = (facts.get("error_cost_usd") or 0) > 0
-    arms = facts["arms"]
-    head = ["Arm", "Role", "Model", "Accuracy [CI]", "Macro-F1 [CI]", "Prompt tokens", "p50 latency (ms)",
-            "Throughput (calls/s)", f"Cost / 1,000 calls at {calls(facts['monthly_calls'])}/month [CI]",
-            "Monthly cost", "Replicas", "Fixed cost"]
-    rows = []
-    for a in arms:
-        rows.append([a["name"], a.get("role") or "-", f"{a['model']} ({a['kind']}, {a['backend']})",
-                     pct_interval(a["accuracy"], a.get("accuracy_ci")),
-                     pct_interval(a["macro_f1"], a.get("macro_f1_ci")),
-                     number(a["prompt_tokens_mean"]), number(a["latency_p50_ms"], 0),
-                     number(a["throughput_calls_per_s"], 2),
-                     interval(a["cost_per_1k_calls_usd"], a.get("cost_per_1k_calls_usd_ci"), usd),
-                     usd(a["monthly_cost_usd"]), "-" if a.get("replicas") is None else f"{a['replicas']:,}",
-                     usd(a["fixed_cost_usd"])]
-                    + ([usd(a.get("quality_adjusted_cost_per_1k_usd"))] if quality else []))
-    if quality:
-        head.append("Quality-adjusted cost / 1,000")
-    failed = facts.get("not_measured") or []  # reports from before it have none
-    rows += [[f["name"], "-", f["model"], f["why"]] + ["-"] * (len(head) - 4) for f in failed]
-    arms_table = _table(head, set(range(3, len(head))), rows, [a["name"] for a in arms] + [f["name"] for f in failed])
-
+def _break_even_rows(facts: dict, quality: bool) -> tuple[list[tuple[str, str]], str]:
+    """The break-even section's label/value rows (each route's total over the horizon, the volume from which
+    the fine-tune costs less, payback, the ranges, the one-off break-even; with errors priced where an error
+    cost is set), and the words for the horizon."""
     be = facts["break_even"]
     pair = (f"{be['candidate']} (candidate) vs {be['baseline']} (baseline)"
             if be.get("baseline") and be.get("candidate") else "no baseline/candidate pair")
@@ -83,6 +63,34 @@ def _view(facts: dict) -> dict:
             ("With errors priced, one-off cost recovered after (calls)", calls(be.get("quality_adjusted_calls")))]
     if not (be.get("baseline") and be.get("candidate")):  # nothing to break even between: not "never"
         break_even = [("Compared", pair)] + [(label, "n/a") for label, _ in break_even[1:]]
+    return break_even, span
+
+
+def _view(facts: dict) -> dict:
+    """Everything both renderers show, as ready-formatted strings."""
+    quality = (facts.get("error_cost_usd") or 0) > 0
+    arms = facts["arms"]
+    head = ["Arm", "Role", "Model", "Accuracy [CI]", "Macro-F1 [CI]", "Prompt tokens", "p50 latency (ms)",
+            "Throughput (calls/s)", f"Cost / 1,000 calls at {calls(facts['monthly_calls'])}/month [CI]",
+            "Monthly cost", "Replicas", "Fixed cost"]
+    rows = []
+    for a in arms:
+        rows.append([a["name"], a.get("role") or "-", f"{a['model']} ({a['kind']}, {a['backend']})",
+                     pct_interval(a["accuracy"], a.get("accuracy_ci")),
+                     pct_interval(a["macro_f1"], a.get("macro_f1_ci")),
+                     number(a["prompt_tokens_mean"]), number(a["latency_p50_ms"], 0),
+                     number(a["throughput_calls_per_s"], 2),
+                     interval(a["cost_per_1k_calls_usd"], a.get("cost_per_1k_calls_usd_ci"), usd),
+                     usd(a["monthly_cost_usd"]), "-" if a.get("replicas") is None else f"{a['replicas']:,}",
+                     usd(a["fixed_cost_usd"])]
+                    + ([usd(a.get("quality_adjusted_cost_per_1k_usd"))] if quality else []))
+    if quality:
+        head.append("Quality-adjusted cost / 1,000")
+    failed = facts.get("not_measured") or []  # reports from before it have none
+    rows += [[f["name"], "-", f["model"], f["why"]] + ["-"] * (len(head) - 4) for f in failed]
+    arms_table = _table(head, set(range(3, len(head))), rows, [a["name"] for a in arms] + [f["name"] for f in failed])
+
+    break_even, span = _break_even_rows(facts, quality)
 
     st = facts["statistics"]
     statistics = [
@@ -109,7 +117,7 @@ def _view(facts: dict) -> dict:
         "levers": _table(["Lever", "Arm", "Detail", "Cost / 1,000 calls", "Change"], {3, 4},
                          [[lv["lever"], lv["arm"], lv["detail"], usd(lv.get("cost_per_1k_calls_usd")),
                            signed_pct(lv.get("change_pct"))] for lv in facts["levers"]]),
-        "sensitivity": _table(["Factor", "Break-even at -50% (calls)", "Break-even at +50% (calls)"], {1, 2},
+        "sensitivity": _table(["Factor (figure)", "Break-even at -50%", "Break-even at +50%"], {1, 2},
                               [[s["factor"], calls(s.get("low")), calls(s.get("high"))]
                                for s in facts["sensitivity"]]),
         "claims": _table(["Claim", "Measured here"], set(), [[c["claim"], c["measured"]] for c in facts["claims"]]),

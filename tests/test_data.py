@@ -6,7 +6,7 @@ import pytest
 
 from conftest import ROOT
 from pipeline.cli import main
-from pipeline.experiment.config import DataConfig, TaskConfig
+from pipeline.task.types import DataConfig, TaskConfig
 from pipeline.task.checks import check_task
 from pipeline.task.splits import eval_rows, load_task, task_config_for_folder
 from pipeline.task.types import DataError
@@ -449,3 +449,13 @@ def test_inline_labels_in_the_config_are_checked_like_a_label_file(tmp_path, cap
     cfg = _config(tmp_path, folder, splits={"train": "train.jsonl"}, labels=["billing", "refund", "Refund "])
     _check_fails(capsys, cfg, "task.labels: labels 'refund' (entry 2) and 'Refund' (entry 3) look the same to the "
                               "answer parser")
+
+
+def test_the_content_hash_does_not_depend_on_the_order_splits_are_listed_in():
+    """A config whose splits are listed in another order (as a YAML writer that sorts keys leaves them) reads
+    the same data: the same hash, so its stored stages are reused."""
+    folder = ROOT / "datasets" / "support_tickets"
+    listed = {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl"}
+    hashes = {load_task(TaskConfig(path=folder, splits=dict(order), labels="labels.json")).content_hash
+              for order in (listed.items(), sorted(listed.items()), reversed(list(listed.items())))}
+    assert len(hashes) == 1

@@ -267,11 +267,12 @@ def load_task(task: TaskConfig, data: DataConfig | None = None) -> TaskData:
     for note in notes:  # only once the task is sound: an error stays the one line printed
         _note(note)
     label_text = json.dumps([[l.name, l.description] for l in labels])
+    # Sorted: the order a config lists its splits in (a YAML writer may sort them) is not the data's identity.
     settings = json.dumps(
         {"splits": task.splits, "columns": [task.text_column, task.label_column], "train_limit": data.train_limit,
-         "seed": data.seed, "test_size": task.test_size, "validation_size": task.validation_size}
+         "seed": data.seed, "test_size": task.test_size, "validation_size": task.validation_size}, sort_keys=True
     )
-    content_hash = hash_files(list(files.values()), label_text + settings)
+    content_hash = hash_files([files[split] for split in sorted(files)], label_text + settings)
     return TaskData(task.name or Path(task.path).resolve().name, labels, splits, files, content_hash, notes=notes)
 
 

@@ -68,3 +68,14 @@ def test_ui_links_open_the_runs_view_with_the_arms_columns(monkeypatch):
     assert state["selectedColumns"] == state["columnOrder"] == [
         "metrics.`accuracy`", "metrics.`latency_p50_ms`", "metrics.`prompt_tokens_mean`",
         "metrics.`cost_per_1k_calls_usd`", "metrics.`break_even_calls`", "tags.`break_even`"]
+
+
+def test_a_doubtful_price_is_a_note_of_the_run(tmp_path):
+    """A catalog price past its deprecation date reaches the run's notes (printed under the table, in the report
+    and as the parent's `notes` tag), naming it."""
+    path = tmp_path / "dated.yaml"
+    path.write_text(yaml.safe_dump({"experiment": "m", "task": {"path": str(ROOT / "datasets" / "support_tickets"),
+                                                                "labels": "labels.json"}, "arms": ["naive"],
+                                    "report": {"price_what_if": ["gpt-4.1-nano"]}, "output_dir": str(tmp_path)}))
+    exp = prepare(load_experiment(path), console=None, force=False)
+    assert "price gpt-4.1-nano: the model was deprecated on 2026-10-23" in exp.notes

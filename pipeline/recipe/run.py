@@ -108,7 +108,7 @@ def prepare(plan: ExperimentPlan, console, force: bool) -> Experiment:
     run_dir.mkdir(parents=True, exist_ok=True)
     store = StageStore(cfg.output_dir / "stages", recompute=force)
     return Experiment(plan, task, rows, examples, templates, store, models=models, run_dir=run_dir, console=console,
-                      notes=task.notes + models.notes)
+                      notes=plan.notes + task.notes + models.notes)
 
 
 def log_parent_inputs(exp: Experiment) -> None:

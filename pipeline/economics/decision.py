@@ -14,8 +14,8 @@ import numpy as np
 
 from pipeline.economics.figures import (ArmRows, Pair, break_even_sensitivity, pair_metrics, prompt_pair_metrics,
                                         token_reduction)
-from pipeline.economics.horizon import (Route, break_even_monthly_calls, cost_curves, curve_volumes, horizon_cost,
-                                        payback_months, verdict)
+from pipeline.economics.horizon import (Route, VolumeBreakEven, break_even_monthly_calls, cost_curves, curve_volumes,
+                                        horizon_cost, payback_months, verdict)
 from pipeline.economics.prices import PerTokenPrice, PricingConfig, StatsConfig
 from pipeline.economics.routes import ApiUsage, Ownership, Price, route, running_cost, scaled, with_errors
 from pipeline.economics.stats import bootstrap_intervals
@@ -50,42 +50,43 @@ def arm_route(arm: ArmInputs, pricing: PricingConfig, tokens: tuple[float, float
     return with_errors(r, accuracy, pricing.error_cost_usd) if accuracy is not None else r
 
 
-def _pair_figures(b: Route, c: Route, pricing: PricingConfig, prefix: str = "") -> dict[str, float]:
+def _pair_figures(b: Route, c: Route, pricing: PricingConfig,
+                  prefix: str = "") -> tuple[dict[str, float], VolumeBreakEven]:
+    """Both horizon totals, the break-even volume and payback (keys with `prefix`), and the solved crossing
+    (its ranges too)."""
     volume, horizon = pricing.monthly_calls, pricing.horizon_months
     crossing = break_even_monthly_calls(b, c, horizon, SEARCH_VOLUME_X * volume)
     return {f"{prefix}tco_baseline_usd": horizon_cost(b, volume, horizon),
             f"{prefix}tco_candidate_usd": horizon_cost(c, volume, horizon),
             f"{prefix}break_even_monthly_calls": math.inf if crossing.calls is None else crossing.calls,
-            f"{prefix}payback_months": payback_months(b, c, volume)}
+            f"{prefix}payback_months": payback_months(b, c, volume)}, crossing
 
 
 def horizon_metrics(base: ArmInputs, cand: ArmInputs, rows: dict[str, Any], pricing: PricingConfig,
                     stats: StatsConfig) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Parent-run figures of the pair over `pricing.horizon_months` (with intervals over resampled rows) and the
     cheaper/tied/dearer ranges of the candidate by monthly volume."""
-    b, c = arm_route(base, pricing), arm_route(cand, pricing)
-    out = _pair_figures(b, c, pricing)
-    ranges = break_even_monthly_calls(b, c, pricing.horizon_months, SEARCH_VOLUME_X * pricing.monthly_calls).ranges
+    out, crossing = _pair_figures(arm_route(base, pricing), arm_route(cand, pricing), pricing)
     quality = bool(pricing.error_cost_usd)
     if quality:
         out.update(_pair_figures(arm_route(base, pricing, accuracy=base.metrics["accuracy"]),
                                  arm_route(cand, pricing, accuracy=cand.metrics["accuracy"]), pricing,
-                                 "quality_adjusted_"))
+                                 "quality_adjusted_")[0])
     base_rows, cand_rows = rows[base.name], rows[cand.name]
 
     def statistic(idx: np.ndarray) -> dict[str, float]:
         bt, ct = base_rows.token_means(idx), cand_rows.token_means(idx)
-        figures = _pair_figures(arm_route(base, pricing, bt), arm_route(cand, pricing, ct), pricing)
+        figures = _pair_figures(arm_route(base, pricing, bt), arm_route(cand, pricing, ct), pricing)[0]
         if quality:
             figures.update(_pair_figures(arm_route(base, pricing, bt, float(base_rows.correct[idx].mean())),
                                          arm_route(cand, pricing, ct, float(cand_rows.correct[idx].mean())),
-                                         pricing, "quality_adjusted_"))
+                                         pricing, "quality_adjusted_")[0])
         return figures
 
     intervals = bootstrap_intervals(len(base_rows.correct), statistic, stats.resamples, stats.seed, stats.confidence)
     for name, (low, high) in intervals.items():
         out[f"{name}_ci_low"], out[f"{name}_ci_high"] = low, high
-    return out, [asdict(r) for r in ranges]
+    return out, [asdict(r) for r in crossing.ranges]
 
 
 def decide(parent: dict[str, float], base: ArmInputs, cand: ArmInputs, pricing: PricingConfig,

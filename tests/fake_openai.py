@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Callable
 
 
 @dataclass
@@ -50,7 +50,8 @@ class FakeOpenAI:
 
     def __init__(self, faults: Faults | None = None, *, usage: bool = True, api_key: str | None = None,
                  work_s: float = 0.0, stream_gap_s: float = 0.01, garbage_json: bool = False,
-                 model: str = "fake", also_serves: tuple[str, ...] = (), models_route: bool = True):
+                 model: str = "fake", also_serves: tuple[str, ...] = (), models_route: bool = True,
+                 answers: Callable[[str], str] | None = None):
         self.faults = faults or Faults()
         self.usage = usage                # False: responses carry no `usage`
         self.api_key = api_key            # set: any other bearer token gets a 401 that echoes it
@@ -60,6 +61,7 @@ class FakeOpenAI:
         self.model = model
         self.served = (model, *also_serves)  # other ids get a 404 `model_not_found`, as OpenAI answers
         self.models_route = models_route  # False: no GET /v1/models, as some gateways
+        self.answers = answers  # set: the answer to each input (the last user message), scripted by the test
         self.gets: list[dict[str, Any]] = []  # GET requests: path, headers (lower-cased names)
         self.requests: list[dict[str, Any]] = []
         self.in_flight = 0
@@ -101,6 +103,8 @@ class FakeOpenAI:
         return None, delayed
 
     def answer(self, body: dict[str, Any], text: str) -> str:
+        if self.answers is not None:
+            return self.answers(text)
         choices = (body.get("structured_outputs") or {}).get("choice")
         schema = body.get("response_format") or {}
         if schema.get("type") == "json_schema":

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.economics.figures import (ArmRows, Pair, break_even_sensitivity, pair_metrics, prompt_pair_metrics,
-                                        token_reduction)
+from pipeline.economics.figures import (ArmRows, Pair, break_even_sensitivity, pair_metrics, paired_rows,
+                                        prompt_pair_metrics, token_reduction)
 from pipeline.economics.horizon import (Route, VolumeBreakEven, break_even_monthly_calls, cost_curves, curve_volumes,
                                         horizon_cost, payback_months, verdict)
 from pipeline.economics.prices import PerTokenPrice, PricingConfig, StatsConfig
@@ -72,7 +72,7 @@ def horizon_metrics(base: ArmInputs, cand: ArmInputs, rows: dict[str, Any], pric
         out.update(_pair_figures(arm_route(base, pricing, accuracy=base.metrics["accuracy"]),
                                  arm_route(cand, pricing, accuracy=cand.metrics["accuracy"]), pricing,
                                  "quality_adjusted_")[0])
-    base_rows, cand_rows = rows[base.name], rows[cand.name]
+    base_rows, cand_rows = paired_rows(rows, base.name, cand.name)
 
     def statistic(idx: np.ndarray) -> dict[str, float]:
         bt, ct = base_rows.token_means(idx), cand_rows.token_means(idx)

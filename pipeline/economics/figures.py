@@ -44,12 +44,25 @@ class ArmRows:
                    np.array([float(r["completion_tokens"]) for r in rows]),
                    np.array(["error" not in r for r in rows]))
 
+    def head(self, n: int) -> "ArmRows":
+        """The outcomes on the first `n` rows."""
+        return ArmRows(*(None if a is None else a[:n] for a in (self.correct, self.predicted, self.gold,
+                                                                 self.prompt_tokens, self.completion_tokens,
+                                                                 self.answered)))
+
     def token_means(self, idx: np.ndarray) -> tuple[float, float]:
         """Mean prompt and completion tokens of the rows `idx` whose call was answered (NaN where none was)."""
         ok = idx if self.answered is None else idx[self.answered[idx]]
         if not len(ok):
             return math.nan, math.nan
         return float(self.prompt_tokens[ok].mean()), float(self.completion_tokens[ok].mean())
+
+
+def paired_rows(rows: dict[str, ArmRows], a: str, b: str) -> tuple[ArmRows, ArmRows]:
+    """Two arms' outcomes on the rows both were scored on: arms evaluated sequentially take the test rows in
+    one order and may stop at different rows, so the rows they share are the shorter one's."""
+    n = min(len(rows[a].correct), len(rows[b].correct))
+    return rows[a].head(n), rows[b].head(n)
 
 
 def arm_cost(price: Price, metrics: dict[str, float], pricing: PricingConfig,
@@ -170,7 +183,7 @@ def pair_metrics(pair: Pair, rows: dict[str, ArmRows], pricing: PricingConfig, s
     if pricing.error_cost_usd:
         quality = (pair.base_metrics["accuracy"], pair.cand_metrics["accuracy"])
         out["quality_adjusted_break_even_calls"] = one_off_calls(*pair.costs(pricing, quality=quality), volume)
-    base_rows, cand_rows = rows[pair.baseline], rows[pair.candidate]
+    base_rows, cand_rows = paired_rows(rows, pair.baseline, pair.candidate)
     out["mcnemar_p"] = mcnemar_exact(base_rows.correct, cand_rows.correct)
 
     def statistic(idx: np.ndarray) -> dict[str, float]:
@@ -200,7 +213,7 @@ def prompt_pair_metrics(rows: dict[str, ArmRows], baseline: str | None, naive: s
     """McNemar's p between the engineered and the naive prompt: is the prompt engineering gain real?"""
     if not baseline or not naive or baseline == naive or baseline not in rows or naive not in rows:
         return {}
-    return {"mcnemar_p_prompt": mcnemar_exact(rows[baseline].correct, rows[naive].correct)}
+    return {"mcnemar_p_prompt": mcnemar_exact(*(r.correct for r in paired_rows(rows, baseline, naive)))}
 
 
 def token_reduction(base: dict[str, float], cand: dict[str, float]) -> float:

@@ -9,26 +9,34 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 
 from pipeline import interrupts
 from pipeline.backends.base import Backend
 from pipeline.experiment.arms import Arm
+from pipeline.experiment.config import SequentialConfig
 from pipeline.measure.scoring import PARSERS, call_metrics, latency_stats, read_predictions
-from pipeline.measure.timing import Measurement, measure
+from pipeline.measure.sequential import SequentialRule, confidence_sequence, round_sizes, stop_reason
+from pipeline.measure.timing import EnoughRows, Measurement, measure, timing_sample
 from pipeline.recipe.inputs import RunInputs
 from pipeline.task.prompts import PromptRenderer
 
 
 def evaluate(inputs: RunInputs, arm: Arm, backend: Backend, renderer: PromptRenderer, predictions: Path,
-             console: Any) -> dict[str, float]:
-    """Measure every test row on the backend, parse and score it; predictions are written as they come
-    (so they are kept on Ctrl-C), one row per test row, in test-row order."""
+             console: Any, paired_with: np.ndarray | None = None) -> tuple[dict[str, float], str]:
+    """Measure the test rows on the backend, parse and score them; predictions are written as they come
+    (so they are kept on Ctrl-C), one row per test row evaluated, in the test rows' order.
+
+    With `eval.sequential` the rows go in rounds and the arm stops once its accuracy's confidence sequence
+    is narrower than `half_width` ("interval") or, given `paired_with` (the compare pair's other arm's
+    0/1 scores on the same rows), once their difference's excludes 0 ("decided"); else "all_rows"."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     texts, golds = inputs.rows["text"], inputs.rows["label"]
     prompts = [renderer.prompt(t) for t in texts]
     predictions.parent.mkdir(parents=True, exist_ok=True)
-    parse, predicted = PARSERS[arm.eval.parser], []
+    parse, predicted, correct = PARSERS[arm.eval.parser], [], []
+    rule = sequential_rule(arm.eval.sequential, inputs.cfg.stats.confidence)
     with predictions.open("w", encoding="utf-8") as out, \
             Progress(TextColumn(f"evaluating {arm.name:<12}"), BarColumn(), MofNCompleteColumn(),
                      TimeRemainingColumn(), console=console, transient=True) as bar:
@@ -39,20 +47,26 @@ def evaluate(inputs: RunInputs, arm: Arm, backend: Backend, renderer: PromptRend
             for call in calls:
                 i = len(predicted)
                 predicted.append(parse(call.output, inputs.labels))
+                correct.append(float(predicted[i] >= 0 and inputs.labels[predicted[i]] == golds[i]))
                 out.write(json.dumps(prediction_row(i, texts[i], golds[i], call, predicted[i], inputs.labels),
                                      ensure_ascii=False) + "\n")
             out.flush()
             bar.advance(job, len(calls))
 
         try:
-            timed = measure(backend, prompts, warmup=min(arm.eval.warmup, len(prompts)), repeats=arm.eval.repeats,
-                            on_calls=on_calls)
+            timed, stopped_by = _rounds(backend, prompts, arm, rule, on_calls, correct, paired_with)
         except KeyboardInterrupt:
             out.flush()
             mlflow.log_artifact(str(predictions))  # the rows finished before the interrupt
             raise
+    prompts = prompts[: len(predicted)]  # the rows evaluated: the timing samples come from them
     batch1 = _batch1_sample(backend, prompts, arm)
-    metrics = call_metrics(timed, predicted, [inputs.labels.index(g) for g in golds], inputs.labels, batch1)
+    metrics = call_metrics(timed, predicted, [inputs.labels.index(g) for g in golds[: len(predicted)]],
+                           inputs.labels, batch1)
+    metrics["rows_evaluated"] = float(len(predicted))
+    if rule is not None:  # the interval valid at the stopping time, however often the run looked
+        low, high = confidence_sequence(correct, rule.alpha)
+        metrics["accuracy_cs_low"], metrics["accuracy_cs_high"] = float(low[-1]), float(high[-1])
     if batch1 is not None:
         _record_batch1_latencies(predictions, batch1.calls)
     metrics["prefix_tokens"] = float(renderer.static_prefix_tokens()) if renderer.tokenizer else 0.0
@@ -61,7 +75,35 @@ def evaluate(inputs: RunInputs, arm: Arm, backend: Backend, renderer: PromptRend
     if backend.retries_total is not None:
         metrics["retries_total"] = float(backend.retries_total)
     metrics.update(_uncached_sample(backend, prompts, arm, timed, at_batch1=batch1 is not None))
-    return metrics
+    return metrics, stopped_by
+
+
+def sequential_rule(sequential: SequentialConfig | None, confidence: float) -> SequentialRule | None:
+    """The stopping rule of `eval.sequential` at the run's confidence; None: every row."""
+    if sequential is None:
+        return None
+    return SequentialRule(sequential.min_rows, sequential.step_rows, sequential.half_width, 1 - confidence)
+
+
+def _rounds(backend: Backend, prompts: list, arm: Arm, rule: SequentialRule | None, on_calls,
+            correct: list[float], paired_with: np.ndarray | None) -> tuple[Measurement, str]:
+    """The rows measured in one pass that ends, with a rule, at the first check (`round_sizes`) where the rule
+    says stop. One pass rather than a pass per round: a batching backend keeps its batch full to the stop."""
+    checks = round_sizes(len(prompts), rule)[:-1] if rule is not None else []
+    stopped_by = ["all_rows"]
+
+    def checked(calls) -> None:
+        on_calls(calls)
+        while checks and len(correct) >= checks[0]:
+            checks.pop(0)
+            reason = stop_reason(correct, rule, paired_with)
+            if reason is not None:
+                stopped_by[0] = reason
+                raise EnoughRows
+
+    timed = measure(backend, prompts, warmup=min(arm.eval.warmup, len(prompts)), repeats=arm.eval.repeats,
+                    on_calls=checked)
+    return timed, stopped_by[0]
 
 
 def _uncached_sample(backend: Backend, prompts, arm: Arm, timed: Measurement, at_batch1: bool) -> dict[str, float]:
@@ -71,9 +113,9 @@ def _uncached_sample(backend: Backend, prompts, arm: Arm, timed: Measurement, at
     if plain is None:
         return {}
     plain = (plain.at_batch_size(1) or plain) if at_batch1 else plain
-    sample = prompts[: arm.eval.uncached_sample]
     # Warmed like the cached pass, so neither pays one-off costs the other does not.
-    calls = measure(plain, sample, warmup=min(arm.eval.warmup, len(sample)), repeats=arm.eval.repeats).calls
+    calls = timing_sample(plain, prompts, min(arm.eval.warmup, arm.eval.uncached_sample), arm.eval.repeats,
+                          arm.eval.uncached_sample).calls
     out = {"prefix_cache_agreement": sum(a.output == b.output for a, b in zip(calls, timed.calls)) / len(calls)}
     answered = [c.latency_ms for c in calls if c.error is None]
     if answered:  # a failed call's time is not a latency
@@ -87,9 +129,8 @@ def _batch1_sample(backend: Backend, prompts, arm: Arm) -> Measurement | None:
     one_at_a_time = backend.at_batch_size(1) if arm.eval.batch_size > 1 and arm.eval.batch1_sample else None
     if one_at_a_time is None:
         return None
-    sample = prompts[: arm.eval.batch1_sample]
-    return measure(one_at_a_time, sample, warmup=min(arm.eval.warmup, len(sample)),
-                   repeats=arm.eval.repeats)
+    return timing_sample(one_at_a_time, prompts, min(arm.eval.warmup, arm.eval.batch1_sample), arm.eval.repeats,
+                         arm.eval.batch1_sample)
 
 
 def _record_batch1_latencies(predictions: Path, calls: list) -> None:

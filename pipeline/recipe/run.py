@@ -50,6 +50,7 @@ class Experiment(RunInputs):
     parent_run_id: str = ""
     outcomes: dict[str, Any] = field(default_factory=dict)  # arm name -> economics.figures.ArmRows
     not_measured: dict[str, str] = field(default_factory=dict)  # arm name -> why it has no figures
+    stopped_by: dict[str, str] = field(default_factory=dict)  # arm name -> why its evaluation stopped
 
 
 def run_experiment(plan: ExperimentPlan, console, force: bool = False, overrides: list[str] = ()) -> Summary:
@@ -97,7 +98,7 @@ def prepare(plan: ExperimentPlan, console, force: bool) -> Experiment:
     for backend, models in plan.models_by_backend().items():
         backend_class(backend).preflight(models)
     task = load_task(cfg.task, cfg.data)
-    rows = eval_rows(task, cfg.eval.limit, cfg.data.seed)
+    rows = eval_rows(task, cfg.eval.limit, cfg.data.seed, shuffled=any(a.eval.sequential for a in plan.arms))
     templates = {arm.name: load_template(arm.prompt) for arm in plan.arms}
     models = ArmModels(plan, console)
     models.check_inputs()
@@ -151,49 +152,73 @@ def run_arm(exp: Experiment, arm: Arm) -> dict[str, float] | None:
                              "few_shot_k": exp.cfg.prompts.few_shot_k, "model_key": arm.model_key,
                              **flatten(arm.eval.model_dump(), "eval."),
                              **(flatten(arm.finetune.model_dump(), "finetune.") if arm.trains else {})})
+        partner = pair_partner_scores(exp, arm)
         # The failed-call limit judges a measurement; it changes nothing measured, so it is not in the key.
         key = stage_key("eval", data=exp.task.content_hash, limit=exp.cfg.eval.limit, seed=exp.cfg.data.seed,
                         prompt=template.sha, examples=exp.examples,
                         eval=arm.eval.model_dump(exclude={"max_failed_rate"}),
                         model=exp.models.identity(arm), adapter=exp.models.adapter_key(arm, exp, template),
                         **({"quantize": arm.quantize} if arm.quantize else {}),
+                        # Where the pair's difference may stop the arm, the other arm's scores decide when.
+                        **({"paired_with": partner.astype(int).tolist()} if partner is not None else {}),
                         # A local arm's timings hold only on the machine and libraries that measured them.
                         **({"machine": machine()} if arm.model.in_process else {}))
-        metrics, predictions, fresh = measure_arm(exp, arm, template, key)
+        metrics, predictions, fresh, stopped_by = measure_arm(exp, arm, template, key, partner)
         failure = unmeasured(arm, predictions)
         if failure is not None:
             log_not_measured(exp, arm, metrics, predictions, failure)
             return None
         if fresh:  # stored only once it counts as measured: a rerun retries an arm that was not
-            exp.store.finish(key, {"metrics": metrics}, {"predictions.jsonl": predictions})
+            exp.store.finish(key, {"metrics": metrics, "stopped_by": stopped_by}, {"predictions.jsonl": predictions})
+        mlflow.set_tag("stopped_by", stopped_by)
+        exp.stopped_by[arm.name] = stopped_by
         exp.models.log_adapter(arm, exp, template)
         if metrics.get("tokens_estimated"):
             mlflow.set_tag("tokens", "estimated")
         price_arm(exp, arm, metrics, predictions)
         exp.console.print(f"{arm.name:<12} accuracy {100 * metrics['accuracy']:.1f}%  "
-                          f"invalid {100 * metrics['invalid_rate']:.1f}%  "
+                          + stop_words(stopped_by, metrics, len(exp.rows))
+                          + f"invalid {100 * metrics['invalid_rate']:.1f}%  "
                           + (f"failed {100 * metrics['failed_rate']:.1f}%  " if metrics.get("failed_rate") else "")
                           + f"{metrics['prompt_tokens_mean']:.0f} prompt tokens  p50 {metrics['latency_p50_ms']:.0f} ms")
         return metrics
 
 
-def measure_arm(exp: Experiment, arm: Arm, template, key: str) -> tuple[dict[str, float], Path, bool]:
-    """The arm's measurements and predictions file: stored ones where its stage is finished (fresh: False),
-    else measured now."""
+def pair_partner_scores(exp: Experiment, arm: Arm):
+    """The compare pair's other arm's 0/1 scores on the test rows, where `arm` is in the pair, evaluates
+    sequentially and the other arm was measured before it; else None."""
+    pair = (exp.plan.pair.baseline, exp.plan.pair.candidate)
+    if arm.eval.sequential is None or arm.name not in pair or pair[0] == pair[1]:
+        return None
+    other = exp.outcomes.get(pair[1] if arm.name == pair[0] else pair[0])
+    return None if other is None else other.correct.astype(float)
+
+
+def stop_words(stopped_by: str, metrics: dict[str, float], rows: int) -> str:
+    """How many rows the arm was scored on and why it stopped there, for the console."""
+    evaluated = int(metrics.get("rows_evaluated", rows))
+    why = {"interval": "its accuracy was known", "decided": "the pair was decided"}.get(stopped_by)
+    return f"on {evaluated} of {rows} rows ({why})  " if why else ""
+
+
+def measure_arm(exp: Experiment, arm: Arm, template, key: str,
+                partner) -> tuple[dict[str, float], Path, bool, str]:
+    """The arm's measurements, predictions file and why its evaluation stopped: stored ones where its stage is
+    finished (fresh: False), else measured now."""
     done = exp.store.load(key)
     if done is not None:
         # Same inputs, same code: the stored evaluation stands; say so in the run.
         mlflow.set_tags({"reused": "true", "reused_stage": key})
         exp.console.print(f"{arm.name:<12} reused stored results ({key})")
-        return done["metrics"], exp.store.path(key) / "predictions.jsonl", False
+        return done["metrics"], exp.store.path(key) / "predictions.jsonl", False, done.get("stopped_by", "all_rows")
     backend, metrics = exp.models.backend(arm, exp, template)
     predictions = exp.run_dir / arm.name / "predictions.jsonl"
     renderer = PromptRenderer(template, exp.models.tokenizer_for(arm), exp.task.labels, exp.examples)
     try:
-        metrics.update(evaluate(exp, arm, backend, renderer, predictions, exp.console))
+        measured, stopped_by = evaluate(exp, arm, backend, renderer, predictions, exp.console, partner)
     finally:
         backend.close()
-    return metrics, predictions, True
+    return {**metrics, **measured}, predictions, True, stopped_by
 
 
 def unmeasured(arm: Arm, predictions: Path) -> Failure | None:
@@ -240,6 +265,8 @@ def price_arm(exp: Experiment, arm: Arm, metrics: dict[str, float], predictions:
     metrics.update(economics.arm_figures(arm.price, metrics, pricing))
     rows = exp.outcomes[arm.name] = economics.ArmRows.from_predictions(read_predictions(predictions), exp.labels)
     metrics.update(economics.arm_intervals(rows, arm.price, metrics, pricing, exp.cfg.stats))
+    if "accuracy_cs_low" in metrics:  # evaluated sequentially: only the confidence sequence holds at its stop
+        metrics["accuracy_ci_low"], metrics["accuracy_ci_high"] = metrics["accuracy_cs_low"], metrics["accuracy_cs_high"]
     mlflow.log_metrics(metrics)
     mlflow.log_artifact(str(predictions))
     log_label_scores(exp, arm, rows)

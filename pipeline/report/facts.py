@@ -60,6 +60,7 @@ def arm_facts(exp, summary: Summary) -> list[dict[str, Any]]:
             "name": name, "role": role, "kind": arm.kind, "model": exp.models.display_name(arm)
             + (" (int8)" if arm.quantize else ""), "backend": arm.backend,
             "accuracy": m["accuracy"], "accuracy_ci": logged_ci(m, "accuracy"), "macro_f1": m["macro_f1"],
+            "rows_evaluated": int(m.get("rows_evaluated", len(exp.rows))), "stopped_by": exp.stopped_by.get(name),
             "macro_f1_ci": logged_ci(m, "macro_f1"), "prompt_tokens_mean": m["prompt_tokens_mean"],
             "completion_tokens_mean": m["completion_tokens_mean"], "latency_p50_ms": m["latency_p50_ms"],
             "latency_p95_ms": m["latency_p95_ms"], "throughput_calls_per_s": m["throughput_calls_per_s"],
@@ -169,7 +170,8 @@ def build_facts(exp, summary: Summary, decision, run_name: str) -> dict[str, Any
         "sensitivity": [{"factor": f"{r['factor']} ({SENSITIVITY_FIGURES.get(r['figure'], r['figure'])})",
                          "low": r["low"], "high": r["high"]} for r in sensitivity],
         "statistics": {"confidence": cfg.stats.confidence, "resamples": cfg.stats.resamples,
-                       "mcnemar_p": p.get("mcnemar_p"), "mcnemar_p_prompt": p.get("mcnemar_p_prompt")},
+                       "mcnemar_p": p.get("mcnemar_p"), "mcnemar_p_prompt": p.get("mcnemar_p_prompt"),
+                       "sequential": cfg.eval.sequential.model_dump() if cfg.eval.sequential else None},
         "assumptions": assumptions(cfg),
         "prices": [{"name": a.name, "value": price_text(a.price).split("; source:")[0],
                     "source": a.price.source or "the experiment config", "date": a.price.date or "-"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import re
 from pathlib import Path
+from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
@@ -24,6 +25,16 @@ def _from_volume(volume: float | None, ci) -> str:
 
 def _ranges(ranges: list[dict]) -> str:
     return "; ".join(f"{r['state']} from {calls(r['start'])} to {calls(r['end'])}" for r in ranges) or "-"
+
+
+STOP_READINGS = {"interval": "accuracy known", "decided": "pair decided"}
+
+
+def rows_scored(arm: dict[str, Any], n_eval: int) -> str:
+    """`96 of 456 (pair decided)`: the rows a sequential evaluation scored before it stopped, and why."""
+    rows = arm.get("rows_evaluated", n_eval)
+    why = STOP_READINGS.get(arm.get("stopped_by") or "")
+    return f"{rows:,} of {n_eval:,} ({why})" if why else f"{rows:,}"
 
 
 def _table(head: list[str], num: set[int], rows: list[list[str]], keys: list[str] | None = None) -> dict:
@@ -70,13 +81,13 @@ def _view(facts: dict) -> dict:
     """Everything both renderers show, as ready-formatted strings."""
     quality = (facts.get("error_cost_usd") or 0) > 0
     arms = facts["arms"]
-    head = ["Arm", "Role", "Model", "Accuracy [CI]", "Macro-F1 [CI]", "Prompt tokens", "p50 latency (ms)",
+    head = ["Arm", "Role", "Model", "Accuracy [CI]", "Test rows scored", "Macro-F1 [CI]", "Prompt tokens", "p50 latency (ms)",
             "Throughput (calls/s)", f"Cost / 1,000 calls at {calls(facts['monthly_calls'])}/month [CI]",
             "Monthly cost", "Replicas", "Fixed cost"]
     rows = []
     for a in arms:
         rows.append([a["name"], a.get("role") or "-", f"{a['model']} ({a['kind']}, {a['backend']})",
-                     pct_interval(a["accuracy"], a.get("accuracy_ci")),
+                     pct_interval(a["accuracy"], a.get("accuracy_ci")), rows_scored(a, facts["task"]["n_eval"]),
                      pct_interval(a["macro_f1"], a.get("macro_f1_ci")),
                      number(a["prompt_tokens_mean"]), number(a["latency_p50_ms"], 0),
                      number(a["throughput_calls_per_s"], 2),
@@ -100,6 +111,13 @@ def _view(facts: dict) -> dict:
         ("McNemar p, between the prompt arms",
          f"{pvalue(st.get('mcnemar_p_prompt'))} ({p_reading(st.get('mcnemar_p_prompt'), st['confidence'])})"),
     ]
+    if st.get("sequential"):  # reports from before it have none
+        q = st["sequential"]
+        statistics.append(("Sequential evaluation", (
+            f"test rows in one seeded order, checked from row {q['min_rows']} every {q['step_rows']}; an arm stops "
+            f"once its accuracy is known to ±{100 * q['half_width']:g} points or the pair's difference excludes 0. "
+            "Accuracy intervals are confidence sequences (valid at the stopping time); other intervals bootstrap "
+            "the rows scored")))
     task, env = facts["task"], facts["environment"]
     return {
         "title": facts["title"], "experiment": facts["experiment"], "run_id": facts["run_id"],

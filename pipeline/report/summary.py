@@ -62,6 +62,7 @@ def arm_rows(summary: Summary) -> list[list[str]]:
         rows.append([
             arm,
             pct_interval(m["accuracy"], logged_ci(m, "accuracy")),
+            f"{int(m.get('rows_evaluated', summary.n_eval)):,}",
             f"{100 * m['macro_f1']:.1f}",
             f"{100 * m['invalid_rate']:.1f}%",
             number(m["prompt_tokens_mean"]),
@@ -78,7 +79,7 @@ def arm_rows(summary: Summary) -> list[list[str]]:
 
 
 def headers(summary: Summary) -> list[str]:
-    return ["arm", f"accuracy [{summary.confidence:.0%} CI]", "macro-F1", "invalid", "prompt tok", "compl. tok",
+    return ["arm", f"accuracy [{summary.confidence:.0%} CI]", "rows", "macro-F1", "invalid", "prompt tok", "compl. tok",
             "p50 ms", "p95 ms", "calls/s", "$/1k calls", "$/month"]
 
 

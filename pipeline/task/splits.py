@@ -304,15 +304,16 @@ def _make_splits(splits: dict[str, datasets.Dataset], train_file: Path, task: Ta
     return splits
 
 
-def eval_rows(task: TaskData, limit: int | None, seed: int) -> datasets.Dataset:
-    """The test rows every arm is scored on: all, or a seeded sample of `limit` (splits may be sorted)."""
+def eval_rows(task: TaskData, limit: int | None, seed: int, shuffled: bool = False) -> datasets.Dataset:
+    """The test rows every arm is scored on: all, or a seeded sample of `limit` (splits may be sorted); with
+    `shuffled`, all of them in that seeded order too (the order a sequential evaluation takes them in)."""
     test = task.splits["test"]
     if limit is not None and limit > len(test):
         where = task.files.get("test", "the test split")
         raise DataError(f"eval.limit: {limit} is larger than the test split ({where}: {len(test)} rows)")
-    if limit is None or limit == len(test):
+    if (limit is None or limit == len(test)) and not shuffled:
         return test
-    return test.shuffle(seed=seed).select(range(limit))
+    return test.shuffle(seed=seed).select(range(limit or len(test)))
 
 
 # --- a bare folder as a task ------------------------------------------------------------------

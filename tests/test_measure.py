@@ -70,3 +70,44 @@ def test_warm_up_runs_at_least_one_full_batch():
     backend = ScriptedBackend([[1.0] * 4, [1.0] * 6], calls_in_flight=4)
     measure(backend, prompts, warmup=1)
     assert backend.passes == [4, 6]
+
+
+class BatchingBackend:
+    """Hands calls over in chunks of `chunk`: the first after `fill_s` (the batch filling up), then one every
+    `every_s`; the clock is simulated, so the test reads exact times."""
+
+    kind, tokens_estimated, retries_total, calls_in_flight = "batching", False, None, 1
+
+    def __init__(self, now: list[float], chunk: int, fill_s: float, every_s: float):
+        self.now, self.chunk, self.fill_s, self.every_s = now, chunk, fill_s, every_s
+
+    def run(self, prompts, on_calls=None):
+        calls = []
+        for start in range(0, len(prompts), self.chunk):
+            self.now[0] += self.fill_s if start == 0 else self.every_s
+            batch = [Call(p.text, 1, 1, 10.0) for p in prompts[start: start + self.chunk]]
+            calls += batch
+            if on_calls:
+                on_calls(batch)
+        self.now[0] += 5.0  # the calls still in the batch when a stopped pass ends: unfinished, dropped
+        return calls
+
+
+def test_a_pass_stopped_early_is_timed_at_its_steady_rate_not_with_its_ramp_and_dropped_calls(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(measure_module.time, "perf_counter", lambda: now[0])
+    prompts = [Prompt(text=str(i)) for i in range(320)]
+    handed = []
+
+    def enough_at_96(calls):
+        handed.extend(calls)
+        if len(handed) >= 96:
+            raise measure_module.EnoughRows
+
+    # 32 calls after 3 s of filling, then 32 every second: 64 calls in the 2 s after the first handover.
+    stopped = measure(BatchingBackend(now, 32, 3.0, 1.0), prompts, on_calls=enough_at_96)
+    assert len(stopped.calls) == 96
+    assert stopped.throughput_calls_per_s == pytest.approx(32.0)
+    # The same backend over every row is timed whole: 3 s + 9 s + the 5 s drain, 320 calls.
+    whole = measure(BatchingBackend(now, 32, 3.0, 1.0), prompts, on_calls=lambda calls: None)
+    assert whole.throughput_calls_per_s == pytest.approx(320 / 17.0)

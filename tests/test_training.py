@@ -303,3 +303,23 @@ def test_a_resume_that_draws_another_data_order_says_so(tmp_path, tokenizer, mon
     state.write_text(json.dumps(recorded))
     resumed, _ = _exact_finetune(tmp_path, tokenizer, monkeypatch)
     assert resumed.resumed_inexact and "data order" in resumed.resumed_inexact
+
+
+def test_early_stopping_stops_when_the_validation_loss_stops_improving_and_keeps_the_best_step(tmp_path, tokenizer):
+    from pipeline.experiment.config import EarlyStoppingConfig
+
+    lines = (ROOT / "datasets" / "support_tickets" / "validation.jsonl").read_text().splitlines()[:8]
+    rows = [json.loads(line) for line in lines]
+    # A rate far too high: the validation loss falls for a step or two, then climbs.
+    cfg = FinetuneConfig(max_steps=16, batch_size=2, max_length=64, checkpoint_steps=0, learning_rate=0.05,
+                         early_stopping=EarlyStoppingConfig(patience=2, eval_steps=1))
+    logged: list[tuple[int, float]] = []
+    result = _finetune(tmp_path, tokenizer, cfg, validation=([r["text"] for r in rows], [r["label"] for r in rows]),
+                       on_log=lambda values, step: logged.extend([(step, values["eval_loss"])] if "eval_loss" in values
+                                                                  else []))
+    losses = dict(logged)
+    assert result.train_steps < 16, "it trained the whole schedule"
+    # Stopped `patience` evaluations after the best, and kept the best one.
+    best_step = min(losses, key=losses.get)
+    assert (result.best_step, result.best_eval_loss) == (best_step, losses[best_step])
+    assert result.train_steps == best_step + 2

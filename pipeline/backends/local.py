@@ -119,6 +119,9 @@ class LocalSettings:
     # the same bits; fp32: sums in another order), and torchao int8 ones, at a few rows, by their int8 weight
     # directly (backends.decoding.packed_weights). False: each layer's own forward (the benchmark's reference).
     packed_weights: bool = True
+    # Prompts join by length within windows of this many (None: decoding's WINDOW_BATCHES batches); answers come
+    # back in prompt order window by window, so a sequential evaluation sets its check interval here.
+    window_rows: int | None = None
 
 
 class LocalBackend:
@@ -219,12 +222,13 @@ class LocalBackend:
         if decoder is not None:
             from pipeline.backends.decoding.static_cache import greedy_answers_static
 
-            greedy_answers_static(decoder, suffixes, max_new_tokens, self.stop_ids, answered)
+            greedy_answers_static(decoder, suffixes, max_new_tokens, self.stop_ids, answered,
+                                  self.settings.window_rows)
             return calls
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
         with cache.rows(self.model) if cache else nullcontext() as caches:
             greedy_answers(self.model, suffixes, max_new_tokens, self.stop_ids, self.settings.batch_size, pad, caches,
-                           self.constraint, answered)
+                           self.constraint, answered, self.settings.window_rows)
         return calls
 
     def _static_decoder(self, cache: PrefixCache | None, suffixes: list[list[int]], max_new_tokens: int) -> Any:

@@ -113,6 +113,9 @@ def resolve_arms(cfg: ExperimentConfig, base: Path, catalog: Catalog) -> list[Ar
             finetune = _section(FinetuneConfig, cfg.finetune, spec.finetune, f"{where}.finetune")
             if finetune.adapter is not None and not finetune.adapter.is_absolute():
                 finetune = finetune.model_copy(update={"adapter": base / finetune.adapter})
+            if finetune.early_stopping is not None and finetune.processes > 1:
+                raise ConfigError(f"{where}.finetune.early_stopping: not with several training processes "
+                                  f"(finetune.processes={finetune.processes}); train on one or drop early_stopping")
             if finetune.adapter is not None and not finetune.adapter.is_dir():
                 raise ConfigError(f"{where}.finetune.adapter: folder {finetune.adapter} not found")
         if "limit" in spec.eval:

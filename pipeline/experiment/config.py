@@ -103,6 +103,14 @@ class LoraConfig(_Strict):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
+class EarlyStoppingConfig(_Strict):
+    """Stop training once the validation loss stops improving; the adapter of the best evaluation is kept."""
+
+    patience: int = Field(default=2, gt=0, description="evaluations without a lower validation loss before stopping")
+    eval_steps: int = Field(default=20, gt=0, description="training steps between validation-loss evaluations")
+    min_delta: float = Field(default=0.0, ge=0, description="how much lower the loss must be to count as better")
+
+
 class FinetuneConfig(_Strict):
     epochs: float = Field(default=2.0, gt=0)
     max_steps: int = Field(default=-1, description="-1: as many as epochs need")
@@ -134,6 +142,9 @@ class FinetuneConfig(_Strict):
         default=1, gt=0, description="data-parallel training processes (one per GPU, or CPU processes with gloo), "
         "started with torchrun; batch_size stays the global batch (`roi run --processes N` sets this)")
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    early_stopping: EarlyStoppingConfig | None = Field(
+        default=None, description="evaluate the validation loss during training and stop when it stops improving "
+        "(needs a validation split); null: train every epoch")
     # What owning the fine-tune costs, not how it trains: left out of the adapter's stage key.
     search_runs: int = Field(default=1, ge=1, description="training runs a team makes to keep one: the training "
                              "cost counts this many times")
@@ -188,7 +199,7 @@ class EvalConfig(_Strict):
         default="free", description="free: what production sees; constrained: the answer can only be a label"
     )
     prefix_cache: bool = Field(default=True, description="reuse the KV cache of the prompt's static prefix")
-    uncached_sample: int = Field(default=16, ge=0, description="at most this many rows also timed without the "
+    uncached_sample: int = Field(default=8, ge=0, description="at most this many rows also timed without the "
                                  "prefix cache, 8 at a time until their median latency is known to 10%")
     batch1_sample: int = Field(default=24, ge=0, description="at most this many rows also timed one call at a time "
                                "(local arms that batch), 8 at a time until their median latency is known to 10%: the "

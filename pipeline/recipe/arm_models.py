@@ -142,8 +142,10 @@ class ArmModels:
             model = quantize_int8(model)
         stats = {**stats, "model_bytes": float(model_bytes(model))}
         renderer = PromptRenderer(template, tokenizer, inputs.task.labels, inputs.examples)
+        # Evaluated sequentially, answers come back in order every `step_rows` prompts, where the rule checks.
+        window = arm.eval.sequential.step_rows if arm.eval.sequential else None
         settings = LocalSettings(batch_size=arm.eval.batch_size, max_new_tokens=arm.eval.max_new_tokens,
-                                 prefix_cache=arm.eval.prefix_cache, labels=labels)
+                                 prefix_cache=arm.eval.prefix_cache, labels=labels, window_rows=window)
         return cls(model, tokenizer, settings, prefix_probe=renderer.prefix_probe()), stats
 
     def _finetuned(self, arm: Arm, inputs: RunInputs, template: PromptTemplate) -> tuple[Any, dict[str, float]]:
@@ -178,11 +180,14 @@ class ArmModels:
         prompts, completions = [renderer.render(t) for t in train["text"]], list(train["label"])
         if arm.finetune.processes > 1:
             return self._train_on_processes(arm, inputs, key, prompts, completions, dtype)
+        validation = inputs.task.splits.get("validation")
         result = finetune(
             self._fresh(arm).to(dtype), self.tokenizer_for(arm), prompts, completions, arm.finetune, dtype,
             inputs.store.work_dir(key), on_log=tracking.log_training_step,
             on_resume=lambda checkpoint: self.console.print(f"resuming training from {checkpoint}"),
             console=self.console,
+            validation=([renderer.render(t) for t in validation["text"]], list(validation["label"]))
+            if validation is not None and len(validation) else None,
         )
         stats = self._record_training(arm, inputs, key, vars(result))
         # Served in the model's dtype, like a reused or given adapter (the stage key records that dtype).
@@ -217,6 +222,10 @@ class ArmModels:
         mlflow.log_text(result["trainer_args"], "trainer/training_args.json")
         stats = {"train_time_s": result["train_time_s"], "train_tokens": float(result["train_tokens"]),
                  "train_loss": result["train_loss"]}
+        if result.get("train_steps"):
+            stats["train_steps"] = float(result["train_steps"])
+        if result.get("best_step") is not None:  # early stopping kept the adapter of this step
+            stats["best_step"], stats["best_eval_loss"] = float(result["best_step"]), result["best_eval_loss"]
         # Travels with the adapter (and its MLflow artifact): reusing it elsewhere keeps its base and cost.
         (Path(result["adapter_dir"]) / TRAINING_RECORD).write_text(
             json.dumps({"base_model": self.display_name(arm), **stats}, indent=1))

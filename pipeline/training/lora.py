@@ -14,6 +14,7 @@ import torch
 from pipeline.training.adapter_matmuls import adapter_matmuls_in_input_dtype
 from pipeline.training.checkpoints import TrainClock, last_complete_checkpoint, save_every, seed_the_length_groups
 from pipeline.training.completion_head import score_completions_only
+from pipeline.training.early_stopping import early_stopping_args, early_stopping_callbacks
 from pipeline.experiment.config import FinetuneConfig
 from pipeline.models.loading import ModelError
 
@@ -28,6 +29,10 @@ class FinetuneResult:
     trainer_args: str = "{}"  # the Trainer's full configuration, as JSON
     # Why the resumed training may differ from an uninterrupted one (one line); None when it is the same.
     resumed_inexact: str | None = None
+    train_steps: int = 0
+    # With early stopping: the step whose adapter was kept (lowest validation loss) and that loss.
+    best_step: int | None = None
+    best_eval_loss: float | None = None
 
 
 class _ProgressBar:
@@ -109,11 +114,13 @@ def _log_callback(on_log: Callable[[dict[str, float], int], None]) -> Any:
     return LogTo()
 
 
-def _sft_args(cfg: FinetuneConfig, dtype: torch.dtype, trainer_dir: Path) -> Any:
+def _sft_args(cfg: FinetuneConfig, dtype: torch.dtype, trainer_dir: Path, validated: bool = False) -> Any:
     from trl import SFTConfig
 
     use_cuda = torch.cuda.is_available()
+    evaluation = early_stopping_args(cfg.early_stopping, cfg.batch_size) if validated and cfg.early_stopping else {}
     return SFTConfig(
+        **evaluation,
         output_dir=str(trainer_dir),
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
@@ -155,7 +162,8 @@ def _sft_args(cfg: FinetuneConfig, dtype: torch.dtype, trainer_dir: Path) -> Any
 
 def finetune(model: Any, tokenizer: Any, prompts: list[str], completions: list[str], cfg: FinetuneConfig,
              dtype: torch.dtype, out_dir: Path, on_log: Callable[[dict[str, float], int], None] | None = None,
-             on_resume: Callable[[str], None] | None = None, console: Any = None) -> FinetuneResult:
+             on_resume: Callable[[str], None] | None = None, console: Any = None,
+             validation: tuple[list[str], list[str]] | None = None) -> FinetuneResult:
     """Train a LoRA adapter with trl's SFTTrainer, loss on the completion only; save it as safetensors.
 
     Checkpoints go to `out_dir/trainer` every `cfg.checkpoint_steps` steps (unset: once a minute of
@@ -163,7 +171,9 @@ def finetune(model: Any, tokenizer: Any, prompts: list[str], completions: list[s
     (a run was killed), training resumes from the latest complete one with its optimizer, scheduler,
     RNG state and data order, and the reported training time includes the time before the kill.
     With a rich `console`, a transient progress bar shows on it. `on_log(values, step)` receives the
-    Trainer's numeric log entries (loss, learning rate, grad norm, ...) as they are logged.
+    Trainer's numeric log entries (loss, learning rate, grad norm, ...) as they are logged. With
+    `cfg.early_stopping` and `validation` (prompts, completions), training stops when the validation loss stops
+    improving and keeps the best evaluation's adapter (`training.early_stopping`).
     """
     trainer_dir = out_dir / "trainer"
     serving_attention = model.config._attn_implementation
@@ -176,7 +186,10 @@ def finetune(model: Any, tokenizer: Any, prompts: list[str], completions: list[s
     callbacks = [clock.callback()] + ([bar.callback()] if bar else []) + ([_log_callback(on_log)] if on_log else [])
     if cfg.checkpoint_steps is None:
         callbacks.append(save_every())
-    trainer = _lora_trainer(peft_model, tokenizer, prompts, completions, cfg, dtype, trainer_dir, callbacks)
+    validation = validation if cfg.early_stopping else None
+    if validation:
+        callbacks += early_stopping_callbacks(cfg.early_stopping, peft_model)
+    trainer = _lora_trainer(peft_model, tokenizer, prompts, completions, cfg, dtype, trainer_dir, callbacks, validation)
     clock.trainer, clock.order = trainer, seed_the_length_groups(trainer, cfg.seed)
     checkpoint, _ = last_complete_checkpoint(trainer_dir) if trainer_dir.is_dir() else (None, 0.0)
     if checkpoint:
@@ -197,10 +210,13 @@ def finetune(model: Any, tokenizer: Any, prompts: list[str], completions: list[s
     if trainer.is_world_process_zero():  # one writer when several processes trained it
         trainer.model.save_pretrained(str(adapter_dir), safe_serialization=True)
     model.set_attn_implementation(serving_attention)
+    best = getattr(trainer.state, "keep_best", None)
     return FinetuneResult(peft_model.eval(), train_time_s, int(trainer.state.num_input_tokens_seen),
                           clock.mean_loss(float(output.training_loss), trainer.state.global_step), adapter_dir,
                           resumed_from=checkpoint, trainer_args=trainer.args.to_json_string(),
-                          resumed_inexact=clock.inexact() if checkpoint else None)
+                          resumed_inexact=clock.inexact() if checkpoint else None,
+                          train_steps=trainer.state.global_step, best_step=best.best_step if best else None,
+                          best_eval_loss=best.best_loss if best else None)
 
 
 def _with_lora(model: Any, cfg: FinetuneConfig, dtype: torch.dtype) -> Any:
@@ -220,15 +236,18 @@ def _with_lora(model: Any, cfg: FinetuneConfig, dtype: torch.dtype) -> Any:
 
 
 def _lora_trainer(peft_model: Any, tokenizer: Any, prompts: list[str], completions: list[str], cfg: FinetuneConfig,
-                  dtype: torch.dtype, trainer_dir: Path, callbacks: list[Any]) -> Any:
+                  dtype: torch.dtype, trainer_dir: Path, callbacks: list[Any],
+                  validation: tuple[list[str], list[str]] | None = None) -> Any:
     """The SFTTrainer for `peft_model`'s adapter with this project's step: the output head on completion
     positions only and, on one CUDA device, the step graphed."""
     from datasets import Dataset
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import SFTTrainer
 
-    trainer = SFTTrainer(model=peft_model, args=_sft_args(cfg, dtype, trainer_dir),
+    trainer = SFTTrainer(model=peft_model, args=_sft_args(cfg, dtype, trainer_dir, validated=bool(validation)),
                          train_dataset=Dataset.from_dict({"prompt": prompts, "completion": completions}),
+                         eval_dataset=(Dataset.from_dict({"prompt": validation[0], "completion": validation[1]})
+                                       if validation else None),
                          processing_class=tokenizer, callbacks=callbacks)
     for printer in (PrinterCallback, ProgressCallback):  # they print raw log dicts between our output
         trainer.remove_callback(printer)

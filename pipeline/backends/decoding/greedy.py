@@ -167,14 +167,16 @@ class AnswerClock:
 @torch.inference_mode()
 def greedy_answers(model: Any, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int], batch_size: int,
                    pad_id: int, row_caches: RowCaches | None = None, constraint: LabelConstraint | None = None,
-                   on_answers: Callable[[int, list[Answer]], None] | None = None) -> list[Answer]:
+                   on_answers: Callable[[int, list[Answer]], None] | None = None,
+                   window: int | None = None) -> list[Answer]:
     """Greedy answers to `prompts` (token ids after the cached prefix), at most `batch_size` rows at a time.
 
     A row leaves the batch when it has answered; when a quarter of the batch has left (or all the prompts
     left fit), the next prompts' prefill runs and they join it (continuous batching), so decoding steps
     stay wide. `on_answers(start, answers)` receives answers in prompt order as soon as all before them
     are done; its time is left out of their latencies. Position ids follow the mask, so each row sees
-    the positions it would unpadded.
+    the positions it would unpadded. Prompts join by length within windows of `window` prompts (default
+    `WINDOW_BATCHES` batches).
     """
     from transformers import DynamicCache
 
@@ -182,7 +184,7 @@ def greedy_answers(model: Any, prompts: list[list[int]], max_new_tokens: int, st
         raise ValueError("greedy_answers needs max_new_tokens >= 1 and at least one token in every prompt")
     row_caches = row_caches or RowCaches(lambda _n: DynamicCache(config=model.config))
     clock, answers = AnswerClock(), [Answer([]) for _ in prompts]
-    pending = deque(by_length_in_windows(prompts, WINDOW_BATCHES * batch_size))
+    pending = deque(by_length_in_windows(prompts, window or WINDOW_BATCHES * batch_size))
     rows = _Rows([], None, torch.zeros(0, 0, dtype=torch.long, device=model.device), None)
     report, joinable = InOrder(answers, stop_ids, max_new_tokens, clock, on_answers), True
     while pending or rows.prompts:

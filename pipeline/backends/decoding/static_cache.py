@@ -155,12 +155,12 @@ class StaticDecoder:
 
 @torch.inference_mode()
 def greedy_answers_static(decoder: StaticDecoder, prompts: list[list[int]], max_new_tokens: int,
-                          stop_ids: list[int], on_answers: Callable[[int, list[Answer]], None] | None = None
-                          ) -> list[Answer]:
+                          stop_ids: list[int], on_answers: Callable[[int, list[Answer]], None] | None = None,
+                          window: int | None = None) -> list[Answer]:
     """Greedy answers to `prompts` in waves of `decoder.rows` (by length within windows of waves, so a wave's
     rows pad little); `on_answers(start, answers)` as in `greedy_answers`, its time left out of latencies."""
     clock, answers = AnswerClock(), [Answer([]) for _ in prompts]
-    order = by_length_in_windows(prompts, WINDOW_BATCHES * decoder.rows)
+    order = by_length_in_windows(prompts, window or WINDOW_BATCHES * decoder.rows)
     report = InOrder(answers, stop_ids, max_new_tokens, clock, on_answers)
     for start in range(0, len(order), decoder.rows):
         wave = order[start: start + decoder.rows]

@@ -196,3 +196,18 @@ def resolve_compare(cfg: ExperimentConfig, arms: list[Arm], base: Path) -> Compa
     naive_prompt = _prompt_file(cfg, "naive", base)
     naive = cfg.compare.naive or next((a.name for a in arms if a.kind == "prompt" and a.prompt == naive_prompt), None)
     return ComparePair(baseline, candidate, naive)
+
+
+def resolve_curve_arm(cfg: ExperimentConfig, arms: list[Arm], pair: ComparePair) -> str | None:
+    """The arm the learning curve trains again: `curve.arm` or the compare candidate; it must train here."""
+    if cfg.curve is None:
+        return None
+    name = cfg.curve.arm or pair.candidate
+    arm = next((a for a in arms if a.name == name), None)
+    if arm is None:
+        raise ConfigError(f"curve.arm: no arm named {name!r} (arms: {', '.join(a.name for a in arms)})" if name
+                          else "curve: no fine-tuned arm to train (add one, or set curve.arm)")
+    if not arm.trains or arm.finetune.adapter is not None:
+        raise ConfigError(f"curve.arm: {name!r} does not train a LoRA adapter here; the curve needs an arm with a "
+                          "`finetune` section and no finetune.adapter")
+    return name

@@ -258,6 +258,16 @@ class CompareConfig(_Strict):
                               "(default: the arm with the naive prompt)")
 
 
+class CurveConfig(_Strict):
+    """The learning curve: the fine-tuned arm trained again on nested, label-stratified subsets of train."""
+
+    rows: list[Annotated[int, Field(gt=0)]] = Field(min_length=1, description="training-set sizes; the full train "
+                                                    "split is always the last point")
+    arm: str | None = Field(default=None, description="the fine-tuned arm to train (default: the compare candidate)")
+    target_accuracy: float | None = Field(default=None, gt=0, le=1, description="extrapolate the rows this "
+                                          "accuracy needs from an inverse power law fitted to the points")
+
+
 class ExperimentConfig(_Strict):
     """The validated experiment, as written (its arms resolved by `pipeline.experiment.load`)."""
 
@@ -275,6 +285,8 @@ class ExperimentConfig(_Strict):
     pricing: PricingConfig = Field(default_factory=PricingConfig)
     stats: StatsConfig = Field(default_factory=StatsConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    curve: CurveConfig | None = Field(default=None, description="train the fine-tune on fewer rows too: how many "
+                                      "labelled rows it needs (null: none)")
     output_dir: Path = Path("runs")
 
     @field_validator("models", mode="before")

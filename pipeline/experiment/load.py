@@ -19,7 +19,8 @@ from pydantic import ValidationError
 from pipeline.economics.catalog import Catalog, CatalogError, load_catalog
 from pipeline.economics.prices import CatalogPrice, PerTokenPrice
 from pipeline.economics.serving import price_notes
-from pipeline.experiment.arms import Arm, ComparePair, priced_from_catalog, resolve_arms, resolve_compare
+from pipeline.experiment.arms import (Arm, ComparePair, priced_from_catalog, resolve_arms, resolve_compare,
+                                      resolve_curve_arm)
 from pipeline.experiment.config import ConfigError, ExperimentConfig, describe_errors
 
 
@@ -34,6 +35,7 @@ class ExperimentPlan:
     written: dict = field(default_factory=dict)  # the YAML as written, with the command line's overrides
     what_if: dict[str, PerTokenPrice] = field(default_factory=dict)  # report.price_what_if, priced
     notes: list[str] = field(default_factory=list)  # prices a reader should doubt
+    curve_arm: str | None = None  # the arm the learning curve trains again (`curve`)
 
     def models_by_backend(self) -> dict[str, dict[str, Any]]:
         """The distinct models the arms use, by backend name: {backend: {model key: model config}}."""
@@ -85,6 +87,7 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
         cfg = with_finetune_rates(cfg, catalog)
         arms = resolve_arms(cfg, base, catalog)
         pair = resolve_compare(cfg, arms, base)
+        curve_arm = resolve_curve_arm(cfg, arms, pair)
         check_ownership(cfg, arms)
         what_if = {name: priced_from_catalog(CatalogPrice(catalog=name), catalog, f"report.price_what_if[{i}]")
                    for i, name in enumerate(cfg.report.price_what_if)}
@@ -95,7 +98,7 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
     today = datetime.date.today().isoformat()
     priced = {**{a.name: a.price for a in arms if isinstance(a.price, PerTokenPrice)}, **what_if}
     notes = [n for name, price in priced.items() for n in price_notes(name, price, today, cfg.pricing.max_price_age_days)]
-    return ExperimentPlan(cfg, arms, pair, path, written, what_if, notes)
+    return ExperimentPlan(cfg, arms, pair, path, written, what_if, notes, curve_arm)
 
 
 def check_ownership(cfg: ExperimentConfig, arms: list[Arm]) -> None:

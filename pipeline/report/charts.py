@@ -9,10 +9,12 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.economics.learning_curve import PowerLawFit
 from pipeline.economics.stats import INVALID, present_labels
 from pipeline.report.format import calls, finite
 
 _STYLES = {"api": "-", "always_on": "-", "per_second": "-."}
+EXTRAPOLATE_TO = 3  # the power-law fit is drawn up to this multiple of the most training rows measured
 
 
 def _pyplot():
@@ -174,6 +176,43 @@ def confusion_matrix_png(predictions: Sequence[int], references: Sequence[int], 
     ax.set_xlabel("predicted")
     ax.set_ylabel("gold")
     ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_learning_curve(points: list[dict], baseline: dict | None, title: str, path: Path,
+                        fit: PowerLawFit | None = None) -> None:
+    """Accuracy (%) against training rows on a log axis: the fine-tune's points joined by a line over their
+    interval's band; the baseline's accuracy as a horizontal line over its band, labelled with its name; a
+    power-law fit dashed over the points and past them."""
+    from matplotlib.ticker import FuncFormatter
+
+    plt = _pyplot()
+
+    ordered = sorted(points, key=lambda point: point["rows"])
+    rows = np.array([point["rows"] for point in ordered], dtype=float)
+
+    def percent(key: str) -> np.ndarray:
+        return 100 * np.array([point[key] for point in ordered], dtype=float)
+
+    fig, ax = plt.subplots(figsize=(7, 4.4), dpi=120)
+    ax.fill_between(rows, percent("accuracy_ci_low"), percent("accuracy_ci_high"), color="C0", alpha=0.2)
+    ax.plot(rows, percent("accuracy"), "o-", color="C0", label="fine-tune (band: interval)")
+    if baseline is not None:
+        ax.axhspan(100 * baseline["accuracy_ci_low"], 100 * baseline["accuracy_ci_high"], color="C1", alpha=0.15)
+        ax.axhline(100 * baseline["accuracy"], color="C1", label=baseline["name"])
+    if fit is not None and len(rows):
+        drawn = np.geomspace(rows.min(), EXTRAPOLATE_TO * rows.max(), 200)
+        ax.plot(drawn, 100 * fit.predict(drawn), "--", color="C2",
+                label="power-law fit (extrapolation past the last point)")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: compact(v)))
+    ax.set_xlabel("training rows")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

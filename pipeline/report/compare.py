@@ -29,7 +29,7 @@ def _accuracy(metrics: dict[str, float]) -> str:
 def run_row(parent: Any, children: list[Any]) -> dict[str, str]:
     """One parent run's headline figures."""
     params, metrics, tags = parent.data.params, parent.data.metrics, parent.data.tags
-    arms = {c.data.tags.get("arm"): c.data.metrics for c in children}
+    arms = {c.data.tags.get("arm"): c.data.metrics for c in children if c.data.tags.get("roi.role", "arm") == "arm"}
     base_name, cand_name = params.get("compare.baseline", ""), params.get("compare.candidate", "")
     base, cand = arms.get(base_name, {}), arms.get(cand_name, {})
     p = metrics.get("mcnemar_p")

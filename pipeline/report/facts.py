@@ -135,7 +135,7 @@ def claim_facts(summary: Summary) -> list[dict[str, str]]:
     return claims
 
 
-def build_facts(exp, summary: Summary, decision, run_name: str) -> dict[str, Any]:
+def build_facts(exp, summary: Summary, decision, run_name: str, curve: dict | None = None) -> dict[str, Any]:
     """Everything the report says, from the finished run (its summary and `economics.decision.Decision`): one
     dict, saved with the run."""
     cfg, p, sensitivity = exp.cfg, summary.parent, decision.sensitivity
@@ -178,6 +178,7 @@ def build_facts(exp, summary: Summary, decision, run_name: str) -> dict[str, Any
                    for a in exp.plan.arms],
         "environment": environment(),
         "notes": list(summary.notes),
+        "learning_curve": curve,
     }
 
 

@@ -16,7 +16,8 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pipeline.report.format import calls, interval, months, number, pct_interval, p_reading, pvalue, signed_pct, usd
 
 TEMPLATES = Path(__file__).parent / "templates"
-IMAGE_FILES = {"cost_vs_volume": "cost_vs_volume.png", "sensitivity": "sensitivity.png"}
+IMAGE_FILES = {"cost_vs_volume": "cost_vs_volume.png", "sensitivity": "sensitivity.png",
+               "learning_curve": "learning_curve.png"}
 
 
 def _from_volume(volume: float | None, ci) -> str:
@@ -25,6 +26,43 @@ def _from_volume(volume: float | None, ci) -> str:
 
 def _ranges(ranges: list[dict]) -> str:
     return "; ".join(f"{r['state']} from {calls(r['start'])} to {calls(r['end'])}" for r in ranges) or "-"
+
+
+def _curve_view(curve: dict | None) -> dict | None:
+    """The learning-curve section: a row per training-set size, then where it meets the prompt route."""
+    if not curve:
+        return None
+    table = _table(["Training rows", "Accuracy [CI]", "Test rows scored", "Training time", "Training cost",
+                    "Labelling cost"], {0, 1, 2, 3, 4, 5},
+                   [[f"{p['rows']:,}", pct_interval(p["accuracy"], [p.get("accuracy_ci_low"), p.get("accuracy_ci_high")]
+                                                    if p.get("accuracy_ci_low") is not None else None),
+                     f"{p['rows_evaluated']:,}", f"{number(p.get('train_time_s'), 0)} s", usd(p.get("training_usd")),
+                     usd(p.get("labelling_usd"))] for p in curve["points"]])
+    base, lines = curve.get("baseline"), []
+    if base:
+        for key, words in (("rows_to_match_baseline", "not significantly worse than"),
+                           ("rows_to_beat_baseline", "significantly better than")):
+            n = curve.get(key)
+            lines.append((f"Fewest rows {words} {base['name']}", f"{n:,}" if n is not None else "none of the points"))
+        cheapest = curve.get("cheapest_beating")
+        if cheapest:
+            lines.append(("The cheapest data budget that beats the prompt route", (
+                f"{cheapest['rows']:,} rows: labelling {usd(cheapest['labelling_usd'])}, training "
+                f"{usd(cheapest['training_usd'])}; it costs less than {base['name']} from "
+                f"{_from_volume(cheapest.get('break_even_monthly_calls'), None)} calls a month"
+                + (f" ({_from_volume(cheapest['quality_adjusted_break_even_monthly_calls'], None)} with wrong answers "
+                   "priced)" if cheapest.get("quality_adjusted_break_even_monthly_calls") is not None else "")
+                + (f"; verdict at that size: {cheapest['verdict']}" if cheapest.get("verdict") else ""))))
+    fit, target = curve.get("fit"), curve.get("target")
+    if fit:
+        lines.append(("Inverse power-law fit", f"accuracy = {fit['a']:.3f} - {fit['b']:.3g} x rows^-{fit['c']:.3g} "
+                                               f"(RMSE {100 * fit['rmse']:.1f} points over the points)"))
+    if target:
+        rows = target["rows"]
+        lines.append((f"Rows for {100 * target['accuracy']:g}% accuracy",
+                      "never, by the fit" if rows is None or rows == float("inf") else
+                      f"{rows:,.0f}" + (" (extrapolated past the last point)" if target["extrapolated"] else "")))
+    return {"table": table, "lines": lines}
 
 
 STOP_READINGS = {"interval": "accuracy known", "decided": "pair decided"}
@@ -127,6 +165,7 @@ def _view(facts: dict) -> dict:
                     f"{number(facts['hours_per_month'], 0)} hours/month, error cost {usd(facts['error_cost_usd'])} "
                     "per wrong answer."),
         "arms": arms_table,
+        "curve": _curve_view(facts.get("learning_curve")),
         "break_even": break_even,
         "what_if": _table(["Prompt arm", "Hosted model", "Cost a month", f"Total {span}", "Price dated"], {2, 3},
                           [[w["arm"], w["model"], usd(w["monthly_usd"]), usd(w["horizon_usd"]), w.get("price_date") or "-"]
@@ -196,6 +235,9 @@ def render_markdown(facts: dict) -> str:
            "## Levers", "", *_md_table(v["levers"]), "## Sensitivity", "", *_md_table(v["sensitivity"])]
     if v["sensitivity"]["rows"]:
         out += ["![Break-even sensitivity to each factor at -50% and +50%](sensitivity.png)", ""]
+    if v["curve"]:
+        out += ["## How many labelled rows", "", *_md_table(v["curve"]["table"]), *_md_pairs(v["curve"]["lines"]), "",
+                "![Accuracy against training rows](learning_curve.png)", ""]
     out += ["## Claims", "", *_md_table(v["claims"]), "## Statistics", "", *_md_pairs(v["statistics"])]
     out += ["", "## Assumptions", "", *(f"- {_md(a)}" for a in v["assumptions"])]
     out += ["", "## Prices", "", *_md_table(v["prices"]), *_md_pairs(v["arm_prices"])]

@@ -239,7 +239,9 @@ def arms_table(summary: Summary) -> list[dict[str, Any]]:
 def summary_from_runs(parent, children) -> Summary:
     """Rebuild a Summary from MLflow Run objects (a parent and its arm runs)."""
     params = parent.data.params
-    by_name = {child.data.tags["arm"]: child for child in children if child.data.tags.get("arm")}
+    # A learning-curve point has a run of its own but is no arm of the compare (`roi.role` curve_point).
+    by_name = {child.data.tags["arm"]: child for child in children
+               if child.data.tags.get("arm") and child.data.tags.get("roi.role", "arm") == "arm"}
     order = [a for a in params.get("arms", "").split(",") if a in by_name]  # as configured
     ordered = [by_name[name] for name in order + sorted(set(by_name) - set(order))]
     arms = {r.data.tags["arm"]: dict(r.data.metrics) for r in ordered if "failure" not in r.data.tags}

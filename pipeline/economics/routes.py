@@ -121,6 +121,8 @@ class Ownership:
     retrain_every_months: float | None = None
     n_train: int = 0
     n_eval: int = 0
+    # Labels that did not come at the per-example rate: a teacher model's calls (distillation), priced as measured.
+    labelling_usd: float | None = None
 
 
 def evaluation_usd(price: Price, metrics: dict[str, float], running: RunningCost, n_eval: int,
@@ -146,7 +148,8 @@ def route(price: Price, metrics: dict[str, float], pricing: PricingConfig, own: 
                      evaluation_usd=evaluation)
     given = own.given_fixed_usd is not None
     return Route(running, people.finetune_hours, people.usd_per_hour,
-                 labelling_usd=0.0 if given else own.n_train * label_usd,
+                 labelling_usd=0.0 if given else own.n_train * label_usd if own.labelling_usd is None
+                 else own.labelling_usd,
                  training_usd=own.given_fixed_usd if given else training_usd(metrics, pricing),
                  search_runs=1 if given else own.search_runs, evaluation_usd=evaluation,
                  retrain_every_months=own.retrain_every_months,

@@ -211,3 +211,25 @@ def resolve_curve_arm(cfg: ExperimentConfig, arms: list[Arm], pair: ComparePair)
         raise ConfigError(f"curve.arm: {name!r} does not train a LoRA adapter here; the curve needs an arm with a "
                           "`finetune` section and no finetune.adapter")
     return name
+
+
+def check_teachers(arms: list[Arm]) -> None:
+    """`finetune.labels_from` names a prompt arm measured before the arm it labels for (its measured cost a call
+    prices the labels)."""
+    names = [a.name for a in arms]
+    for i, arm in enumerate(arms):
+        teacher = arm.finetune.labels_from if arm.finetune else None
+        if teacher is None:
+            continue
+        where = f"arms[{i}] ({arm.name}).finetune.labels_from"
+        if teacher not in names:
+            raise ConfigError(f"{where}: no arm named {teacher!r} (arms: {', '.join(names)})")
+        source = arms[names.index(teacher)]
+        if source.name == arm.name or source.kind != "prompt" or source.trains:
+            raise ConfigError(f"{where}: {teacher!r} is {'the arm itself' if source.name == arm.name else 'not a prompt arm'}"
+                              "; the labels come from a prompt arm (an API or local model with a prompt)")
+        if arm.finetune.adapter is not None:
+            raise ConfigError(f"{where}: the arm loads finetune.adapter and trains nothing to label for")
+        if names.index(teacher) > i:
+            raise ConfigError(f"{where}: list {teacher!r} before {arm.name!r} in arms (its measured cost a call "
+                              "prices the labels)")

@@ -142,6 +142,9 @@ class FinetuneConfig(_Strict):
         default=1, gt=0, description="data-parallel training processes (one per GPU, or CPU processes with gloo), "
         "started with torchrun; batch_size stays the global batch (`roi run --processes N` sets this)")
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    labels_from: str | None = Field(
+        default=None, description="a prompt arm whose answers label the training texts (distillation); its "
+        "calls are the labelling cost")
     early_stopping: EarlyStoppingConfig | None = Field(
         default=None, description="evaluate the validation loss during training and stop when it stops improving "
         "(needs a validation split); null: train every epoch")

@@ -28,6 +28,7 @@ from pipeline.models.loading import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINING_R
                                       load_tokenizer, model_bytes, quantize_int8, resolve_source)
 from pipeline.models.dtype import auto_cpu_choice, pick_dtype
 from pipeline.task.prompts import PromptRenderer, PromptTemplate
+from pipeline.recipe.distill import TEACHER_LABELS, TEACHER_METRICS, distilled_rows, teacher_key
 from pipeline.recipe.stages import stage_key
 
 
@@ -89,9 +90,17 @@ class ArmModels:
                                                           arm.finetune.adapter / ADAPTER_WEIGHTS]),
                              **self.identity(arm))
         # trl's version too: its SFTTrainer (and the fused head completion_head replaces) does the training
+        teacher = self.teacher_of(arm)
         return stage_key("finetune", data=inputs.task.content_hash, prompt=template.sha, examples=inputs.examples,
                          finetune=arm.finetune.model_dump(exclude=OWNERSHIP_KEYS), train_dtype=str(self._train_dtype(arm)),
-                         trl=version("trl"), **self.identity(arm))
+                         trl=version("trl"), **self.identity(arm),
+                         # Distilled: the teacher's labels are the training data.
+                         **({"teacher": teacher_key(self, inputs, teacher)} if teacher else {}))
+
+    def teacher_of(self, arm: Arm) -> Arm | None:
+        """The prompt arm whose answers label `arm`'s training rows (`finetune.labels_from`), or None."""
+        name = arm.finetune.labels_from if arm.finetune else None
+        return next(a for a in self.plan.arms if a.name == name) if name else None
 
     def _train_dtype(self, arm: Arm):
         return pick_dtype(arm.model.dtype if arm.finetune.dtype == "auto" else arm.finetune.dtype)
@@ -174,12 +183,19 @@ class ArmModels:
         if inputs.store.recompute:
             inputs.store.forget(key)
         train = inputs.task.splits["train"]
+        texts, labels, distilled = list(train["text"]), list(train["label"]), None
+        teacher = self.teacher_of(arm)
+        if teacher is not None:
+            distilled = distilled_rows(self, inputs, teacher, arm.name)
+            texts, labels = distilled.texts, distilled.labels
         renderer = PromptRenderer(template, self.tokenizer_for(arm), inputs.task.labels, inputs.examples)
-        self.console.print(f"fine-tuning LoRA r={arm.finetune.lora.r} on {len(train)} rows ...")
+        self.console.print(f"fine-tuning LoRA r={arm.finetune.lora.r} on {len(texts)} rows"
+                           + (f" labelled by {teacher.name}" if teacher else "") + " ...")
         dtype = self._train_dtype(arm)
-        prompts, completions = [renderer.render(t) for t in train["text"]], list(train["label"])
+        prompts, completions = [renderer.render(t) for t in texts], labels
         if arm.finetune.processes > 1:
-            return self._train_on_processes(arm, inputs, key, prompts, completions, dtype)
+            return self._train_on_processes(arm, inputs, key, prompts, completions, dtype,
+                                            distilled.metrics if distilled else {})
         validation = inputs.task.splits.get("validation")
         result = finetune(
             self._fresh(arm).to(dtype), self.tokenizer_for(arm), prompts, completions, arm.finetune, dtype,
@@ -189,12 +205,12 @@ class ArmModels:
             validation=([renderer.render(t) for t in validation["text"]], list(validation["label"]))
             if validation is not None and len(validation) else None,
         )
-        stats = self._record_training(arm, inputs, key, vars(result))
+        stats = self._record_training(arm, inputs, key, {**vars(result), **(distilled.metrics if distilled else {})})
         # Served in the model's dtype, like a reused or given adapter (the stage key records that dtype).
         return result.model.merge_and_unload().to(pick_dtype(arm.model.dtype)), stats
 
     def _train_on_processes(self, arm: Arm, inputs: RunInputs, key: str, prompts: list[str], completions: list[str],
-                            dtype: Any) -> tuple[Any, dict[str, float]]:
+                            dtype: Any, distilled: dict[str, float]) -> tuple[Any, dict[str, float]]:
         """Data-parallel training in `finetune.processes` processes (pipeline.training.distributed); this process
         then loads the adapter their rank 0 saved, as it would a stored one."""
         from pipeline.training.distributed import train_on_processes
@@ -205,7 +221,7 @@ class ArmModels:
         figures = train_on_processes(arm.model, prompts, completions, arm.finetune, dtype, work,
                                      on_log=tracking.log_training_step)
         mlflow.set_tag("train_processes", str(arm.finetune.processes))
-        stats = self._record_training(arm, inputs, key, {**figures, "adapter_dir": work / "adapter"})
+        stats = self._record_training(arm, inputs, key, {**figures, **distilled, "adapter_dir": work / "adapter"})
         return load_adapter(self._fresh(arm), inputs.store.path(key) / "adapter").merge_and_unload(), stats
 
     def _record_training(self, arm: Arm, inputs: RunInputs, key: str, result: dict[str, Any]) -> dict[str, float]:
@@ -224,6 +240,7 @@ class ArmModels:
                  "train_loss": result["train_loss"]}
         if result.get("train_steps"):
             stats["train_steps"] = float(result["train_steps"])
+        stats.update({k: float(result[k]) for k in TEACHER_METRICS if k in result})  # distilled: what labelling did
         if result.get("best_step") is not None:  # early stopping kept the adapter of this step
             stats["best_step"], stats["best_eval_loss"] = float(result["best_step"]), result["best_eval_loss"]
         # Travels with the adapter (and its MLflow artifact): reusing it elsewhere keeps its base and cost.
@@ -239,6 +256,11 @@ class ArmModels:
         """The arm's adapter as the run's `adapter` artifact (what `roi serve --adapter runs:/...` loads)."""
         if arm.finetune is None:
             return
+        teacher = self.teacher_of(arm)
+        if teacher is not None:  # the rows it trained on, as its teacher labelled them
+            labelled = inputs.store.path(teacher_key(self, inputs, teacher)) / TEACHER_LABELS
+            if labelled.is_file():
+                mlflow.log_artifact(str(labelled))
         adapter_dir = arm.finetune.adapter or inputs.store.path(self.adapter_key(arm, inputs, template)) / "adapter"
         if (adapter_dir / ADAPTER_WEIGHTS).is_file():
             mlflow.log_artifacts(str(adapter_dir), artifact_path="adapter")

@@ -38,6 +38,7 @@ class Experiment(RunInputs):
     outcomes: dict[str, Any] = field(default_factory=dict)  # arm name -> economics.figures.ArmRows
     not_measured: dict[str, str] = field(default_factory=dict)  # arm name -> why it has no figures
     stopped_by: dict[str, str] = field(default_factory=dict)  # arm name -> why its evaluation stopped
+    measured: dict[str, dict[str, float]] = field(default_factory=dict)  # arm name -> its priced metrics
 
 
 def run_arm(exp: Experiment, arm: Arm, tags: dict[str, str] | None = None) -> dict[str, float] | None:
@@ -87,6 +88,7 @@ def run_arm(exp: Experiment, arm: Arm, tags: dict[str, str] | None = None) -> di
                           + f"invalid {100 * metrics['invalid_rate']:.1f}%  "
                           + (f"failed {100 * metrics['failed_rate']:.1f}%  " if metrics.get("failed_rate") else "")
                           + f"{metrics['prompt_tokens_mean']:.0f} prompt tokens  p50 {metrics['latency_p50_ms']:.0f} ms")
+        exp.measured[arm.name] = metrics
         return metrics
 
 
@@ -167,7 +169,10 @@ def price_arm(exp: Experiment, arm: Arm, metrics: dict[str, float], predictions:
     pricing = exp.cfg.pricing
     metrics["batch_size"] = float(arm.eval.batch_size)  # the batched pass's size: what a deployment can batch
     # Everything the route costs once: people, labels, training x search runs, evaluation.
-    metrics["fixed_cost_usd"] = arm_route(arm_inputs(exp, arm, metrics), pricing).one_off_usd
+    owned = arm_route(arm_inputs(exp, arm, metrics), pricing)
+    metrics["fixed_cost_usd"] = owned.one_off_usd
+    if arm.trains:
+        metrics["labelling_cost_usd"] = owned.labelling_usd
     metrics.update(economics.arm_figures(arm.price, metrics, pricing))
     rows = exp.outcomes[arm.name] = economics.ArmRows.from_predictions(read_predictions(predictions), exp.labels)
     metrics.update(economics.arm_intervals(rows, arm.price, metrics, pricing, exp.cfg.stats))
@@ -193,5 +198,14 @@ def arm_inputs(exp: Experiment, arm: Arm, metrics: dict[str, float], n_train: in
     own = Ownership(arm.kind, arm.fixed_cost_usd, arm.finetune.search_runs if arm.finetune else 1,
                     arm.finetune.retrain_every_months if arm.finetune else None,
                     len(exp.task.splits["train"]) if n_train is None else n_train,
-                    int(metrics.get("rows_evaluated", len(exp.rows))))
+                    int(metrics.get("rows_evaluated", len(exp.rows))), labelling_usd(exp, arm, metrics))
     return ArmInputs(arm.name, arm.price, metrics, own)
+
+
+def labelling_usd(exp: Experiment, arm: Arm, metrics: dict[str, float]) -> float | None:
+    """A distilled arm's labels: its teacher's measured cost a call times the calls that labelled its rows
+    (None: labels at the per-example rate)."""
+    teacher = arm.finetune.labels_from if arm.finetune else None
+    if not teacher or "teacher_calls" not in metrics:
+        return None
+    return exp.measured.get(teacher, {}).get("cost_per_call_usd", 0.0) * metrics["teacher_calls"]

@@ -22,6 +22,7 @@ from pipeline.experiment.load import ExperimentPlan, project_root_for
 from pipeline.recipe.arm_models import ArmModels
 from pipeline.recipe.arm_run import Experiment, arm_inputs, run_arm
 from pipeline.recipe.curve import check_curve, curve_figures, curve_points
+from pipeline.recipe.distill import student_vs_teacher
 from pipeline.recipe.stages import StageStore
 from pipeline.report.charts import plot_cost_curves, plot_learning_curve, plot_sensitivity
 from pipeline.report.facts import build_facts, json_safe, save_facts, write_report
@@ -52,8 +53,11 @@ def run_experiment(plan: ExperimentPlan, console, force: bool = False, overrides
                                                                  plan.pair.naive)]
         measured = {a.name: arm_inputs(exp, a, results[a.name]) for a in plan.arms if a.name in results}
         decision = compare(*pair, measured, exp.outcomes, cfg.pricing, cfg.stats, plan.what_if)
+        distilled = student_vs_teacher(exp)
+        for row in distilled[:1]:  # the first distilled arm's (MLflow metric names are fixed)
+            decision.parent["student_teacher_mcnemar_p"] = row["mcnemar_p"]
         summary = summarise(exp, results, decision, parent.info.run_id)
-        log_parent_results(exp, summary, decision, parent.info.run_name, curve)
+        log_parent_results(exp, summary, decision, parent.info.run_name, curve, distilled)
     print_table(summary, console)
     console.print(f"outputs in {exp.run_dir}; MLflow run {summary.run_id} in {tracking.redact(tracking.tracking_uri())}")
     console.print(f"compare the arms in the MLflow UI (`roi ui` for a local store): "
@@ -172,7 +176,7 @@ def log_curve(exp: Experiment, curve: dict, report_dir: Path) -> Path:
 
 
 def log_parent_results(exp: Experiment, summary: Summary, decision: Decision, run_name: str,
-                       curve: dict | None = None) -> None:
+                       curve: dict | None = None, distilled: list[dict] | None = None) -> None:
     """The parent's figures (a figure that never happens is a tag `...=never`, not a metric), its arms table,
     the summary and the report with its plots and facts (under `report/`, for `roi report --out`)."""
     finite = {k: v for k, v in summary.parent.items() if math.isfinite(v)}
@@ -202,7 +206,7 @@ def log_parent_results(exp: Experiment, summary: Summary, decision: Decision, ru
         images["learning_curve"] = log_curve(exp, curve, report_dir)
     for arm in summary.arms:
         images[f"confusion_{arm}"] = exp.run_dir / arm / "confusion_matrix.png"
-    facts = build_facts(exp, summary, decision, run_name, curve)
+    facts = build_facts(exp, summary, decision, run_name, curve, distilled)
     save_facts(facts, report_dir / "facts.json")
     for path in write_report(facts, images, report_dir):
         mlflow.log_artifact(str(path), artifact_path="report")

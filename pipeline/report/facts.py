@@ -113,6 +113,22 @@ def lever_facts(exp, summary: Summary) -> list[dict[str, Any]]:
     return levers
 
 
+def distillation_claims(rows: list[dict], confidence: float) -> list[dict[str, str]]:
+    """Does a fine-tune distilled from the prompt route match its teacher on the gold test rows?"""
+    out = []
+    for r in rows:
+        same = r["mcnemar_p"] >= 1 - confidence
+        agreement = (f"; the teacher's labels agreed with the gold ones on {100 * r['teacher_agreement']:.1f}% of the "
+                     "training rows" if "teacher_agreement" in r else "")
+        cost = f", labelling ${r['labelling_cost_usd']:.4g}" if "labelling_cost_usd" in r else ""
+        out.append({"claim": f"A fine-tune distilled from {r['teacher']} matches its teacher",
+                    "measured": f"{r['student']} {100 * r['student_accuracy']:.1f}% vs {r['teacher']} "
+                                f"{100 * r['teacher_accuracy']:.1f}% on {r['rows']} test rows, McNemar p "
+                                f"{r['mcnemar_p']:.3g} ({'no measurable difference' if same else 'they differ'}); "
+                                f"{int(r.get('distilled_rows', 0)):,} distilled rows{cost}{agreement}"})
+    return out
+
+
 def claim_facts(summary: Summary) -> list[dict[str, str]]:
     """The project's claims, as this run measured them."""
     p, claims = summary.parent, []
@@ -135,7 +151,8 @@ def claim_facts(summary: Summary) -> list[dict[str, str]]:
     return claims
 
 
-def build_facts(exp, summary: Summary, decision, run_name: str, curve: dict | None = None) -> dict[str, Any]:
+def build_facts(exp, summary: Summary, decision, run_name: str, curve: dict | None = None,
+                distilled: list[dict] | None = None) -> dict[str, Any]:
     """Everything the report says, from the finished run (its summary and `economics.decision.Decision`): one
     dict, saved with the run."""
     cfg, p, sensitivity = exp.cfg, summary.parent, decision.sensitivity
@@ -166,7 +183,8 @@ def build_facts(exp, summary: Summary, decision, run_name: str, curve: dict | No
                     "ranges": summary.cost_ranges},
         "what_if": summary.what_if,
         "cost_chart_text": cost_chart_text(decision.curves),
-        "claims": claim_facts(summary), "levers": lever_facts(exp, summary),
+        "claims": claim_facts(summary) + distillation_claims(distilled or [], cfg.stats.confidence),
+        "levers": lever_facts(exp, summary),
         "sensitivity": [{"factor": f"{r['factor']} ({SENSITIVITY_FIGURES.get(r['figure'], r['figure'])})",
                          "low": r["low"], "high": r["high"]} for r in sensitivity],
         "statistics": {"confidence": cfg.stats.confidence, "resamples": cfg.stats.resamples,

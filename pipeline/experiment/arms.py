@@ -226,8 +226,9 @@ def check_teachers(arms: list[Arm]) -> None:
             raise ConfigError(f"{where}: no arm named {teacher!r} (arms: {', '.join(names)})")
         source = arms[names.index(teacher)]
         if source.name == arm.name or source.kind != "prompt" or source.trains:
-            raise ConfigError(f"{where}: {teacher!r} is {'the arm itself' if source.name == arm.name else 'not a prompt arm'}"
-                              "; the labels come from a prompt arm (an API or local model with a prompt)")
+            what = "the arm itself" if source.name == arm.name else "not a prompt arm"
+            raise ConfigError(f"{where}: {teacher!r} is {what}; the labels come from a prompt arm (an API or local "
+                              "model with a prompt)")
         if arm.finetune.adapter is not None:
             raise ConfigError(f"{where}: the arm loads finetune.adapter and trains nothing to label for")
         if names.index(teacher) > i:

@@ -177,7 +177,8 @@ def price_arm(exp: Experiment, arm: Arm, metrics: dict[str, float], predictions:
     rows = exp.outcomes[arm.name] = economics.ArmRows.from_predictions(read_predictions(predictions), exp.labels)
     metrics.update(economics.arm_intervals(rows, arm.price, metrics, pricing, exp.cfg.stats))
     if "accuracy_cs_low" in metrics:  # evaluated sequentially: only the confidence sequence holds at its stop
-        metrics["accuracy_ci_low"], metrics["accuracy_ci_high"] = metrics["accuracy_cs_low"], metrics["accuracy_cs_high"]
+        metrics["accuracy_ci_low"] = metrics["accuracy_cs_low"]
+        metrics["accuracy_ci_high"] = metrics["accuracy_cs_high"]
     mlflow.log_metrics(metrics)
     mlflow.log_artifact(str(predictions))
     log_label_scores(exp, arm, rows)

@@ -67,7 +67,8 @@ def curve_figures(exp: Experiment, points: list[CurvePoint], results: dict[str, 
     cfg, baseline = exp.cfg, exp.plan.pair.baseline
     label_usd = cfg.pricing.labelling_usd_per_example()
     table = [{"rows": p.rows, "arm": p.arm, "accuracy": p.metrics["accuracy"],
-              "accuracy_ci_low": p.metrics.get("accuracy_ci_low"), "accuracy_ci_high": p.metrics.get("accuracy_ci_high"),
+              "accuracy_ci_low": p.metrics.get("accuracy_ci_low"),
+              "accuracy_ci_high": p.metrics.get("accuracy_ci_high"),
               "rows_evaluated": int(p.metrics.get("rows_evaluated", len(exp.rows))),
               "train_time_s": p.metrics.get("train_time_s"), "training_usd": training_usd(p.metrics, cfg.pricing),
               "labelling_usd": p.rows * label_usd} for p in points]
@@ -75,7 +76,8 @@ def curve_figures(exp: Experiment, points: list[CurvePoint], results: dict[str, 
     alpha = 1 - cfg.stats.confidence
     if baseline in results:
         base = results[baseline]
-        out["baseline"] = {"name": baseline, "accuracy": base["accuracy"], "accuracy_ci_low": base.get("accuracy_ci_low"),
+        out["baseline"] = {"name": baseline, "accuracy": base["accuracy"],
+                           "accuracy_ci_low": base.get("accuracy_ci_low"),
                            "accuracy_ci_high": base.get("accuracy_ci_high")}
         correct = [(p.rows, exp.outcomes[p.arm].correct) for p in points]
         out["rows_to_match_baseline"] = rows_to_match(correct, exp.outcomes[baseline].correct, alpha)

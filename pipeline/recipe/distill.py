@@ -104,7 +104,8 @@ def student_vs_teacher(exp: Any) -> list[dict[str, Any]]:
         student, labeller = paired_rows(exp.outcomes, arm.name, teacher)
         m = exp.measured.get(arm.name, {})
         out.append({"student": arm.name, "teacher": teacher, "rows": len(student.correct),
-                    "student_accuracy": float(student.correct.mean()), "teacher_accuracy": float(labeller.correct.mean()),
+                    "student_accuracy": float(student.correct.mean()),
+                    "teacher_accuracy": float(labeller.correct.mean()),
                     "mcnemar_p": mcnemar_exact(student.correct, labeller.correct),
                     **{k: m[k] for k in ("teacher_agreement", "teacher_invalid_rate", "distilled_rows",
                                          "labelling_cost_usd") if k in m}})

@@ -93,7 +93,8 @@ def prepare(plan: ExperimentPlan, console, force: bool) -> Experiment:
     run_dir = cfg.output_dir / cfg.experiment / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     run_dir.mkdir(parents=True, exist_ok=True)
     store = StageStore(cfg.output_dir / "stages", recompute=force)
-    unvalidated = [a.name for a in plan.arms if a.trains and a.finetune.early_stopping and not task.splits.get("validation")]
+    unvalidated = [a.name for a in plan.arms
+                   if a.trains and a.finetune.early_stopping and not task.splits.get("validation")]
     notes = [f"finetune.early_stopping: {', '.join(unvalidated)} trained every epoch (the task has no validation "
              "split; give one in task.splits or set task.validation_size)"] if unvalidated else []
     return Experiment(plan, task, rows, examples, templates, store, models=models, run_dir=run_dir, console=console,

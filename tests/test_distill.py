@@ -45,12 +45,16 @@ def _task(tmp_path: Path) -> Path:
     return folder
 
 
-def _config(tmp_path: Path, url: str, **student) -> Path:
+def _config(tmp_path: Path, url: str, unlabelled: bool = False, **student) -> Path:
     path = tmp_path / "distill.yaml"
+    folder = _task(tmp_path)
+    splits = {"train": "train.jsonl", "test": "test.jsonl"}
+    if unlabelled:  # the training texts again, without their labels: the teacher's are all the student gets
+        (folder / "unlabelled.jsonl").write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in TRAIN))
+        splits["unlabelled"] = "unlabelled.jsonl"
     path.write_text(yaml.safe_dump({
         "experiment": "distill",
-        "task": {"path": str(_task(tmp_path)), "labels": "labels.json",
-                 "splits": {"train": "train.jsonl", "test": "test.jsonl"}},
+        "task": {"path": str(folder), "labels": "labels.json", "splits": splits},
         "models": {"api": {"backend": "openai", "base_url": url, "model": "fake", "max_concurrency": 4}},
         "arms": [{"name": "teacher", "model": "api", "prompt": "naive", "price": PRICE},
                  {"name": "student", "prompt": "finetuned", "finetune": {"labels_from": "teacher", **student}}],
@@ -125,3 +129,30 @@ def test_a_teacher_whose_answers_are_all_invalid_stops_before_training(tmp_path)
     assert result.returncode == 2, result.stdout[-1500:] + result.stderr[-1500:]
     assert result.stderr.strip().endswith("nothing to train on") and result.stderr.count("\n") == 1
     assert "fine-tuning LoRA" not in result.stdout
+
+
+@pytest.mark.model
+def test_an_unlabelled_file_is_labelled_by_the_teacher_and_has_no_agreement_to_measure(tmp_path):
+    env = dict(os.environ, MLFLOW_TRACKING_URI=sqlite_store(tmp_path / "mlflow.db"), PYTHONUNBUFFERED="1")
+    with FakeOpenAI(answers=teacher) as server:
+        result = roi("run", str(_config(tmp_path, server.base_url, unlabelled=True)), env=env, cwd=tmp_path,
+                     timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    client, _, arms = _runs(tmp_path)
+    student = arms["student"].data.metrics
+    assert student["teacher_calls"] == 50 and "teacher_agreement" not in student
+    labelled = client.download_artifacts(arms["student"].info.run_id, "teacher_labels.jsonl", str(tmp_path))
+    rows = [json.loads(line) for line in Path(labelled).read_text().splitlines()]
+    assert [r["teacher_label"] for r in rows] == [teacher(r["text"]) for r in TRAIN]
+    assert all(r["gold_label"] is None for r in rows)
+
+
+def test_an_unlabelled_file_without_a_teacher_is_one_line(tmp_path, capsys):
+    config = _config(tmp_path, "http://127.0.0.1:9/v1", unlabelled=True)
+    data = yaml.safe_load(config.read_text())
+    data["arms"] = ["naive", "finetuned"]
+    config.write_text(yaml.safe_dump(data))
+    assert main(["run", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "task.splits.unlabelled: unlabelled.jsonl has no labels and no arm has them made" in err
+    assert err.count("\n") == 1

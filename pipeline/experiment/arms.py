@@ -213,10 +213,13 @@ def resolve_curve_arm(cfg: ExperimentConfig, arms: list[Arm], pair: ComparePair)
     return name
 
 
-def check_teachers(arms: list[Arm]) -> None:
+def check_teachers(arms: list[Arm], unlabelled: str | None = None) -> None:
     """`finetune.labels_from` names a prompt arm measured before the arm it labels for (its measured cost a call
-    prices the labels)."""
+    prices the labels); `task.splits.unlabelled` is there for such an arm."""
     names = [a.name for a in arms]
+    if unlabelled and not any(a.finetune and a.finetune.labels_from for a in arms):
+        raise ConfigError(f"task.splits.unlabelled: {unlabelled} has no labels and no arm has them made "
+                          "(set finetune.labels_from: <a prompt arm> on a fine-tuned arm)")
     for i, arm in enumerate(arms):
         teacher = arm.finetune.labels_from if arm.finetune else None
         if teacher is None:

@@ -88,7 +88,7 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
         arms = resolve_arms(cfg, base, catalog)
         pair = resolve_compare(cfg, arms, base)
         curve_arm = resolve_curve_arm(cfg, arms, pair)
-        check_teachers(arms)
+        check_teachers(arms, cfg.task.splits.get("unlabelled"))
         check_ownership(cfg, arms)
         what_if = {name: priced_from_catalog(CatalogPrice(catalog=name), catalog, f"report.price_what_if[{i}]")
                    for i, name in enumerate(cfg.report.price_what_if)}

@@ -44,7 +44,7 @@ def distilled_rows(models: Any, inputs: RunInputs, teacher: Arm, student: str) -
     key = teacher_key(models, inputs, teacher)
     done = inputs.store.load(key)
     if done is None:
-        models.console.print(f"labelling {len(inputs.task.splits['train'])} training rows with {teacher.name} ...")
+        models.console.print(f"labelling {len(_texts_and_golds(inputs)[0])} training rows with {teacher.name} ...")
         rows = _label(models, inputs, teacher)
         work = inputs.store.work_dir(key) / TEACHER_LABELS
         work.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
@@ -63,22 +63,29 @@ def distilled_rows(models: Any, inputs: RunInputs, teacher: Arm, student: str) -
 
 def _label(models: Any, inputs: RunInputs, teacher: Arm) -> list[dict]:
     """One call per training text on the teacher's backend; each answer parsed as its evaluation parses it."""
-    train, labels = inputs.task.splits["train"], inputs.labels
-    template = inputs.templates[teacher.name]
+    texts, golds = _texts_and_golds(inputs)
+    template, labels = inputs.templates[teacher.name], inputs.labels
     renderer = PromptRenderer(template, models.tokenizer_for(teacher), inputs.task.labels, inputs.examples)
     backend, _ = models.backend(teacher, inputs, template)
     try:
-        calls = backend.run([renderer.prompt(t) for t in train["text"]])
+        calls = backend.run([renderer.prompt(t) for t in texts])
     finally:
         backend.close()
     parse = PARSERS[teacher.eval.parser]
-    golds = train["label"] if "label" in train.column_names else [None] * len(train)
     rows = []
-    for i, (text, gold, call) in enumerate(zip(train["text"], golds, calls)):
+    for i, (text, gold, call) in enumerate(zip(texts, golds, calls)):
         parsed = parse(call.output, labels) if call.error is None else -1
         rows.append({"row_id": i, "text": text, "teacher_label": labels[parsed] if parsed >= 0 else None,
                      "gold_label": gold, "raw_output": call.output, **({"error": call.error} if call.error else {})})
     return rows
+
+
+def _texts_and_golds(inputs: RunInputs) -> tuple[list[str], list[str | None]]:
+    """What the teacher labels: `task.splits.unlabelled`'s texts (no gold), else the train split's (with it)."""
+    if inputs.task.unlabelled is not None:
+        return inputs.task.unlabelled, [None] * len(inputs.task.unlabelled)
+    train = inputs.task.splits["train"]
+    return list(train["text"]), list(train["label"])
 
 
 def teacher_metrics(rows: list[dict]) -> dict[str, float]:

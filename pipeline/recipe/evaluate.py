@@ -27,9 +27,10 @@ def evaluate(inputs: RunInputs, arm: Arm, backend: Backend, renderer: PromptRend
     """Measure the test rows on the backend, parse and score them; predictions are written as they come
     (so they are kept on Ctrl-C), one row per test row evaluated, in the test rows' order.
 
-    With `eval.sequential` the rows go in rounds and the arm stops once its accuracy's confidence sequence
-    is narrower than `half_width` ("interval") or, given `paired_with` (the compare pair's other arm's
-    0/1 scores on the same rows), once their difference's excludes 0 ("decided"); else "all_rows"."""
+    With `eval.sequential` the rule is checked every `step_rows` rows and the arm stops once its accuracy's
+    confidence sequence is narrower than `half_width` ("interval") or, given `paired_with` (the compare pair's
+    other arm's 0/1 scores on the same rows), once their difference's excludes 0 ("decided"); else
+    "all_rows"."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     texts, golds = inputs.rows["text"], inputs.rows["label"]
@@ -54,7 +55,7 @@ def evaluate(inputs: RunInputs, arm: Arm, backend: Backend, renderer: PromptRend
             bar.advance(job, len(calls))
 
         try:
-            timed, stopped_by = _rounds(backend, prompts, arm, rule, on_calls, correct, paired_with)
+            timed, stopped_by = _until_known(backend, prompts, arm, rule, on_calls, correct, paired_with)
         except KeyboardInterrupt:
             out.flush()
             mlflow.log_artifact(str(predictions))  # the rows finished before the interrupt
@@ -85,7 +86,7 @@ def sequential_rule(sequential: SequentialConfig | None, confidence: float) -> S
     return SequentialRule(sequential.min_rows, sequential.step_rows, sequential.half_width, 1 - confidence)
 
 
-def _rounds(backend: Backend, prompts: list, arm: Arm, rule: SequentialRule | None, on_calls,
+def _until_known(backend: Backend, prompts: list, arm: Arm, rule: SequentialRule | None, on_calls,
             correct: list[float], paired_with: np.ndarray | None) -> tuple[Measurement, str]:
     """The rows measured in one pass that ends, with a rule, at the first check (`round_sizes`) where the rule
     says stop. One pass rather than a pass per round: a batching backend keeps its batch full to the stop."""

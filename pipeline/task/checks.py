@@ -43,18 +43,24 @@ def as_text(value: object, where: str) -> str | None:
 
 def check_rows(path: Path, texts: list[str | None], labels: list[str | None]) -> None:
     """Every row has a text of sane length and a one-line label (labels come stripped)."""
-    for i, (text, label) in enumerate(zip(texts, labels)):
+    check_texts(path, texts)
+    for i, label in enumerate(labels):
+        if label is None or not label.strip():
+            raise DataError(f"{path}: row {i + 1}: empty label")
+        if "\n" in label or "\r" in label:
+            raise DataError(f"{path}: row {i + 1}: label {label!r} contains a line break "
+                            "(the answer parser reads one line, so it could never match)")
+
+
+def check_texts(path: Path, texts: list[str | None]) -> None:
+    """Every row has a text of sane length."""
+    for i, text in enumerate(texts):
         if text is None or not text.strip():
             raise DataError(f"{path}: row {i + 1}: empty text")
         if len(text) > MAX_TEXT_CHARS:
             hint = "; an unclosed quote can merge many rows into one" if path.suffix.lower() in (".csv", ".tsv") else ""
             raise DataError(f"{path}: row {i + 1}: text is {len(text):,} characters long "
                             f"(the limit is {MAX_TEXT_CHARS:,}{hint})")
-        if label is None or not label.strip():
-            raise DataError(f"{path}: row {i + 1}: empty label")
-        if "\n" in label or "\r" in label:
-            raise DataError(f"{path}: row {i + 1}: label {label!r} contains a line break "
-                            "(the answer parser reads one line, so it could never match)")
 
 
 def check_label_set(source: str, names: list[str], where: list[str]) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import datasets
 
-from pipeline.task.checks import as_text, check_known_labels, check_label_set, check_rows
+from pipeline.task.checks import as_text, check_known_labels, check_label_set, check_rows, check_texts
 from pipeline.task.types import DataConfig, DataError, Label, TaskConfig, TaskData
 
 SPLITS = ("train", "validation", "test")
@@ -171,6 +171,14 @@ def _non_text_kind(ds: datasets.Dataset, column: str) -> str:
     return "only numbers" if values and all(_NUMBER.fullmatch(v) for v in values) else ""
 
 
+def read_texts(path: Path, fmt: str, text_column: str) -> list[str]:
+    """The texts of a file without labels (`task.splits.unlabelled`)."""
+    ds, how = _load_file(path, fmt)
+    texts = _column_text(ds, path, _find_column(ds, path, text_column, "text_column", how))
+    check_texts(path, texts)
+    return texts
+
+
 def read_split(path: Path, fmt: str, text_column: str, label_column: str,
                notes: list[str] | None = None) -> datasets.Dataset:
     """Read one split file into a Dataset with string columns `text` and `label` (labels stripped).
@@ -254,6 +262,7 @@ def load_task(task: TaskConfig, data: DataConfig | None = None) -> TaskData:
     if "train" not in files:
         raise DataError(f"{task.path}: task.splits names no train file")
     _check_distinct_files(files)
+    unlabelled_file = files.pop("unlabelled", None)
     notes: list[str] = []
     splits = {split: read_split(path, task.format, task.text_column, task.label_column, notes)
               for split, path in files.items()}
@@ -264,6 +273,9 @@ def load_task(task: TaskConfig, data: DataConfig | None = None) -> TaskData:
     for split, ds in splits.items():
         check_known_labels(files[split], ds["label"][:], names, label_source)
     splits = _make_splits(splits, files["train"], task, data)
+    unlabelled = read_texts(unlabelled_file, task.format, task.text_column) if unlabelled_file else None
+    if unlabelled_file:
+        files["unlabelled"] = unlabelled_file
     for note in notes:  # only once the task is sound: an error stays the one line printed
         _note(note)
     label_text = json.dumps([[l.name, l.description] for l in labels])
@@ -273,12 +285,13 @@ def load_task(task: TaskConfig, data: DataConfig | None = None) -> TaskData:
          "seed": data.seed, "test_size": task.test_size, "validation_size": task.validation_size}, sort_keys=True
     )
     content_hash = hash_files([files[split] for split in sorted(files)], label_text + settings)
-    return TaskData(task.name or Path(task.path).resolve().name, labels, splits, files, content_hash, notes=notes)
+    return TaskData(task.name or Path(task.path).resolve().name, labels, splits, files, content_hash, notes=notes,
+                    unlabelled=unlabelled)
 
 
 def _check_distinct_files(files: dict[str, Path]) -> None:
     seen: dict[Path, str] = {}
-    for split in sorted(files, key=SPLITS.index):
+    for split in sorted(files, key=(*SPLITS, "unlabelled").index):
         path = files[split]
         other = seen.setdefault(path.resolve(), split)
         if other != split:

@@ -25,7 +25,8 @@ class TaskConfig(_Strict):
     name: str | None = Field(default=None, description="default: the task folder's name")
     path: Path = Field(description="folder holding the split files")
     format: Literal["auto", "csv", "jsonl", "json", "parquet"] = "auto"
-    splits: dict[Literal["train", "validation", "test"], str] = Field(
+    # `unlabelled`: texts without labels, for a prompt arm to label (finetune.labels_from) and a student to learn.
+    splits: dict[Literal["train", "validation", "test", "unlabelled"], str] = Field(
         default_factory=lambda: {"train": "train.jsonl", "test": "test.jsonl"}
     )
     text_column: str = "text"
@@ -58,6 +59,7 @@ class TaskData:
     files: dict[str, Path]
     content_hash: str
     source_rows: dict[str, list[int]] = field(default_factory=dict)
+    unlabelled: list[str] | None = None  # task.splits.unlabelled's texts
     notes: list[str] = field(default_factory=list)
 
     @property

@@ -38,6 +38,7 @@ test-scale: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/prompt_arm.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/sequential_window.py
 
 # The MLflow UI on the local store; prints a link per experiment that opens on the arms side by side.
 ui: $(STAMP)

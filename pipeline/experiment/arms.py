@@ -210,6 +210,9 @@ def resolve_curve_arm(cfg: ExperimentConfig, arms: list[Arm], pair: ComparePair)
     if not arm.trains or arm.finetune.adapter is not None:
         raise ConfigError(f"curve.arm: {name!r} does not train a LoRA adapter here; the curve needs an arm with a "
                           "`finetune` section and no finetune.adapter")
+    if arm.finetune.labels_from and cfg.task.splits.get("unlabelled"):
+        raise ConfigError(f"curve.arm: {name!r} learns from task.splits.unlabelled, whose rows have no labels to "
+                          "take stratified subsets by; distil from the train split for a curve")
     return name
 
 

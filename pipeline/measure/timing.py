@@ -101,7 +101,7 @@ def _steady_seconds(handovers: list[tuple[float, int]], elapsed: float) -> float
     """The time a pass stopped early would take at its steady rate: the calls handed over between the first and
     the last handover, over the time between them, for all of them. A short stopped pass timed whole would count
     the batch filling up at its start and the calls still in the batch when it stopped (dropped unfinished) as
-    time per answer: at 96 rows of batch 32 that read 21 calls/s where the whole pass ran 37."""
+    time per answer (README, "Sequential evaluation")."""
     (t0, n0), (t1, n1) = handovers[0], handovers[-1]
     if n1 <= n0 or t1 <= t0:
         return elapsed
@@ -110,8 +110,8 @@ def _steady_seconds(handovers: list[tuple[float, int]], elapsed: float) -> float
 
 def median_known(latencies_ms: list[float], within: float = 0.10, confidence: float = 0.95) -> bool:
     """Whether the median latency is known to within `within` of itself: its distribution-free interval (from
-    order statistics, scipy's quantile test) is that narrow: 8 calls where latencies vary by under ~5%, about 18
-    where they vary by 17% (the default model's batch-1 calls on 2 cores), more on a noisy server."""
+    order statistics, scipy's quantile test) is that narrow: about 8 calls where latencies vary by a few percent,
+    more where they vary more."""
     from scipy.stats import quantile_test
 
     if len(latencies_ms) < 2:

@@ -189,6 +189,8 @@ def log_parent_results(exp: Experiment, summary: Summary, decision: Decision, ru
         mlflow.set_tag("break_even", "never")
     if decision.verdict is not None:
         mlflow.set_tags({"verdict": decision.verdict[0], "verdict_reason": decision.verdict[1]})
+    if exp.notes:  # with those the arms added while they ran
+        mlflow.set_tag("notes", "\n".join(exp.notes))
     tracking.log_table(arms_table(summary), "arms.json")
     if decision.what_if:
         tracking.log_table(decision.what_if, "price_what_if.json")

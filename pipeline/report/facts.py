@@ -21,7 +21,7 @@ from pipeline.report.summary import Summary, verdict
 from pipeline.report.html import render_html, render_markdown
 
 LIBRARIES = ("torch", "transformers", "peft", "trl", "torchao", "mlflow", "scipy", "scikit-learn", "openai")
-IMAGES = ("cost_vs_volume", "sensitivity")
+IMAGES = ("cost_vs_volume", "sensitivity", "learning_curve")
 
 
 def price_text(price: Any) -> str:

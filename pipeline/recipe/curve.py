@@ -71,7 +71,8 @@ def curve_figures(exp: Experiment, points: list[CurvePoint], results: dict[str, 
               "accuracy_ci_high": p.metrics.get("accuracy_ci_high"),
               "rows_evaluated": int(p.metrics.get("rows_evaluated", len(exp.rows))),
               "train_time_s": p.metrics.get("train_time_s"), "training_usd": training_usd(p.metrics, cfg.pricing),
-              "labelling_usd": p.rows * label_usd} for p in points]
+              # a distilled arm's labels are its teacher's calls (arm_run.labelling_usd)
+              "labelling_usd": p.metrics.get("labelling_cost_usd", p.rows * label_usd)} for p in points]
     out: dict[str, Any] = {"arm": exp.plan.curve_arm, "points": table, "baseline": None}
     alpha = 1 - cfg.stats.confidence
     if baseline in results:
@@ -106,7 +107,8 @@ def _cheapest_beating(exp: Experiment, points: list[CurvePoint], results: dict[s
               point.arm: arm_inputs(exp, replace(arm, name=point.arm), point.metrics, n_train=point.rows)}
     decision = compare(baseline, point.arm, None, inputs, exp.outcomes, cfg.pricing, cfg.stats, {})
     p = decision.parent
-    return {"rows": point.rows, "labelling_usd": point.rows * cfg.pricing.labelling_usd_per_example(),
+    return {"rows": point.rows,
+            "labelling_usd": point.metrics.get("labelling_cost_usd", point.rows * cfg.pricing.labelling_usd_per_example()),
             "training_usd": training_usd(point.metrics, cfg.pricing),
             "break_even_monthly_calls": p.get("break_even_monthly_calls"),
             "quality_adjusted_break_even_monthly_calls": p.get("quality_adjusted_break_even_monthly_calls"),

@@ -79,11 +79,6 @@ def run_arm(exp: Experiment, arm: Arm, tags: dict[str, str] | None = None) -> di
             exp.store.finish(key, {"metrics": metrics, "stopped_by": stopped_by}, {"predictions.jsonl": predictions})
         mlflow.set_tag("stopped_by", stopped_by)
         exp.stopped_by[arm.name] = stopped_by
-        if stopped_by != "all_rows" and arm.model.in_process and arm.eval.batch_size > 1:
-            exp.notes.append(f"{arm.name}: throughput comes from a pass stopped after "
-                             f"{int(metrics['rows_evaluated'])} rows, whose prompts joined the batch by length "
-                             f"in windows of {arm.eval.sequential.step_rows}; it can read lower than a whole pass "
-                             "(eval.sequential: null measures one)")
         exp.models.log_adapter(arm, exp, template)
         if metrics.get("tokens_estimated"):
             mlflow.set_tag("tokens", "estimated")

@@ -48,6 +48,7 @@ def run_experiment(plan: ExperimentPlan, console, force: bool = False, overrides
             if measured is not None:
                 results[arm.name] = measured
         curve = run_curve(exp, results) if plan.curve_arm else None
+        note_stopped_throughput(exp)
         # An arm that was not measured has no figures: the compare, break-evens and verdict leave it out.
         pair = [name if name in results else None for name in (plan.pair.baseline, plan.pair.candidate,
                                                                  plan.pair.naive)]
@@ -63,6 +64,16 @@ def run_experiment(plan: ExperimentPlan, console, force: bool = False, overrides
     console.print(f"compare the arms in the MLflow UI (`roi ui` for a local store): "
                   f"{tracking.ui_link(experiment_id)}", soft_wrap=True)
     return summary
+
+
+def note_stopped_throughput(exp: Experiment) -> None:
+    """One note for the local batching arms whose throughput comes from a pass the sequential rule stopped."""
+    stopped = [a.name for a in exp.plan.arms if exp.stopped_by.get(a.name, "all_rows") != "all_rows"
+               and a.model.in_process and a.eval.batch_size > 1]
+    if stopped:
+        exp.notes.append(f"the throughput of {', '.join(stopped)} comes from passes the sequential rule stopped, "
+                         "whose prompts joined the batch by length in windows of eval.sequential.step_rows: it can "
+                         "read lower than a whole pass (eval.sequential: null measures one)")
 
 
 def run_name(config_path: Path, overrides: list[str], when: time.struct_time) -> str:

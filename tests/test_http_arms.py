@@ -59,9 +59,9 @@ def test_a_faulty_api_loses_no_row_reorders_none_and_the_run_completes(tmp_path)
     faults = Faults(seed=1, rate_429=0.15, rate_5xx=0.10, rate_drop=0.05, rate_delay=0.1, rate_hang=0.005,
                     hang_s=1.5, always_fail=always_fail)
     with FakeOpenAI(faults) as server:
-        # Two timed passes over all 456 test rows: 912 calls.
-        result = roi("run", str(_config(tmp_path, server.base_url, repeats=2)), env=_env(tmp_path, "k"),
-                     cwd=tmp_path, timeout=600)
+        # Two timed passes over all 456 test rows (not stopped early): 912 calls.
+        result = roi("run", str(_config(tmp_path, server.base_url, repeats=2, sequential=None)),
+                     env=_env(tmp_path, "k"), cwd=tmp_path, timeout=600)
         sent = len(server.requests)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert sent > 2 * len(texts)  # every call, plus the retries

@@ -175,7 +175,7 @@ class FinetuneConfig(_Strict):
 # it would stop early only near 0% or 100%. Peeking costs 3-4.5x the rows of a fixed-n interval of the same width.
 # The pair's "decided" stop saves the most: 0.85 against 0.65 is decided in a median 110 rows.
 class SequentialConfig(_Strict):
-    """Evaluate over one fixed random order of the test rows, checked every `step_rows`, until the answer is known."""
+    """Evaluate over one seeded order of the test rows, checked every `step_rows`, until the answer is known."""
 
     min_rows: int = Field(default=96, gt=0, description="rows before the first check (three batches of 32)")
     step_rows: int = Field(default=32, gt=0, description="rows between checks")

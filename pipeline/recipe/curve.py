@@ -65,14 +65,13 @@ def curve_figures(exp: Experiment, points: list[CurvePoint], results: dict[str, 
     the rows that match and beat the baseline; the power-law fit and the rows for `curve.target_accuracy`; the
     cheapest data budget that beats the baseline with its break-evens."""
     cfg, baseline = exp.cfg, exp.plan.pair.baseline
-    label_usd = cfg.pricing.labelling_usd_per_example()
     table = [{"rows": p.rows, "arm": p.arm, "accuracy": p.metrics["accuracy"],
               "accuracy_ci_low": p.metrics.get("accuracy_ci_low"),
               "accuracy_ci_high": p.metrics.get("accuracy_ci_high"),
               "rows_evaluated": int(p.metrics.get("rows_evaluated", len(exp.rows))),
               "train_time_s": p.metrics.get("train_time_s"), "training_usd": training_usd(p.metrics, cfg.pricing),
-              # a distilled arm's labels are its teacher's calls (arm_run.labelling_usd)
-              "labelling_usd": p.metrics.get("labelling_cost_usd", p.rows * label_usd)} for p in points]
+              # as its run priced it (a distilled arm's: its teacher's calls)
+              "labelling_usd": p.metrics["labelling_cost_usd"]} for p in points]
     out: dict[str, Any] = {"arm": exp.plan.curve_arm, "points": table, "baseline": None}
     alpha = 1 - cfg.stats.confidence
     if baseline in results:
@@ -108,7 +107,7 @@ def _cheapest_beating(exp: Experiment, points: list[CurvePoint], results: dict[s
     decision = compare(baseline, point.arm, None, inputs, exp.outcomes, cfg.pricing, cfg.stats, {})
     p = decision.parent
     return {"rows": point.rows,
-            "labelling_usd": point.metrics.get("labelling_cost_usd", point.rows * cfg.pricing.labelling_usd_per_example()),
+            "labelling_usd": point.metrics["labelling_cost_usd"],
             "training_usd": training_usd(point.metrics, cfg.pricing),
             "break_even_monthly_calls": p.get("break_even_monthly_calls"),
             "quality_adjusted_break_even_monthly_calls": p.get("quality_adjusted_break_even_monthly_calls"),

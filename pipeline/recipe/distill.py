@@ -44,8 +44,9 @@ def distilled_rows(models: Any, inputs: RunInputs, teacher: Arm, student: str) -
     key = teacher_key(models, inputs, teacher)
     done = inputs.store.load(key)
     if done is None:
-        models.console.print(f"labelling {len(_texts_and_golds(inputs)[0])} training rows with {teacher.name} ...")
-        rows = _label(models, inputs, teacher)
+        texts, golds = _texts_and_golds(inputs)
+        models.console.print(f"labelling {len(texts)} training rows with {teacher.name} ...")
+        rows = _label(models, inputs, teacher, texts, golds)
         work = inputs.store.work_dir(key) / TEACHER_LABELS
         work.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         done = {"metrics": teacher_metrics(rows)}
@@ -61,9 +62,8 @@ def distilled_rows(models: Any, inputs: RunInputs, teacher: Arm, student: str) -
     return Distilled([r["text"] for r in kept], [r["teacher_label"] for r in kept], done["metrics"], path)
 
 
-def _label(models: Any, inputs: RunInputs, teacher: Arm) -> list[dict]:
-    """One call per training text on the teacher's backend; each answer parsed as its evaluation parses it."""
-    texts, golds = _texts_and_golds(inputs)
+def _label(models: Any, inputs: RunInputs, teacher: Arm, texts: list[str], golds: list[str | None]) -> list[dict]:
+    """One call per text on the teacher's backend; each answer parsed as its evaluation parses it."""
     template, labels = inputs.templates[teacher.name], inputs.labels
     renderer = PromptRenderer(template, models.tokenizer_for(teacher), inputs.task.labels, inputs.examples)
     backend, _ = models.backend(teacher, inputs, template)

@@ -13,7 +13,9 @@ from typing import Any
 import torch
 
 from pipeline.backends.base import Call, OnCalls
-from pipeline.backends.decoding.greedy import Answer, LabelConstraint, RowCaches, greedy_answers
+from pipeline.backends.decoding.constraint import LabelConstraint, TokenConstraint
+from pipeline.backends.decoding.greedy import Answer, RowCaches, greedy_answers
+from pipeline.backends.decoding.json_schema import JsonSchemaConstraint
 from pipeline.backends.decoding.packed_weights import PackedWeights, packing_supported
 from pipeline.experiment.config import ModelConfig
 from pipeline.models.loading import ModelError, resolve_source
@@ -95,12 +97,15 @@ class PrefixCache:
 
 @dataclass
 class LocalSettings:
-    """How a local arm generates: batch size, answer length, prefix cache and label constraint."""
+    """How a local arm generates: batch size, answer length, prefix cache and constraint (labels or a schema)."""
 
     batch_size: int
     max_new_tokens: int
     prefix_cache: bool = True
     labels: list[str] | None = None  # constrained decoding: every answer is one of these
+    # Constrained decoding (not with labels): every answer is compact JSON that validates against this JSON
+    # Schema, closed in time to fit max_new_tokens (backends.decoding.json_schema).
+    schema: dict[str, Any] | None = None
     min_prefix_tokens: int = 16
     # Attend to one batch-1 copy of the prefix (shared-prefix attention) rather than a copy per row.
     # None: per device, as bench/prompt_arm.py measured (README, "How each number is measured"): shared on CPU,
@@ -129,10 +134,10 @@ class LocalBackend:
 
     With a prefix shared by all prompts (system text, label list, few-shot examples), its KV
     cache is computed once and each call runs only its own suffix. With `labels`, every
-    answer is one of them. Up to `batch_size` prompts are answered together; a row leaves when it
-    has answered and the next prompts join (`backends.decoding`). Each call's latency runs from
-    the moment it joined to the step that gave its last token: what its caller waits when answers
-    are returned as they finish.
+    answer is one of them; with `schema`, every answer is JSON that validates against it. Up to
+    `batch_size` prompts are answered together; a row leaves when it has answered and the next
+    prompts join (`backends.decoding`). Each call's latency runs from the moment it joined to the
+    step that gave its last token: what its caller waits when answers are returned as they finish.
     """
 
     kind = "local"
@@ -170,9 +175,10 @@ class LocalBackend:
         else:
             self.packed = None
         self.stop_ids = stop_token_ids(model, tokenizer)
-        self.constraint = LabelConstraint(tokenizer, settings.labels, self.stop_ids) if settings.labels else None
-        # A constrained answer is the longest label and its stop token: never more.
-        self.max_new_tokens = self.constraint.longest + 1 if self.constraint else settings.max_new_tokens
+        self.constraint = _constraint(tokenizer, settings, self.stop_ids)
+        # A label answer is at most the longest label and its stop token.
+        self.max_new_tokens = (self.constraint.longest + 1 if isinstance(self.constraint, LabelConstraint)
+                               else settings.max_new_tokens)
         self.prefix = static_prefix(prefix_probe, tokenizer) if prefix_probe and settings.prefix_cache else ""
         self._encoded: dict[Prompt, list[int]] = {}
         self._cache: PrefixCache | None = None
@@ -205,7 +211,8 @@ class LocalBackend:
 
     def _run(self, encoded: list[list[int]], on_calls: OnCalls | None, max_new_tokens: int | None) -> list[Call]:
         cache = self._prefix_cache(encoded)
-        max_new_tokens = self.max_new_tokens if self.constraint or max_new_tokens is None else max_new_tokens
+        if max_new_tokens is None or isinstance(self.constraint, LabelConstraint):
+            max_new_tokens = self.max_new_tokens
         shared = cache.length if cache else 0
         calls: list[Call] = []
 
@@ -313,17 +320,29 @@ class LocalBackend:
             self.packed.clear()  # the model's weights again, not twice
 
 
+def _constraint(tokenizer: Any, settings: LocalSettings, stop_ids: list[int]) -> TokenConstraint | None:
+    """The constraint `settings` asks for: a label of `labels`, JSON of `schema`, or none."""
+    if settings.labels and settings.schema:
+        raise ValueError("LocalSettings: constrain answers to labels or to a schema, not both")
+    if settings.labels:
+        return LabelConstraint(tokenizer, settings.labels, stop_ids)
+    if settings.schema:
+        return JsonSchemaConstraint(tokenizer, settings.schema, stop_ids)
+    return None
+
+
 def measure_local(model: Any, tokenizer: Any, prompts: list[Prompt | str], batch_size: int, max_new_tokens: int,
                   prefix_probe: Prompt | None = None, labels: list[str] | None = None, warmup: int = 0,
-                  repeats: int = 1, on_calls: OnCalls | None = None):
+                  repeats: int = 1, on_calls: OnCalls | None = None, schema: dict[str, Any] | None = None):
     """Measure prompts (or already rendered strings) on a model in one call: the benches' and tests' entry.
 
     With `prefix_probe` (a renderer's `prefix_probe()`), the static prefix's KV cache is used;
-    with `labels`, answers are constrained to them.
+    with `labels`, answers are constrained to them; with `schema`, to JSON that validates against it.
     """
     from pipeline.measure.timing import measure
 
     prompts = [p if isinstance(p, Prompt) else Prompt(text=p) for p in prompts]
-    settings = LocalSettings(batch_size, max_new_tokens, prefix_cache=prefix_probe is not None, labels=labels)
+    settings = LocalSettings(batch_size, max_new_tokens, prefix_cache=prefix_probe is not None, labels=labels,
+                             schema=schema)
     backend = LocalBackend(model, tokenizer, settings, prefix_probe=prefix_probe)
     return measure(backend, prompts, warmup=warmup, repeats=repeats, on_calls=on_calls)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import time
 from typing import Any, Callable
 
@@ -31,6 +32,13 @@ def _json_schema(labels: list[str]) -> dict[str, Any]:
     schema = {"type": "object", "properties": {"label": {"type": "string", "enum": list(labels)}},
               "required": ["label"], "additionalProperties": False}
     return {"type": "json_schema", "json_schema": {"name": "label", "strict": True, "schema": schema}}
+
+
+def _schema_format(schema: dict[str, Any]) -> dict[str, Any]:
+    """The structured-output request for JSON that validates against `schema`, named after its title (a name
+    the API accepts: letters, digits, `_` and `-`, at most 64)."""
+    name = re.sub(r"[^A-Za-z0-9_-]+", "_", str(schema.get("title") or "")).strip("_")[:64] or "answer"
+    return {"type": "json_schema", "json_schema": {"name": name, "strict": True, "schema": schema}}
 
 
 def _parse_label(text: str) -> str:
@@ -79,25 +87,32 @@ class OpenAIBackend:
 
     @classmethod
     def for_eval(cls, model: OpenAIModelConfig, max_new_tokens: int, labels: list[str] | None,
-                 tokenizer: Any | None) -> "OpenAIBackend":
-        """The backend an arm is measured with: constrained to `labels` unless the model says not to ask the server
-        (`constrained_via: none`), counting tokens with `tokenizer` where the server reports no usage."""
+                 tokenizer: Any | None, schema: dict[str, Any] | None = None) -> "OpenAIBackend":
+        """The backend an arm is measured with: constrained to `labels` (or to JSON of `schema`) unless the model
+        says not to ask the server (`constrained_via: none`), counting tokens with `tokenizer` where the server
+        reports no usage."""
         counting: dict[str, Any] = {}
         if tokenizer is not None:
             counting = {"count_tokens": lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]),
                         "chat_to_text": lambda messages: tokenizer.apply_chat_template(
                             messages, tokenize=False, add_generation_prompt=True)}
-        return cls(model, max_new_tokens, labels if model.constrained_via != "none" else None, **counting)
+        asked = model.constrained_via != "none"
+        return cls(model, max_new_tokens, labels if asked else None, schema=schema if asked else None, **counting)
 
     def __init__(self, spec: OpenAIModelConfig, max_new_tokens: int, labels: list[str] | None = None,
                  count_tokens: Callable[[str], int] | None = None,
-                 chat_to_text: Callable[[list[dict]], str] | None = None):
+                 chat_to_text: Callable[[list[dict]], str] | None = None, schema: dict[str, Any] | None = None):
+        """`schema`: every answer is asked for as JSON that validates against it (`response_format` json_schema,
+        strict, whatever `constrained_via` names but none); not with `labels`."""
+        if labels and schema:
+            raise ValueError("OpenAIBackend: constrain answers to labels or to a schema, not both")
         check_api_key(spec, "model")
         self.spec = spec
         # Warm-up opens the connection; a full round of concurrent calls would only cost money.
         self.calls_in_flight = 1
         self.max_new_tokens = max_new_tokens
         self.labels = list(labels) if labels else None
+        self.schema = schema
         self.count_tokens = count_tokens
         self.chat_to_text = chat_to_text
         self.tokens_estimated = False
@@ -108,7 +123,8 @@ class OpenAIBackend:
             max_new_tokens: int | None = None) -> list[Call]:
         """One pass: a Call per prompt, in prompt order; failures are Calls with `error` set."""
         if max_new_tokens is not None and max_new_tokens != self.max_new_tokens:
-            longer = OpenAIBackend(self.spec, max_new_tokens, self.labels, self.count_tokens, self.chat_to_text)
+            longer = OpenAIBackend(self.spec, max_new_tokens, self.labels, self.count_tokens, self.chat_to_text,
+                                   self.schema)
             calls = longer.run(prompts, on_calls)
             self.retries_total += longer.retries_total
             return calls
@@ -164,11 +180,16 @@ class OpenAIBackend:
         if self.labels and self.spec.constrained_via == "guided_choice":
             # vLLM >= 0.12 removed the old top-level `guided_choice` (ignored silently if sent).
             extra["structured_outputs"] = {"choice": self.labels}
+        response_format = None
         if self.labels and self.spec.constrained_via == "json_schema":
+            response_format = _json_schema(self.labels)
+        if self.schema is not None and self.spec.constrained_via != "none":
+            response_format = _schema_format(self.schema)
+        if response_format is not None:
             if prompt.messages is not None:
-                kwargs["response_format"] = _json_schema(self.labels)
+                kwargs["response_format"] = response_format
             else:  # the SDK's completions method has no such parameter; vLLM reads it from the body
-                extra["response_format"] = _json_schema(self.labels)
+                extra["response_format"] = response_format
         if extra:
             kwargs["extra_body"] = extra
         if self.spec.stream:

@@ -4,9 +4,9 @@
 answers average 7 tokens while each batch ran to its longest (24), so most of the decoding work went
 to rows that had already finished. Here each step runs only the rows still answering (the KV cache
 keeps their rows, `Cache.batch_select_indices`), the next prompts' prefill joins the running batch
-once a quarter of it has left, each row's finishing time is recorded, and the label
-constraint is a token mask per trie state, precomputed once, instead of a Python callback per row and
-step. Greedy choice on the same logits as `generate` (a test holds it to `generate`'s answers):
+once a quarter of it has left, each row's finishing time is recorded, and a constraint (`constraint.py`: one
+label of a set, or JSON of a schema) masks all live rows' logits at once from their states, instead of a Python
+callback per row and step. Greedy choice on the same logits as `generate` (a test holds it to `generate`'s answers):
 sampling settings and penalties in a model's generation config are not applied; every arm answers greedily.
 """
 
@@ -19,47 +19,8 @@ from typing import Any, Callable
 
 import torch
 
-
-class LabelConstraint:
-    """Greedy decoding restricted to one label of the set, then a stop token: a trie over label tokens.
-
-    Each label is tokenized as the answer alone, the way the fine-tuned arm learns it and the prompt arms'
-    chat turns present it; an output can then only be a label, so none is invalid. The trie's nodes are
-    numbered states; `mask(vocab)` holds each state's allowed tokens as one row of a boolean matrix.
-    """
-
-    def __init__(self, tokenizer: Any, labels: list[str], stop_ids: list[int]):
-        self.stop_ids = list(stop_ids)
-        self.next_state: list[dict[int, int]] = [{}]  # state -> token -> state; state 0 is the root
-        self.complete: list[bool] = [False]  # whether a label ends at this state (a stop token may follow)
-        self.longest = 0
-        for label in labels:
-            ids = tokenizer(label, add_special_tokens=False)["input_ids"]
-            state = 0
-            for token in ids:
-                if token not in self.next_state[state]:
-                    self.next_state.append({})
-                    self.complete.append(False)
-                    self.next_state[state][token] = len(self.next_state) - 1
-                state = self.next_state[state][token]
-            self.complete[state] = True
-            self.longest = max(self.longest, len(ids))
-        self._masks: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-    def allowed_in(self, state: int) -> list[int]:
-        """Tokens that may follow in `state`."""
-        tokens = list(self.next_state[state])
-        return tokens + self.stop_ids if self.complete[state] else tokens
-
-    def mask(self, vocab: int, device: torch.device) -> torch.Tensor:
-        """[states, vocab] booleans: row s allows exactly `allowed_in(s)`. Built once per vocabulary and device."""
-        key = (vocab, device)
-        if key not in self._masks:
-            mask = torch.zeros(len(self.next_state), vocab, dtype=torch.bool)
-            for state in range(len(self.next_state)):
-                mask[state, self.allowed_in(state)] = True
-            self._masks[key] = mask.to(device)
-        return self._masks[key]
+# LabelConstraint: where its callers have always imported it from.
+from pipeline.backends.decoding.constraint import LabelConstraint, TokenConstraint  # noqa: F401
 
 
 @dataclass
@@ -97,7 +58,7 @@ class _Rows:
     """The rows being answered together: their prompt indices, KV cache, attention mask (over what the
     cache holds), last chosen token and constraint states."""
 
-    def __init__(self, prompts: list[int], cache: Any, mask: torch.Tensor, states: list[int] | None):
+    def __init__(self, prompts: list[int], cache: Any, mask: torch.Tensor, states: list[Any] | None):
         self.prompts, self.cache, self.mask, self.states = prompts, cache, mask, states
         self.last: torch.Tensor | None = None
 
@@ -166,7 +127,7 @@ class AnswerClock:
 
 @torch.inference_mode()
 def greedy_answers(model: Any, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int], batch_size: int,
-                   pad_id: int, row_caches: RowCaches | None = None, constraint: LabelConstraint | None = None,
+                   pad_id: int, row_caches: RowCaches | None = None, constraint: TokenConstraint | None = None,
                    on_answers: Callable[[int, list[Answer]], None] | None = None,
                    window: int | None = None) -> list[Answer]:
     """Greedy answers to `prompts` (token ids after the cached prefix), at most `batch_size` rows at a time.
@@ -195,7 +156,7 @@ def greedy_answers(model: Any, prompts: list[list[int]], max_new_tokens: int, st
             for i in joining:
                 answers[i].admitted_at = clock()
             new, input_ids, positions = _prefill(model, [prompts[i] for i in joining], joining, pad_id, row_caches,
-                                                 constraint)
+                                                 constraint, max_new_tokens)
             joinable = joinable and _joinable(new.cache)
             finished = _step(model, new, answers, stop_ids, max_new_tokens, constraint, input_ids, positions, clock)
             rows = rows.join(new, row_caches) if new.prompts else rows
@@ -209,8 +170,8 @@ def greedy_answers(model: Any, prompts: list[list[int]], max_new_tokens: int, st
     return answers
 
 
-def take_tokens(answers: list[Answer], prompts: list[int], tokens: list[int], rows: Any, states: list[int] | None,
-                constraint: LabelConstraint | None, stop_ids: list[int], max_new_tokens: int, now: float) -> list[int]:
+def take_tokens(answers: list[Answer], prompts: list[int], tokens: list[int], rows: Any, states: list[Any] | None,
+                constraint: TokenConstraint | None, stop_ids: list[int], max_new_tokens: int, now: float) -> list[int]:
     """Append each of `rows`' token to its prompt's answer, answered at `now`; the rows still answering, their
     constraint states moved on. Row r answers prompt `prompts[r]` with `tokens[r]`."""
     answering = []
@@ -221,7 +182,7 @@ def take_tokens(answers: list[Answer], prompts: list[int], tokens: list[int], ro
         if not _finished(answer, stop_ids, max_new_tokens):
             answering.append(row)
             if states is not None:
-                states[row] = constraint.next_state[states[row]][tokens[row]]
+                states[row] = constraint.advance(states[row], tokens[row])
     return answering
 
 
@@ -258,7 +219,7 @@ def _finished(answer: Answer, stop_ids: list[int], max_new_tokens: int) -> bool:
 
 
 def _prefill(model: Any, suffixes: list[list[int]], indices: list[int], pad_id: int, row_caches: RowCaches,
-             constraint: LabelConstraint | None) -> tuple[_Rows, torch.Tensor, torch.Tensor]:
+             constraint: TokenConstraint | None, max_new_tokens: int) -> tuple[_Rows, torch.Tensor, torch.Tensor]:
     """New rows, left-padded after the prefix, and their prefill's input ids and position ids."""
     width = max(len(s) for s in suffixes)
     device = model.device
@@ -266,12 +227,13 @@ def _prefill(model: Any, suffixes: list[list[int]], indices: list[int], pad_id: 
     mask = torch.tensor([[1] * row_caches.prefix_length + [0] * (width - len(s)) + [1] * len(s) for s in suffixes],
                         device=device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -width:]
-    rows = _Rows(list(indices), row_caches.fresh(len(suffixes)), mask, [0] * len(suffixes) if constraint else None)
+    states = [constraint.start(max_new_tokens) for _ in suffixes] if constraint else None
+    rows = _Rows(list(indices), row_caches.fresh(len(suffixes)), mask, states)
     return rows, input_ids, positions
 
 
 def _step(model: Any, rows: _Rows, answers: list[Answer], stop_ids: list[int], max_new_tokens: int,
-          constraint: LabelConstraint | None, input_ids: torch.Tensor, positions: torch.Tensor, clock: AnswerClock) -> bool:
+          constraint: TokenConstraint | None, input_ids: torch.Tensor, positions: torch.Tensor, clock: AnswerClock) -> bool:
     """One forward pass of `rows`: each row's next token; rows that have answered leave. Whether any did.
 
     The output projection runs on the last position only, as a [rows, hidden] matmul: torch.matmul takes
@@ -281,7 +243,7 @@ def _step(model: Any, rows: _Rows, answers: list[Answer], stop_ids: list[int], m
                                  cache=rows.cache, use_cache=True).last_hidden_state[:, -1]
     logits = model.get_output_embeddings()(hidden)
     if constraint:
-        allowed = constraint.mask(logits.shape[-1], logits.device)[torch.tensor(rows.states, device=logits.device)]
+        allowed = constraint.allowed(rows.states, logits.shape[-1], logits.device)
         logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
     # Through fp32 (exact, and the same first index on ties): on CPU argmax over bf16 is not vectorised.
     rows.last = logits.float().argmax(-1)

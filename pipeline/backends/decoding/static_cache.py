@@ -20,8 +20,9 @@ from typing import Any, Callable
 
 import torch
 
-from pipeline.backends.decoding.greedy import (WINDOW_BATCHES, Answer, AnswerClock, InOrder, LabelConstraint,
-                                               by_length_in_windows, take_tokens)
+from pipeline.backends.decoding.constraint import TokenConstraint
+from pipeline.backends.decoding.greedy import (WINDOW_BATCHES, Answer, AnswerClock, InOrder, by_length_in_windows,
+                                               take_tokens)
 
 
 def fits_static_cache(model: Any) -> bool:
@@ -38,7 +39,7 @@ class StaticDecoder:
     the first is a replay of a CUDA graph captured from it."""
 
     def __init__(self, model: Any, rows: int, length: int, prefix: Any = None, prefix_length: int = 0,
-                 constraint: LabelConstraint | None = None, graphs: bool = False):
+                 constraint: TokenConstraint | None = None, graphs: bool = False):
         from transformers import StaticCache
 
         self.model, self.rows, self.length, self.prefix, self.prefix_length = model, rows, length, prefix, prefix_length
@@ -50,10 +51,10 @@ class StaticDecoder:
         self.positions = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.at = torch.zeros(1, dtype=torch.long, device=device)  # where the next token goes in the cache
         self.mask = torch.full((rows, 1, 1, length), self.hidden, dtype=dtype, device=device)
-        self.states = torch.zeros(rows, dtype=torch.long, device=device)
-        # one row of allowed tokens per trie state, as wide as the logits (the output layer's rows)
-        vocab = model.get_output_embeddings().weight.shape[0]
-        self.allowed = constraint.mask(vocab, device) if constraint else None
+        # each row's allowed tokens, as wide as the logits (the output layer's rows): the constraint's, set from
+        # the rows' states before each step (outside the graph, which reads this buffer)
+        self.vocab = model.get_output_embeddings().weight.shape[0]
+        self.allowed = torch.ones(rows, self.vocab, dtype=torch.bool, device=device) if constraint else None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.captures_failed = 0
         if prefix is not None and prefix_length:
@@ -67,9 +68,12 @@ class StaticDecoder:
     def answer(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int], answers: list[Answer],
                indices: list[int], clock: AnswerClock, on_step: Callable[[], None]) -> None:
         """Greedy answers to one wave of prompts (token ids after the prefix) into `answers[indices]`."""
-        states = [0] * len(prompts) if self.constraint else None
-        tokens = self._prefill(prompts)
+        states = [self.constraint.start(max_new_tokens) for _ in prompts] if self.constraint else None
         live = list(range(len(prompts)))
+        if states is not None:
+            self.allowed.fill_(True)  # rows past the wave's prompts: any token, unread
+            self._restrict(states, live)
+        tokens = self._prefill(prompts)
         while True:
             still = take_tokens(answers, indices, tokens, live, states, self.constraint, stop_ids, max_new_tokens,
                                 clock())
@@ -79,9 +83,14 @@ class StaticDecoder:
             if not live:
                 return
             if states is not None:
-                self.states[: len(states)].copy_(torch.tensor(states), non_blocking=True)
+                self._restrict(states, live)
             self._decode_step()
             tokens = self.last.tolist()
+
+    def _restrict(self, states: list, live: list[int]) -> None:
+        """The live rows' allowed tokens from their constraint states (a finished row keeps its last: unread)."""
+        allowed = self.constraint.allowed([states[r] for r in live], self.vocab, self.model.device)
+        self.allowed[torch.tensor(live, device=self.model.device)] = allowed
 
     def _prefill(self, prompts: list[list[int]]) -> list[int]:
         """Run the wave's prompts (left-padded; spare rows repeat the first) after the prefix; their first tokens."""
@@ -107,7 +116,6 @@ class StaticDecoder:
         mask = self.mask.expand(rows, 1, width, self.length).masked_fill(after, self.hidden)
         mask[:, 0, torch.arange(width, device=device), queries] = 0
         positions = prefix + real.long().cumsum(-1) - 1
-        self.states.zero_()  # every row starts at the constraint's root
         first = self._next_tokens(ids, mask, positions.clamp(min=0))
         self.last.copy_(first)
         self.positions.copy_(prefix + real.sum(-1, keepdim=True))
@@ -119,7 +127,7 @@ class StaticDecoder:
                                           cache=self.cache, use_cache=True).last_hidden_state[:, -1]
         logits = self.model.get_output_embeddings()(hidden)
         if self.allowed is not None:
-            logits = logits.masked_fill(~self.allowed[self.states], torch.finfo(logits.dtype).min)
+            logits = logits.masked_fill(~self.allowed, torch.finfo(logits.dtype).min)
         return logits.argmax(-1)
 
     def _step(self) -> None:

@@ -4,6 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pipeline.measure.kinds import Classification
 from pipeline.measure.scoring import INVALID, call_metrics, latency_stats, parse_label, score, search_label
 
 LABELS = ["billing", "account_access", "data_privacy", "bug_report"]
@@ -132,8 +133,9 @@ def test_accuracy_under_both_parsers_is_logged_beside_the_configured_one():
     outputs = ["billing", "The category is bug_report.", "no idea", "data privacy"]
     refs = [0, 3, 1, 2]
     calls = [Call(o, 10, 2, 5.0) for o in outputs]
-    predicted = [search_label(o, LABELS) for o in outputs]
-    m = call_metrics(Measurement(calls, 1.0, [5.0]), predicted, refs, LABELS)
+    kind = Classification(LABELS, "search")
+    m = kind.metrics([kind.score(o, LABELS[r]) for o, r in zip(outputs, refs)], [LABELS[r] for r in refs], outputs)
+    m.update(call_metrics(Measurement(calls, 1.0, [5.0])))
     assert m["accuracy"] == m["accuracy_search"] == 0.75  # billing, bug_report, data privacy
     assert m["accuracy_exact"] == 0.5                     # the sentence does not count as an exact answer
     assert m["invalid_rate"] == 0.25 and m["failed_rate"] == 0.0

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.economics.figures import (ArmRows, Pair, break_even_sensitivity, pair_metrics, paired_rows,
+from pipeline.economics.figures import (ArmRows, Pair, break_even_sensitivity, pair_metrics, paired_p, paired_rows,
                                         prompt_pair_metrics, token_reduction)
 from pipeline.economics.horizon import (Route, VolumeBreakEven, break_even_monthly_calls, cost_curves, curve_volumes,
                                         horizon_cost, payback_months, verdict)
@@ -31,6 +31,11 @@ class ArmInputs:
     price: Price
     metrics: dict[str, float]
     own: Ownership
+    primary: str = "accuracy"  # the quality metric each wrong answer's cost is priced on
+
+    @property
+    def quality(self) -> float:
+        return self.metrics[self.primary]
 
     @property
     def kind(self) -> str:
@@ -69,8 +74,8 @@ def horizon_metrics(base: ArmInputs, cand: ArmInputs, rows: dict[str, Any], pric
     out, crossing = _pair_figures(arm_route(base, pricing), arm_route(cand, pricing), pricing)
     quality = bool(pricing.error_cost_usd)
     if quality:
-        out.update(_pair_figures(arm_route(base, pricing, accuracy=base.metrics["accuracy"]),
-                                 arm_route(cand, pricing, accuracy=cand.metrics["accuracy"]), pricing,
+        out.update(_pair_figures(arm_route(base, pricing, accuracy=base.quality),
+                                 arm_route(cand, pricing, accuracy=cand.quality), pricing,
                                  "quality_adjusted_")[0])
     base_rows, cand_rows = paired_rows(rows, base.name, cand.name)
 
@@ -78,12 +83,12 @@ def horizon_metrics(base: ArmInputs, cand: ArmInputs, rows: dict[str, Any], pric
         bt, ct = base_rows.token_means(idx), cand_rows.token_means(idx)
         figures = _pair_figures(arm_route(base, pricing, bt), arm_route(cand, pricing, ct), pricing)[0]
         if quality:
-            figures.update(_pair_figures(arm_route(base, pricing, bt, float(base_rows.correct[idx].mean())),
-                                         arm_route(cand, pricing, ct, float(cand_rows.correct[idx].mean())),
+            figures.update(_pair_figures(arm_route(base, pricing, bt, base_rows.primary(idx)),
+                                         arm_route(cand, pricing, ct, cand_rows.primary(idx)),
                                          pricing, "quality_adjusted_")[0])
         return figures
 
-    intervals = bootstrap_intervals(len(base_rows.correct), statistic, stats.resamples, stats.seed, stats.confidence)
+    intervals = bootstrap_intervals(len(base_rows), statistic, stats.resamples, stats.seed, stats.confidence)
     for name, (low, high) in intervals.items():
         out[f"{name}_ci_low"], out[f"{name}_ci_high"] = low, high
     return out, [asdict(r) for r in crossing.ranges]
@@ -91,12 +96,12 @@ def horizon_metrics(base: ArmInputs, cand: ArmInputs, rows: dict[str, Any], pric
 
 def decide(parent: dict[str, float], base: ArmInputs, cand: ArmInputs, pricing: PricingConfig,
            stats: StatsConfig) -> tuple[str, str]:
-    """The verdict and its reason, from McNemar's p, the accuracy difference and the horizon totals (quality-
-    adjusted where an error cost is set)."""
+    """The verdict and its reason, from the paired test's p, the primary metric's difference and the horizon
+    totals (quality-adjusted where an error cost is set)."""
     prefix = "quality_adjusted_" if pricing.error_cost_usd else ""
-    decision, reason = verdict(parent.get("mcnemar_p"), cand.metrics["accuracy"] - base.metrics["accuracy"],
+    decision, reason = verdict(paired_p(parent)[1], cand.quality - base.quality,
                                parent.get(f"{prefix}tco_baseline_usd"), parent.get(f"{prefix}tco_candidate_usd"),
-                               alpha=round(1 - stats.confidence, 6))
+                               alpha=round(1 - stats.confidence, 6), metric=base.primary)
     priced = f"each wrong answer at ${pricing.error_cost_usd:,.2f}, " if prefix else ""
     where = f" ({priced}{pricing.horizon_months:g} months at {pricing.monthly_calls:,.0f} calls/month)"
     return decision, reason.replace(" over the horizon", " over the horizon" + where, 1)
@@ -137,8 +142,8 @@ def _break_even_with(base: ArmInputs, cand: ArmInputs, pricing: PricingConfig, f
         p = p.model_copy(update={"horizon_months": p.horizon_months * f})
     elif factor == "error cost":
         p = p.model_copy(update={"error_cost_usd": p.error_cost_usd * f})
-    b_acc = 1 - (1 - base.metrics["accuracy"]) * (f if factor == "baseline error rate" else 1.0) if quality else None
-    c_acc = 1 - (1 - cand.metrics["accuracy"]) * (f if factor == "candidate error rate" else 1.0) if quality else None
+    b_acc = 1 - (1 - base.quality) * (f if factor == "baseline error rate" else 1.0) if quality else None
+    c_acc = 1 - (1 - cand.quality) * (f if factor == "candidate error rate" else 1.0) if quality else None
     b, c = arm_route(b_in, p, accuracy=b_acc), arm_route(c_in, p, accuracy=c_acc)
     if factor == "fine-tune one-off cost":
         c = replace(c, labelling_usd=c.labelling_usd * f, training_usd=c.training_usd * f)
@@ -160,7 +165,7 @@ def curves(arms: list[ArmInputs], roles: dict[str, str], parent: dict[str, float
     rows = cost_curves(routes, volumes, pricing.horizon_months)
     quality_rows = None
     if pricing.error_cost_usd:
-        quality = {a.name: arm_route(a, pricing, accuracy=a.metrics["accuracy"]) for a in arms}
+        quality = {a.name: arm_route(a, pricing, accuracy=a.quality) for a in arms}
         quality_rows = cost_curves(quality, volumes, pricing.horizon_months)
     out_routes = []
     for a in arms:
@@ -214,8 +219,8 @@ def compare(baseline: str | None, candidate: str | None, naive: str | None, arms
     out: dict[str, float] = {}
     metrics = {name: a.metrics for name, a in arms.items()}
     if baseline and naive and baseline != naive:
-        out["prompt_gain_pts"] = 100 * (metrics[baseline]["accuracy"] - metrics[naive]["accuracy"])
-        out.update(prompt_pair_metrics(rows, baseline, naive))
+        out["prompt_gain_pts"] = 100 * (arms[baseline].quality - arms[naive].quality)
+        out.update(prompt_pair_metrics(rows, baseline, naive, stats))
     sensitivity: list[dict[str, Any]] = []
     ranges: list[dict[str, Any]] = []
     decided = None
@@ -223,7 +228,7 @@ def compare(baseline: str | None, candidate: str | None, naive: str | None, arms
         out["finetune_fixed_cost_usd"] = metrics[candidate]["fixed_cost_usd"]
     if baseline and candidate:
         base, cand = arms[baseline], arms[candidate]
-        pair = Pair(baseline, candidate, base.price, cand.price, base.metrics, cand.metrics)
+        pair = Pair(baseline, candidate, base.price, cand.price, base.metrics, cand.metrics, base.primary)
         out["token_reduction_x"] = token_reduction(base.metrics, cand.metrics)
         out.update(pair_metrics(pair, rows, pricing, stats))
         horizon, ranges = horizon_metrics(base, cand, rows, pricing, stats)

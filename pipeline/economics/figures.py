@@ -19,36 +19,55 @@ from pipeline.economics.costing import ArmCost, one_off_break_even, quality_adju
 from pipeline.economics.prices import PerTokenPrice, PricingConfig, StatsConfig
 from pipeline.economics.routes import ApiUsage, Price, running_cost, scaled
 from pipeline.economics.serving import AlwaysOn
-from pipeline.economics.stats import bootstrap_intervals, macro_f1_present, mcnemar_exact
+from pipeline.economics.stats import (bootstrap_intervals, macro_f1_present, mcnemar_exact, micro_f1,
+                                      paired_permutation_p)
 
 
 @dataclass
 class ArmRows:
-    """One arm's outcome on each test row, in row order (read back from its predictions.jsonl)."""
+    """One arm's outcome on each test row, in row order (read back from its predictions.jsonl).
 
-    correct: np.ndarray
-    predicted: np.ndarray  # label index, -1 when invalid
-    gold: np.ndarray
+    `score` is each row's share of the primary metric (1/0 correct for accuracy, the row's chrF); where `counts`
+    holds each row's (true positive, false positive, false negative) field/value pairs, the primary is the micro
+    F1 over them instead of the mean score. `binary`: every score is 0 or 1 by construction (McNemar's test)."""
+
+    score: np.ndarray
+    predicted: np.ndarray | None  # classification: label index, -1 when invalid
+    gold: np.ndarray | None
     prompt_tokens: np.ndarray
     completion_tokens: np.ndarray
     answered: np.ndarray | None = None  # False where the call failed: its tokens are no measurement
+    counts: np.ndarray | None = None  # [rows, 3]
+    binary: bool = True
 
     @classmethod
     def from_predictions(cls, rows: list[dict], labels: list[str]) -> "ArmRows":
-        """From the rows of a `predictions.jsonl` (label names, as written) and the task's label order."""
+        """From the rows of a `predictions.jsonl` (label names, as written) and the task's label order. A
+        classification row records `correct`; other task types a `score` (and extraction its pair counts)."""
+        tokens = (np.array([float(r["prompt_tokens"]) for r in rows]),
+                  np.array([float(r["completion_tokens"]) for r in rows]), np.array(["error" not in r for r in rows]))
+        if rows and "score" in rows[0]:
+            counts = np.array([[r["tp"], r["fp"], r["fn"]] for r in rows], dtype=float) if "tp" in rows[0] else None
+            return cls(np.array([float(r["score"]) for r in rows]), None, None, *tokens, counts=counts, binary=False)
         index = {label: i for i, label in enumerate(labels)}
-        return cls(np.array([bool(r["correct"]) for r in rows]),
+        return cls(np.array([float(bool(r["correct"])) for r in rows]),
                    np.array([index.get(r["parsed_label"], -1) for r in rows]),
-                   np.array([index[r["gold"]] for r in rows]),
-                   np.array([float(r["prompt_tokens"]) for r in rows]),
-                   np.array([float(r["completion_tokens"]) for r in rows]),
-                   np.array(["error" not in r for r in rows]))
+                   np.array([index[r["gold"]] for r in rows]), *tokens)
+
+    def __len__(self) -> int:
+        return len(self.score)
+
+    def primary(self, idx: np.ndarray | None = None) -> float:
+        """The primary metric over the rows `idx` (all by default): micro F1 of the pair counts, or the mean score."""
+        idx = np.arange(len(self)) if idx is None else idx
+        return float(micro_f1(self.counts[idx]) if self.counts is not None else self.score[idx].mean())
 
     def head(self, n: int) -> "ArmRows":
         """The outcomes on the first `n` rows."""
-        return ArmRows(*(None if a is None else a[:n] for a in (self.correct, self.predicted, self.gold,
-                                                                 self.prompt_tokens, self.completion_tokens,
-                                                                 self.answered)))
+        return replace(self, **{name: None if a is None else a[:n] for name, a in
+                                (("score", self.score), ("predicted", self.predicted), ("gold", self.gold),
+                                 ("prompt_tokens", self.prompt_tokens), ("completion_tokens", self.completion_tokens),
+                                 ("answered", self.answered), ("counts", self.counts))})
 
     def token_means(self, idx: np.ndarray) -> tuple[float, float]:
         """Mean prompt and completion tokens of the rows `idx` whose call was answered (NaN where none was)."""
@@ -61,8 +80,20 @@ class ArmRows:
 def paired_rows(rows: dict[str, ArmRows], a: str, b: str) -> tuple[ArmRows, ArmRows]:
     """Two arms' outcomes on the rows both were scored on: arms evaluated sequentially take the test rows in
     one order and may stop at different rows, so the rows they share are the shorter one's."""
-    n = min(len(rows[a].correct), len(rows[b].correct))
+    n = min(len(rows[a]), len(rows[b]))
     return rows[a].head(n), rows[b].head(n)
+
+
+def paired_test(a: ArmRows, b: ArmRows, stats: StatsConfig | None = None) -> tuple[str, float]:
+    """The paired test of the two arms' primary metric on the same rows, as (metric name, p): McNemar's exact
+    test where both score 0/1 a row, else a paired permutation test of the difference."""
+    if a.binary and b.binary:
+        return "mcnemar_p", mcnemar_exact(a.score, b.score)
+    stats = stats or StatsConfig()
+    if a.counts is not None:
+        return "permutation_p", paired_permutation_p(a.counts, b.counts, micro_f1, stats.resamples, stats.seed)
+    return "permutation_p", paired_permutation_p(a.score, b.score, lambda s: s.mean(axis=-1), stats.resamples,
+                                                 stats.seed)
 
 
 def arm_cost(price: Price, metrics: dict[str, float], pricing: PricingConfig,
@@ -75,8 +106,10 @@ def arm_cost(price: Price, metrics: dict[str, float], pricing: PricingConfig,
                    hours_per_month=pricing.hours_per_month)
 
 
-def arm_figures(price: Price, metrics: dict[str, float], pricing: PricingConfig) -> dict[str, float]:
-    """What the arm costs at the configured monthly volume, and what each lever would change."""
+def arm_figures(price: Price, metrics: dict[str, float], pricing: PricingConfig,
+                primary: str = "accuracy") -> dict[str, float]:
+    """What the arm costs at the configured monthly volume (each wrong answer priced on the `primary` metric's
+    shortfall from 1), and what each lever would change."""
     volume = pricing.monthly_calls
     running = running_cost(price, metrics, pricing)
     monthly = running.monthly(volume)
@@ -88,7 +121,7 @@ def arm_figures(price: Price, metrics: dict[str, float], pricing: PricingConfig)
         figures["cache_hit_rate"] = running.hit_rate(volume)
     if pricing.error_cost_usd:
         figures["quality_adjusted_cost_per_call_usd"] = quality_adjusted_per_call(
-            monthly / volume, metrics["accuracy"], pricing.error_cost_usd)
+            monthly / volume, metrics[primary], pricing.error_cost_usd)
     figures.update(lever_figures(price, metrics, pricing))
     return figures
 
@@ -111,17 +144,20 @@ def lever_figures(price: Price, metrics: dict[str, float], pricing: PricingConfi
 
 
 def arm_intervals(rows: ArmRows, price: Price, metrics: dict[str, float], pricing: PricingConfig,
-                  stats: StatsConfig) -> dict[str, float]:
-    """`<metric>_ci_low` / `_ci_high` of accuracy, macro-F1, mean prompt tokens and cost per call over
-    resampled test rows. Every arm draws the same resamples (same seed, same row count): paired."""
+                  stats: StatsConfig, primary: str = "accuracy") -> dict[str, float]:
+    """`<metric>_ci_low` / `_ci_high` of the primary metric (and macro-F1 for a classification), mean prompt
+    tokens and cost per call over resampled test rows. Every arm draws the same resamples (same seed, same row
+    count): paired."""
 
     def statistic(idx: np.ndarray) -> dict[str, float]:
         prompt, completion = rows.token_means(idx)
         cost = arm_cost(price, metrics, pricing, prompt, completion).per_call(pricing.monthly_calls)
-        return {"accuracy": rows.correct[idx].mean(), "macro_f1": macro_f1_present(rows.predicted[idx], rows.gold[idx]),
-                "prompt_tokens_mean": prompt, "cost_per_call_usd": cost}
+        out = {primary: rows.primary(idx), "prompt_tokens_mean": prompt, "cost_per_call_usd": cost}
+        if rows.predicted is not None:
+            out["macro_f1"] = macro_f1_present(rows.predicted[idx], rows.gold[idx])
+        return out
 
-    intervals = bootstrap_intervals(len(rows.correct), statistic, stats.resamples, stats.seed, stats.confidence)
+    intervals = bootstrap_intervals(len(rows), statistic, stats.resamples, stats.seed, stats.confidence)
     return _flatten_intervals(intervals)
 
 
@@ -142,6 +178,7 @@ class Pair:
     cand_price: Price
     base_metrics: dict[str, float]
     cand_metrics: dict[str, float]
+    primary: str = "accuracy"  # the quality metric a wrong answer's cost is priced on
 
     def costs(self, pricing: PricingConfig, factors: dict[str, float] | None = None,
               base_tokens: tuple[float, float] | None = None, cand_tokens: tuple[float, float] | None = None,
@@ -181,16 +218,17 @@ def pair_metrics(pair: Pair, rows: dict[str, ArmRows], pricing: PricingConfig, s
     one_off = one_off_calls(*pair.costs(pricing), volume)
     out: dict[str, float] = {"break_even_calls": one_off}
     if pricing.error_cost_usd:
-        quality = (pair.base_metrics["accuracy"], pair.cand_metrics["accuracy"])
+        quality = (pair.base_metrics[pair.primary], pair.cand_metrics[pair.primary])
         out["quality_adjusted_break_even_calls"] = one_off_calls(*pair.costs(pricing, quality=quality), volume)
     base_rows, cand_rows = paired_rows(rows, pair.baseline, pair.candidate)
-    out["mcnemar_p"] = mcnemar_exact(base_rows.correct, cand_rows.correct)
+    name, p = paired_test(base_rows, cand_rows, stats)
+    out[name] = p
 
     def statistic(idx: np.ndarray) -> dict[str, float]:
         costs = pair.costs(pricing, base_tokens=base_rows.token_means(idx), cand_tokens=cand_rows.token_means(idx))
         return {"break_even_calls": one_off_calls(*costs, volume)}
 
-    out.update(_flatten_intervals(bootstrap_intervals(len(base_rows.correct), statistic, stats.resamples,
+    out.update(_flatten_intervals(bootstrap_intervals(len(base_rows), statistic, stats.resamples,
                                                       stats.seed, stats.confidence)))
     return out
 
@@ -209,11 +247,25 @@ def break_even_sensitivity(pair: Pair, pricing: PricingConfig, spread: float = 0
             for name, low, high in sensitivity(evaluate, list(SENSITIVITY_FACTORS), spread)]
 
 
-def prompt_pair_metrics(rows: dict[str, ArmRows], baseline: str | None, naive: str | None) -> dict[str, float]:
-    """McNemar's p between the engineered and the naive prompt: is the prompt engineering gain real?"""
+def prompt_pair_metrics(rows: dict[str, ArmRows], baseline: str | None, naive: str | None,
+                        stats: StatsConfig | None = None) -> dict[str, float]:
+    """The paired test's p between the engineered and the naive prompt (`mcnemar_p_prompt`, or
+    `permutation_p_prompt` for a continuous metric): is the prompt engineering gain real?"""
     if not baseline or not naive or baseline == naive or baseline not in rows or naive not in rows:
         return {}
-    return {"mcnemar_p_prompt": mcnemar_exact(*(r.correct for r in paired_rows(rows, baseline, naive)))}
+    name, p = paired_test(*paired_rows(rows, baseline, naive), stats)
+    return {f"{name}_prompt": p}
+
+
+PAIRED_P = ("mcnemar_p", "permutation_p")  # the paired test's p of the compare pair, whichever applies
+
+
+def paired_p(parent: dict[str, float], suffix: str = "") -> tuple[str | None, float | None]:
+    """The paired test's name and p in a parent run's metrics (None, None where neither was logged)."""
+    for name in PAIRED_P:
+        if name + suffix in parent:
+            return name, parent[name + suffix]
+    return None, None
 
 
 def token_reduction(base: dict[str, float], cand: dict[str, float]) -> float:

@@ -225,9 +225,10 @@ Verdict = Literal["fine-tune", "keep prompting", "too close to call", "not measu
 
 
 def verdict(accuracy_p_value: float | None, accuracy_diff: float | None, tco_baseline: float, tco_candidate: float,
-            alpha: float = 0.05, cost_tie: float = 0.05) -> tuple[Verdict, str]:
-    """The decision and a one-sentence reason, from the paired accuracy test (candidate minus baseline) and
-    the horizon totals (quality-adjusted where an error cost is set: the caller passes whichever apply).
+            alpha: float = 0.05, cost_tie: float = 0.05, metric: str = "accuracy") -> tuple[Verdict, str]:
+    """The decision and a one-sentence reason, from the paired test of the primary `metric` (candidate minus
+    baseline) and the horizon totals (quality-adjusted where an error cost is set: the caller passes whichever
+    apply).
 
     - not measurable: a p-value, difference or total that is missing or not finite;
     - better / worse: p < alpha and the difference is positive / negative; otherwise the same quality;
@@ -238,15 +239,18 @@ def verdict(accuracy_p_value: float | None, accuracy_diff: float | None, tco_bas
     """
     numbers = (accuracy_p_value, accuracy_diff, tco_baseline, tco_candidate)
     if any(x is None or not math.isfinite(x) for x in numbers):
-        return "not measurable", "The accuracy test or a route's cost could not be measured."
+        return "not measurable", f"The {metric} test or a route's cost could not be measured."
     better = accuracy_p_value < alpha and accuracy_diff > 0
     worse = accuracy_p_value < alpha and accuracy_diff < 0
     margin = cost_tie * abs(tco_baseline)
     cheaper, dearer = tco_candidate < tco_baseline - margin, tco_candidate > tco_baseline + margin
     costs = f"${tco_candidate:,.2f} against ${tco_baseline:,.2f} over the horizon"
-    quality = (f"is {'more' if better else 'less'} accurate by {abs(accuracy_diff) * 100:.1f} points "
-               f"(p = {accuracy_p_value:.3g})" if better or worse
-               else f"shows no measurable accuracy difference (p = {accuracy_p_value:.3g})")
+    if metric == "accuracy":
+        gap = f"is {'more' if better else 'less'} accurate by {abs(accuracy_diff) * 100:.1f} points"
+    else:
+        gap = f"scores {abs(accuracy_diff) * 100:.1f} points {'higher' if better else 'lower'} on {metric}"
+    quality = (f"{gap} (p = {accuracy_p_value:.3g})" if better or worse
+               else f"shows no measurable {metric} difference (p = {accuracy_p_value:.3g})")
     if (cheaper and not worse) or (better and not dearer):
         return "fine-tune", f"The fine-tune {quality} and costs {costs}."
     if (dearer and not better) or (worse and not cheaper):

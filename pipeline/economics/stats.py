@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from scipy.stats import binomtest, bootstrap
+from scipy.stats import binomtest, bootstrap, permutation_test
 from sklearn.metrics import precision_recall_fscore_support
 
 INVALID = -1  # a prediction that parsed to no label
@@ -42,6 +42,38 @@ def mcnemar_exact(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> float
     if only_a + only_b == 0:
         return 1.0
     return float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
+
+
+def micro_f1(counts: np.ndarray) -> np.ndarray | float:
+    """F1 of summed (true positive, false positive, false negative) counts, rows on the second-last axis:
+    2 TP / (2 TP + FP + FN), 1.0 where there was nothing to find and nothing given."""
+    tp, fp, fn = (np.asarray(counts)[..., i].sum(axis=-1) for i in range(3))
+    denominator = 2 * tp + fp + fn
+    return np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 1.0)
+
+
+def paired_permutation_p(a: np.ndarray, b: np.ndarray, statistic: Callable[[np.ndarray], np.ndarray],
+                         resamples: int = 9999, seed: int = 0) -> float:
+    """Two-sided p of a paired permutation test of statistic(a) - statistic(b), where row i of `a` and of `b`
+    are the two arms' outcomes on the same test row (a value, or a vector such as pair counts).
+
+    Under the null hypothesis the two outcomes of a row are exchangeable, so each permutation swaps a random
+    set of rows' pairs (scipy's `permutation_type="samples"`); the rows are passed as indices into the stacked
+    outcomes so a row's vector moves as one."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(a) != len(b):
+        raise ValueError(f"outcomes of different lengths: {len(a)} and {len(b)}")
+    stacked, n = np.concatenate([a, b]), len(a)
+    if n == 0 or np.array_equal(a, b):
+        return 1.0
+
+    def difference(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+        return statistic(stacked[x.astype(int)]) - statistic(stacked[y.astype(int)])
+
+    result = permutation_test((np.arange(n), np.arange(n, 2 * n)), difference, permutation_type="samples",
+                              vectorized=True, n_resamples=resamples, alternative="two-sided",
+                              rng=np.random.default_rng(seed))
+    return float(result.pvalue)
 
 
 def macro_f1_present(predictions: Sequence[int], references: Sequence[int]) -> float:

@@ -76,10 +76,11 @@ def _arm_spec(entry: Any, where: str) -> ArmSpec:
 
 
 def _prompt_file(cfg: ExperimentConfig, name: str, base: Path) -> Path:
-    """A shipped template by name (or the `prompts:` file given for that name), else a path."""
+    """A shipped template by name, for the task's type (or the `prompts:` file given for that name), else a path."""
     if name in PROMPT_TEMPLATES:
         given = getattr(cfg.prompts, name)
-        return (given if given.is_absolute() else base / given) if given else TEMPLATES / f"{name}.yaml"
+        shipped = TEMPLATES if cfg.task.type == "classification" else TEMPLATES / cfg.task.type
+        return (given if given.is_absolute() else base / given) if given else shipped / f"{name}.yaml"
     path = Path(name)
     return path if path.is_absolute() else base / path
 
@@ -240,3 +241,21 @@ def check_teachers(arms: list[Arm], unlabelled: str | None = None) -> None:
         if names.index(teacher) > i:
             raise ConfigError(f"{where}: list {teacher!r} before {arm.name!r} in arms (its measured cost a call "
                               "prices the labels)")
+
+
+def check_task_type(cfg: ExperimentConfig, arms: list[Arm], curve_arm: str | None) -> None:
+    """What only a classification has: label-stratified learning curves, labels from a teacher's parsed answers,
+    answers constrained to a label set (an extraction's are constrained to its schema; a generation's cannot be)."""
+    kind = cfg.task.type
+    if kind == "classification":
+        return
+    if curve_arm:
+        raise ConfigError(f"curve: learning curves stratify the train rows by label: task.type {kind} has none "
+                          "(remove `curve`)")
+    for i, arm in enumerate(arms):
+        if arm.finetune and arm.finetune.labels_from:
+            raise ConfigError(f"arms[{i}] ({arm.name}).finetune.labels_from: distillation reads a teacher's labels; "
+                              f"task.type {kind} is not a classification")
+        if kind == "generation" and arm.eval.decoding == "constrained":
+            raise ConfigError(f"arms[{i}] ({arm.name}).eval.decoding: constrained needs a label set or a schema; "
+                              "a generation task has neither (use free)")

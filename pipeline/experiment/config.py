@@ -191,8 +191,10 @@ class EvalConfig(_Strict):
         default_factory=SequentialConfig, description="stop an arm once its accuracy is known to "
         "`half_width`, or once the compare pair's difference is decided; null: every row (or `limit`)")
     batch_size: int = Field(default=1, gt=0)
-    max_new_tokens: int = Field(default=32, gt=0, description="room for a sentence: a verbose answer is not cut "
-                                "before it names its label")
+    max_new_tokens: int | None = Field(
+        default=None, gt=0, description="default: 32 for a classification (room for a sentence: a verbose answer "
+        "is not cut before it names its label); from the train targets' token lengths for extraction (the "
+        "longest + 25%) and generation (the 95th percentile + 25%)")
     parser: Literal["exact", "search"] = Field(
         default="search", description="exact: the first line is a label; search: the one label the answer names "
         "(both are logged as accuracy_exact / accuracy_search)")

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from pipeline.economics.catalog import Catalog, CatalogError, load_catalog
 from pipeline.economics.prices import CatalogPrice, PerTokenPrice
 from pipeline.economics.serving import price_notes
-from pipeline.experiment.arms import (Arm, ComparePair, check_teachers, priced_from_catalog, resolve_arms,
+from pipeline.experiment.arms import (Arm, ComparePair, check_task_type, check_teachers, priced_from_catalog, resolve_arms,
                                       resolve_compare, resolve_curve_arm)
 from pipeline.experiment.config import ConfigError, ExperimentConfig, describe_errors
 
@@ -89,6 +89,7 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
         pair = resolve_compare(cfg, arms, base)
         curve_arm = resolve_curve_arm(cfg, arms, pair)
         check_teachers(arms, cfg.task.splits.get("unlabelled"))
+        check_task_type(cfg, arms, curve_arm)
         check_ownership(cfg, arms)
         what_if = {name: priced_from_catalog(CatalogPrice(catalog=name), catalog, f"report.price_what_if[{i}]")
                    for i, name in enumerate(cfg.report.price_what_if)}

@@ -1,4 +1,4 @@
-"""One evaluation for every arm: the same output parser, metrics and latency statistics."""
+"""One evaluation for every arm: the label parsers, the classification metrics and the latency statistics."""
 
 from __future__ import annotations
 
@@ -108,24 +108,19 @@ def _cv(values: np.ndarray) -> float:
     return float(values.std() / mean) if mean > 0 else 0.0
 
 
-def call_metrics(timed, predicted: list[int], references: list[int], labels: list[str],
-                 batch1=None) -> dict[str, float]:
-    """An arm's contract metrics from its measured calls: quality, tokens, latency, throughput, failures.
+def call_metrics(timed, batch1=None) -> dict[str, float]:
+    """An arm's contract metrics from its measured calls, besides quality: tokens, latency, throughput, failures.
 
-    `predicted` comes from the configured parser; `accuracy_exact` and `accuracy_search` score the
-    same answers with each parser, so a verbose arm's loss to the strict one shows. A call that
-    failed for good (an API error after its retries) counts as wrong and in `failed_rate`
-    (`failed_calls` of `calls`), and nowhere else: latency, throughput and tokens are the answered
-    calls' (throughput: answered calls per second of the pass), so a server that fails fast does not
-    look fast and a failure's estimated prompt is not priced. With no answered call there are none.
-    Latency means what one caller waits: with `batch1` (the sample timed one call at a time, for an
-    arm that batches) the percentiles are that sample's, and the batched pass's are `..._batched`;
-    throughput is always the batched pass's.
+    A call that failed for good (an API error after its retries) counts as wrong in the quality metrics and in
+    `failed_rate` (`failed_calls` of `calls`), and nowhere else: latency, throughput and tokens are the answered
+    calls' (throughput: answered calls per second of the pass), so a server that fails fast does not look fast
+    and a failure's estimated prompt is not priced. With no answered call there are none. Latency means what
+    one caller waits: with `batch1` (the sample timed one call at a time, for an arm that batches) the
+    percentiles are that sample's, and the batched pass's are `..._batched`; throughput is always the batched
+    pass's.
     """
     calls = timed.calls
-    metrics = score(predicted, references, len(labels))
-    for name, parse in PARSERS.items():
-        metrics[f"accuracy_{name}"] = sum(parse(c.output, labels) == r for c, r in zip(calls, references)) / len(calls)
+    metrics: dict[str, float] = {}
     answered = [c for c in calls if c.error is None]
     metrics["calls"] = float(len(calls))
     metrics["failed_calls"] = float(len(calls) - len(answered))

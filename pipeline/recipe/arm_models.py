@@ -27,7 +27,7 @@ from pipeline.task.splits import hash_files
 from pipeline.models.loading import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINING_RECORD, check_adapter, load_model,
                                       load_tokenizer, model_bytes, quantize_int8, resolve_source)
 from pipeline.models.dtype import auto_cpu_choice, pick_dtype
-from pipeline.task.prompts import PromptRenderer, PromptTemplate
+from pipeline.task.prompts import PromptTemplate
 from pipeline.recipe.distill import TEACHER_LABELS, TEACHER_METRICS, distilled_rows, teacher_key
 from pipeline.recipe.stages import stage_key
 
@@ -141,20 +141,23 @@ class ArmModels:
 
     def backend(self, arm: Arm, inputs: RunInputs, template: PromptTemplate):
         """The arm's backend, ready to answer, and what getting it measured (training time and tokens)."""
-        labels = inputs.labels if arm.eval.decoding == "constrained" else None
+        constrained = arm.eval.decoding == "constrained"
+        labels = inputs.labels if constrained and inputs.labels else None
+        schema = inputs.task.schema if constrained else None
         cls, tokenizer = backend_class(arm.backend), self.tokenizer_for(arm)
+        max_new_tokens = inputs.max_new_tokens(arm, tokenizer)
         if not arm.model.in_process:
-            return cls.for_eval(arm.model, arm.eval.max_new_tokens, labels, tokenizer), {}
+            return cls.for_eval(arm.model, max_new_tokens, labels, tokenizer, schema=schema), {}
         model, stats = (self._finetuned(arm, inputs, template) if arm.finetune is not None
                         else (self._shared(arm), {}))
         if arm.quantize == "int8":
             model = quantize_int8(model)
         stats = {**stats, "model_bytes": float(model_bytes(model))}
-        renderer = PromptRenderer(template, tokenizer, inputs.task.labels, inputs.examples)
+        renderer = inputs.renderer(template, tokenizer)
         # Evaluated sequentially, answers come back in order every `step_rows` prompts, where the rule checks.
         window = arm.eval.sequential.step_rows if arm.eval.sequential else None
-        settings = LocalSettings(batch_size=arm.eval.batch_size, max_new_tokens=arm.eval.max_new_tokens,
-                                 prefix_cache=arm.eval.prefix_cache, labels=labels, window_rows=window)
+        settings = LocalSettings(batch_size=arm.eval.batch_size, max_new_tokens=max_new_tokens,
+                                 prefix_cache=arm.eval.prefix_cache, labels=labels, schema=schema, window_rows=window)
         return cls(model, tokenizer, settings, prefix_probe=renderer.prefix_probe()), stats
 
     def _finetuned(self, arm: Arm, inputs: RunInputs, template: PromptTemplate) -> tuple[Any, dict[str, float]]:
@@ -188,7 +191,7 @@ class ArmModels:
         if teacher is not None:
             distilled = distilled_rows(self, inputs, teacher, arm.name)
             texts, labels = distilled.texts, distilled.labels
-        renderer = PromptRenderer(template, self.tokenizer_for(arm), inputs.task.labels, inputs.examples)
+        renderer = inputs.renderer(template, self.tokenizer_for(arm))
         self.console.print(f"fine-tuning LoRA r={arm.finetune.lora.r} on {len(texts)} rows"
                            + (f" labelled by {teacher.name}" if teacher else "") + " ...")
         dtype = self._train_dtype(arm)

@@ -22,7 +22,6 @@ from pipeline.recipe.inputs import RunInputs
 from pipeline.recipe.stages import machine, stage_key
 from pipeline.report.charts import confusion_matrix_png
 from pipeline.report.format import not_measured
-from pipeline.task.prompts import PromptRenderer
 from pipeline.tracking import mlflow_store as tracking
 
 
@@ -83,8 +82,8 @@ def run_arm(exp: Experiment, arm: Arm, tags: dict[str, str] | None = None) -> di
         if metrics.get("tokens_estimated"):
             mlflow.set_tag("tokens", "estimated")
         price_arm(exp, arm, metrics, predictions)
-        exp.console.print(f"{arm.name:<12} accuracy {100 * metrics['accuracy']:.1f}%  "
-                          + stop_words(stopped_by, metrics, len(exp.rows))
+        exp.console.print(f"{arm.name:<12} {exp.primary} {100 * metrics[exp.primary]:.1f}%  "
+                          + stop_words(stopped_by, metrics, len(exp.rows), exp.primary)
                           + f"invalid {100 * metrics['invalid_rate']:.1f}%  "
                           + (f"failed {100 * metrics['failed_rate']:.1f}%  " if metrics.get("failed_rate") else "")
                           + f"{metrics['prompt_tokens_mean']:.0f} prompt tokens  p50 {metrics['latency_p50_ms']:.0f} ms")
@@ -99,13 +98,13 @@ def pair_partner_scores(exp: Experiment, arm: Arm):
     if arm.eval.sequential is None or arm.name not in pair or pair[0] == pair[1]:
         return None
     other = exp.outcomes.get(pair[1] if arm.name == pair[0] else pair[0])
-    return None if other is None else other.correct.astype(float)
+    return None if other is None else other.score.astype(float)
 
 
-def stop_words(stopped_by: str, metrics: dict[str, float], rows: int) -> str:
+def stop_words(stopped_by: str, metrics: dict[str, float], rows: int, primary: str = "accuracy") -> str:
     """How many rows the arm was scored on and why it stopped there, for the console."""
     evaluated = int(metrics.get("rows_evaluated", rows))
-    why = {"interval": "its accuracy was known", "decided": "the pair was decided"}.get(stopped_by)
+    why = {"interval": f"its {primary} was known", "decided": "the pair was decided"}.get(stopped_by)
     return f"on {evaluated} of {rows} rows ({why})  " if why else ""
 
 
@@ -121,7 +120,7 @@ def measure_arm(exp: Experiment, arm: Arm, template, key: str,
         return done["metrics"], exp.store.path(key) / "predictions.jsonl", False, done.get("stopped_by", "all_rows")
     backend, metrics = exp.models.backend(arm, exp, template)
     predictions = exp.run_dir / arm.name / "predictions.jsonl"
-    renderer = PromptRenderer(template, exp.models.tokenizer_for(arm), exp.task.labels, exp.examples)
+    renderer = exp.renderer(template, exp.models.tokenizer_for(arm))
     try:
         measured, stopped_by = evaluate(exp, arm, backend, renderer, predictions, exp.console, partner)
     finally:
@@ -173,15 +172,22 @@ def price_arm(exp: Experiment, arm: Arm, metrics: dict[str, float], predictions:
     metrics["fixed_cost_usd"] = owned.one_off_usd
     if arm.trains:
         metrics["labelling_cost_usd"] = owned.labelling_usd
-    metrics.update(economics.arm_figures(arm.price, metrics, pricing))
-    rows = exp.outcomes[arm.name] = economics.ArmRows.from_predictions(read_predictions(predictions), exp.labels)
-    metrics.update(economics.arm_intervals(rows, arm.price, metrics, pricing, exp.cfg.stats))
-    if "accuracy_cs_low" in metrics:  # evaluated sequentially: only the confidence sequence holds at its stop
-        metrics["accuracy_ci_low"] = metrics["accuracy_cs_low"]
-        metrics["accuracy_ci_high"] = metrics["accuracy_cs_high"]
+    primary = exp.primary
+    metrics.update(economics.arm_figures(arm.price, metrics, pricing, primary))
+    answers = read_predictions(predictions)
+    rows = exp.outcomes[arm.name] = economics.ArmRows.from_predictions(answers, exp.labels)
+    metrics.update(economics.arm_intervals(rows, arm.price, metrics, pricing, exp.cfg.stats, primary))
+    if f"{primary}_cs_low" in metrics:  # evaluated sequentially: only the confidence sequence holds at its stop
+        metrics[f"{primary}_ci_low"] = metrics[f"{primary}_cs_low"]
+        metrics[f"{primary}_ci_high"] = metrics[f"{primary}_cs_high"]
     mlflow.log_metrics(metrics)
     mlflow.log_artifact(str(predictions))
-    log_label_scores(exp, arm, rows)
+    if rows.predicted is not None:
+        log_label_scores(exp, arm, rows)
+    table = exp.kind(arm).per_item_table([exp.kind(arm).score(a["raw_output"], a["gold"]) for a in answers],
+                                         [a["gold"] for a in answers])
+    if table is not None:
+        tracking.log_table(table[1], table[0])
 
 
 def log_label_scores(exp: Experiment, arm: Arm, rows: economics.ArmRows) -> None:
@@ -200,7 +206,7 @@ def arm_inputs(exp: Experiment, arm: Arm, metrics: dict[str, float], n_train: in
                     arm.finetune.retrain_every_months if arm.finetune else None,
                     len(exp.task.splits["train"]) if n_train is None else n_train,
                     int(metrics.get("rows_evaluated", len(exp.rows))), labelling_usd(exp, arm, metrics))
-    return ArmInputs(arm.name, arm.price, metrics, own)
+    return ArmInputs(arm.name, arm.price, metrics, own, exp.primary)
 
 
 def labelling_usd(exp: Experiment, arm: Arm, metrics: dict[str, float]) -> float | None:

@@ -79,9 +79,9 @@ def curve_figures(exp: Experiment, points: list[CurvePoint], results: dict[str, 
         out["baseline"] = {"name": baseline, "accuracy": base["accuracy"],
                            "accuracy_ci_low": base.get("accuracy_ci_low"),
                            "accuracy_ci_high": base.get("accuracy_ci_high")}
-        correct = [(p.rows, exp.outcomes[p.arm].correct) for p in points]
-        out["rows_to_match_baseline"] = rows_to_match(correct, exp.outcomes[baseline].correct, alpha)
-        out["rows_to_beat_baseline"] = rows_to_beat(correct, exp.outcomes[baseline].correct, alpha)
+        correct = [(p.rows, exp.outcomes[p.arm].score) for p in points]
+        out["rows_to_match_baseline"] = rows_to_match(correct, exp.outcomes[baseline].score, alpha)
+        out["rows_to_beat_baseline"] = rows_to_beat(correct, exp.outcomes[baseline].score, alpha)
         out["cheapest_beating"] = _cheapest_beating(exp, points, results, out["rows_to_beat_baseline"])
     fit = fit_power_law([p.rows for p in points], [p.metrics["accuracy"] for p in points])
     out["fit"] = None if fit is None else {"a": fit.a, "b": fit.b, "c": fit.c, "rmse": fit.rmse}

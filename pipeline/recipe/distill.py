@@ -16,7 +16,6 @@ from pipeline.experiment.arms import Arm
 from pipeline.measure.scoring import PARSERS
 from pipeline.recipe.inputs import RunInputs
 from pipeline.recipe.stages import stage_key
-from pipeline.task.prompts import PromptRenderer
 
 TEACHER_LABELS = "teacher_labels.jsonl"
 TEACHER_METRICS = ("teacher_calls", "distilled_rows", "teacher_invalid_rate", "teacher_agreement")
@@ -65,7 +64,7 @@ def distilled_rows(models: Any, inputs: RunInputs, teacher: Arm, student: str) -
 def _label(models: Any, inputs: RunInputs, teacher: Arm, texts: list[str], golds: list[str | None]) -> list[dict]:
     """One call per text on the teacher's backend; each answer parsed as its evaluation parses it."""
     template, labels = inputs.templates[teacher.name], inputs.labels
-    renderer = PromptRenderer(template, models.tokenizer_for(teacher), inputs.task.labels, inputs.examples)
+    renderer = inputs.renderer(template, models.tokenizer_for(teacher))
     backend, _ = models.backend(teacher, inputs, template)
     try:
         calls = backend.run([renderer.prompt(t) for t in texts])
@@ -110,10 +109,10 @@ def student_vs_teacher(exp: Any) -> list[dict[str, Any]]:
             continue
         student, labeller = paired_rows(exp.outcomes, arm.name, teacher)
         m = exp.measured.get(arm.name, {})
-        out.append({"student": arm.name, "teacher": teacher, "rows": len(student.correct),
-                    "student_accuracy": float(student.correct.mean()),
-                    "teacher_accuracy": float(labeller.correct.mean()),
-                    "mcnemar_p": mcnemar_exact(student.correct, labeller.correct),
+        out.append({"student": arm.name, "teacher": teacher, "rows": len(student),
+                    "student_accuracy": float(student.score.mean()),
+                    "teacher_accuracy": float(labeller.score.mean()),
+                    "mcnemar_p": mcnemar_exact(student.score, labeller.score),
                     **{k: m[k] for k in ("teacher_agreement", "teacher_invalid_rate", "distilled_rows",
                                          "labelling_cost_usd") if k in m}})
     return out

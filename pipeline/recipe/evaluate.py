@@ -15,7 +15,7 @@ from pipeline import interrupts
 from pipeline.backends.base import Backend
 from pipeline.experiment.arms import Arm
 from pipeline.experiment.config import SequentialConfig
-from pipeline.measure.scoring import PARSERS, call_metrics, latency_stats, read_predictions
+from pipeline.measure.scoring import call_metrics, latency_stats, read_predictions
 from pipeline.measure.sequential import SequentialRule, confidence_sequence, round_sizes, stop_reason
 from pipeline.measure.timing import EnoughRows, Measurement, measure, timing_sample
 from pipeline.recipe.inputs import RunInputs
@@ -27,17 +27,19 @@ def evaluate(inputs: RunInputs, arm: Arm, backend: Backend, renderer: PromptRend
     """Measure the test rows on the backend, parse and score them; predictions are written as they come
     (so they are kept on Ctrl-C), one row per test row evaluated, in the test rows' order.
 
-    With `eval.sequential` the rule is checked every `step_rows` rows and the arm stops once its accuracy's
-    confidence sequence is narrower than `half_width` ("interval") or, given `paired_with` (the compare pair's
-    other arm's 0/1 scores on the same rows), once their difference's excludes 0 ("decided"); else
-    "all_rows"."""
+    With `eval.sequential` the rule is checked every `step_rows` rows and the arm stops once its primary
+    metric's confidence sequence is narrower than `half_width` ("interval") or, given `paired_with` (the compare
+    pair's other arm's row scores on the same rows), once their difference's excludes 0 ("decided"); else
+    "all_rows". A primary that is not a mean over rows (field-F1) has no such sequence: every row is scored."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     texts, golds = inputs.rows["text"], inputs.rows["label"]
     prompts = [renderer.prompt(t) for t in texts]
     predictions.parent.mkdir(parents=True, exist_ok=True)
-    parse, predicted, correct = PARSERS[arm.eval.parser], [], []
-    rule = sequential_rule(arm.eval.sequential, inputs.cfg.stats.confidence)
+    kind = inputs.kind(arm)
+    scored, outputs = [], []
+    correct = []  # each row's score on the primary metric's per-row measure, as the sequential rule reads it
+    rule = sequential_rule(arm.eval.sequential, inputs.cfg.stats.confidence) if kind.row_mean else None
     with predictions.open("w", encoding="utf-8") as out, \
             Progress(TextColumn(f"evaluating {arm.name:<12}"), BarColumn(), MofNCompleteColumn(),
                      TimeRemainingColumn(), console=console, transient=True) as bar:
@@ -46,10 +48,11 @@ def evaluate(inputs: RunInputs, arm: Arm, backend: Backend, renderer: PromptRend
         def on_calls(calls) -> None:
             interrupts.check()
             for call in calls:
-                i = len(predicted)
-                predicted.append(parse(call.output, inputs.labels))
-                correct.append(float(predicted[i] >= 0 and inputs.labels[predicted[i]] == golds[i]))
-                out.write(json.dumps(prediction_row(i, texts[i], golds[i], call, predicted[i], inputs.labels),
+                i = len(scored)
+                scored.append(kind.score(call.output, golds[i]))
+                outputs.append(call.output)
+                correct.append(scored[i].score)
+                out.write(json.dumps(prediction_row(i, texts[i], golds[i], call, kind.prediction_fields(scored[i])),
                                      ensure_ascii=False) + "\n")
             out.flush()
             bar.advance(job, len(calls))
@@ -60,14 +63,14 @@ def evaluate(inputs: RunInputs, arm: Arm, backend: Backend, renderer: PromptRend
             out.flush()
             mlflow.log_artifact(str(predictions))  # the rows finished before the interrupt
             raise
-    prompts = prompts[: len(predicted)]  # the rows evaluated: the timing samples come from them
+    prompts = prompts[: len(scored)]  # the rows evaluated: the timing samples come from them
     batch1 = _batch1_sample(backend, prompts, arm)
-    metrics = call_metrics(timed, predicted, [inputs.labels.index(g) for g in golds[: len(predicted)]],
-                           inputs.labels, batch1)
-    metrics["rows_evaluated"] = float(len(predicted))
+    metrics = kind.metrics(scored, list(golds[: len(scored)]), outputs)
+    metrics.update(call_metrics(timed, batch1))
+    metrics["rows_evaluated"] = float(len(scored))
     if rule is not None:  # the interval valid at the stopping time, however often the run looked
         low, high = confidence_sequence(correct, rule.alpha)
-        metrics["accuracy_cs_low"], metrics["accuracy_cs_high"] = float(low[-1]), float(high[-1])
+        metrics[f"{kind.primary}_cs_low"], metrics[f"{kind.primary}_cs_high"] = float(low[-1]), float(high[-1])
     if batch1 is not None:
         _record_batch1_latencies(predictions, batch1.calls)
     metrics["prefix_tokens"] = float(renderer.static_prefix_tokens()) if renderer.tokenizer else 0.0
@@ -144,10 +147,10 @@ def _record_batch1_latencies(predictions: Path, calls: list) -> None:
     partial.replace(predictions)  # an interrupt leaves the old file whole
 
 
-def prediction_row(row_id: int, text: str, gold: str, call, parsed: int, labels: list[str]) -> dict:
-    row = {"row_id": row_id, "input": text, "gold": gold, "raw_output": call.output,
-           "parsed_label": labels[parsed] if parsed >= 0 else None,
-           "correct": parsed >= 0 and labels[parsed] == gold,
+def prediction_row(row_id: int, text: str, gold: str, call, answer: dict) -> dict:
+    """One `predictions.jsonl` row: the input, the target, the raw output, what the task type read and scored
+    (`answer`), tokens and latency, and the error of a call that failed."""
+    row = {"row_id": row_id, "input": text, "gold": gold, "raw_output": call.output, **answer,
            "prompt_tokens": call.prompt_tokens, "completion_tokens": call.completion_tokens,
            "cached_tokens": call.cached_tokens, "latency_ms": round(call.latency_ms, 3)}
     if call.error:

@@ -19,6 +19,7 @@ import yaml
 from pipeline.economics.decision import Decision, compare
 from pipeline.backends.registry import backend_class
 from pipeline.experiment.load import ExperimentPlan, project_root_for
+from pipeline.measure.kinds import KINDS
 from pipeline.recipe.arm_models import ArmModels
 from pipeline.recipe.arm_run import Experiment, arm_inputs, run_arm
 from pipeline.recipe.curve import check_curve, curve_figures, curve_points
@@ -36,7 +37,7 @@ def run_experiment(plan: ExperimentPlan, console, force: bool = False, overrides
     """Run every configured arm on the same test rows, log to MLflow, and return the summary."""
     cfg = plan.config
     exp = prepare(plan, console, force)  # everything that can be wrong with the inputs is found here
-    experiment_id = tracking.connect(cfg.experiment)
+    experiment_id = tracking.connect(cfg.experiment, exp.primary)
     console.print(f"[bold]{cfg.experiment}[/bold]: {exp.task.name} ({len(exp.task.splits['train'])} train, "
                   f"{len(exp.rows)} test rows), arms {', '.join(a.name for a in plan.arms)}")
     results: dict[str, dict[str, float]] = {}
@@ -94,7 +95,9 @@ def prepare(plan: ExperimentPlan, console, force: bool) -> Experiment:
     task = load_task(cfg.task, cfg.data)
     if plan.curve_arm:
         check_curve(cfg.curve, task)
-    rows = eval_rows(task, cfg.eval.limit, cfg.data.seed, shuffled=any(a.eval.sequential for a in plan.arms))
+    sequential = [a.name for a in plan.arms if a.eval.sequential]
+    row_mean = KINDS[task.type].row_mean
+    rows = eval_rows(task, cfg.eval.limit, cfg.data.seed, shuffled=bool(sequential) and row_mean)
     templates = {arm.name: load_template(arm.prompt) for arm in plan.arms}
     models = ArmModels(plan, console)
     models.check_inputs()
@@ -108,6 +111,9 @@ def prepare(plan: ExperimentPlan, console, force: bool) -> Experiment:
                    if a.trains and a.finetune.early_stopping and not task.splits.get("validation")]
     notes = [f"finetune.early_stopping: {', '.join(unvalidated)} trained every epoch (the task has no validation "
              "split; give one in task.splits or set task.validation_size)"] if unvalidated else []
+    if sequential and not row_mean:
+        notes.append(f"eval.sequential: {KINDS[task.type].primary} is micro-averaged over field/value pairs, not a "
+                     "mean over rows, so no confidence sequence covers it: every test row is scored")
     return Experiment(plan, task, rows, examples, templates, store, models=models, run_dir=run_dir, console=console,
                       notes=plan.notes + task.notes + models.notes + notes)
 
@@ -147,7 +153,7 @@ def summarise(exp: Experiment, arms: dict[str, dict[str, float]], decision: Deci
         error_cost_usd=cfg.pricing.error_cost_usd,
         confidence=cfg.stats.confidence, not_measured=dict(exp.not_measured),
         verdict=decision.verdict, horizon_months=cfg.pricing.horizon_months, what_if=decision.what_if,
-        cost_ranges=decision.ranges,
+        cost_ranges=decision.ranges, task_type=cfg.task.type,
     )
 
 

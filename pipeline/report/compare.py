@@ -6,6 +6,8 @@ import csv
 from pathlib import Path
 from typing import Any
 
+from pipeline.economics.figures import paired_p
+from pipeline.measure.kinds import KINDS
 from pipeline.tracking import mlflow_store as tracking
 from pipeline.report.format import calls, logged_ci, months, pct_interval, pvalue, usd
 
@@ -22,8 +24,11 @@ def _break_even(value: float | None, tag: str | None) -> str:
     return calls(value)
 
 
-def _accuracy(metrics: dict[str, float]) -> str:
-    return pct_interval(metrics.get("accuracy"), logged_ci(metrics, "accuracy"))
+def _quality(metrics: dict[str, float], task_type: str) -> str:
+    """The arm's primary metric with its interval; named where it is not accuracy (an extraction's field-F1)."""
+    kind = KINDS.get(task_type, KINDS["classification"])
+    text = pct_interval(metrics.get(kind.primary), logged_ci(metrics, kind.primary))
+    return text if kind.primary == "accuracy" else f"{text} {kind.primary_label}"
 
 
 def run_row(parent: Any, children: list[Any]) -> dict[str, str]:
@@ -32,11 +37,12 @@ def run_row(parent: Any, children: list[Any]) -> dict[str, str]:
     arms = {c.data.tags.get("arm"): c.data.metrics for c in children if c.data.tags.get("roi.role", "arm") == "arm"}
     base_name, cand_name = params.get("compare.baseline", ""), params.get("compare.candidate", "")
     base, cand = arms.get(base_name, {}), arms.get(cand_name, {})
-    p = metrics.get("mcnemar_p")
+    test, p = paired_p(metrics)
+    task_type = params.get("task.type", "classification")
     return {
         "experiment": params.get("experiment", ""), "run": parent.info.run_name or parent.info.run_id,
         "verdict": tags.get("verdict", "-"), "baseline": base_name, "candidate": cand_name,
-        "baseline accuracy": _accuracy(base), "candidate accuracy": _accuracy(cand),
+        "baseline accuracy": _quality(base, task_type), "candidate accuracy": _quality(cand, task_type),
         "token reduction": f"{metrics['token_reduction_x']:.1f}x" if "token_reduction_x" in metrics else "-",
         "baseline $/1k calls": usd(base.get("cost_per_1k_calls_usd")),
         "candidate $/1k calls": usd(cand.get("cost_per_1k_calls_usd")),
@@ -49,7 +55,7 @@ def run_row(parent: Any, children: list[Any]) -> dict[str, str]:
                                                        tags.get("break_even_monthly_calls")),
         "payback": months(metrics.get("payback_months")) if "payback_months" in metrics or
         tags.get("payback_months") == "never" else "-",
-        "McNemar p": pvalue(p),
+        "McNemar p": pvalue(p) + (" (permutation)" if test == "permutation_p" else ""),
     }
 
 

@@ -13,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from pipeline.economics.figures import paired_p
 from pipeline.economics.prices import PerTokenPrice
 from pipeline.economics.serving import provider_rule
 from pipeline.report.charts import cost_chart_text
@@ -44,6 +45,9 @@ def price_text(price: Any) -> str:
         + (f" ({price.date})" if price.date else "")
 
 
+TEST_NAMES = {"mcnemar_p": "McNemar", "permutation_p": "paired permutation"}
+
+
 def _arms_by_name(exp) -> dict[str, Any]:
     return {a.name: a for a in exp.plan.arms}
 
@@ -59,9 +63,9 @@ def arm_facts(exp, summary: Summary) -> list[dict[str, Any]]:
         rows.append({
             "name": name, "role": role, "kind": arm.kind, "model": exp.models.display_name(arm)
             + (" (int8)" if arm.quantize else ""), "backend": arm.backend,
-            "accuracy": m["accuracy"], "accuracy_ci": logged_ci(m, "accuracy"), "macro_f1": m["macro_f1"],
-            "rows_evaluated": int(m.get("rows_evaluated", len(exp.rows))), "stopped_by": exp.stopped_by.get(name),
-            "macro_f1_ci": logged_ci(m, "macro_f1"), "prompt_tokens_mean": m["prompt_tokens_mean"],
+            "quality": m[summary.primary], "quality_ci": logged_ci(m, summary.primary),
+            "secondary": m.get(summary.secondary[0]), "secondary_ci": logged_ci(m, summary.secondary[0]),
+            "rows_evaluated": int(m.get("rows_evaluated", len(exp.rows))), "stopped_by": exp.stopped_by.get(name), "prompt_tokens_mean": m["prompt_tokens_mean"],
             "completion_tokens_mean": m["completion_tokens_mean"], "latency_p50_ms": m["latency_p50_ms"],
             "latency_p95_ms": m["latency_p95_ms"], "throughput_calls_per_s": m["throughput_calls_per_s"],
             "cost_per_1k_calls_usd": m["cost_per_1k_calls_usd"],
@@ -103,8 +107,8 @@ def lever_facts(exp, summary: Summary) -> list[dict[str, Any]]:
             continue
         t = summary.arms[twin]
         levers.append({"lever": "quantization", "arm": name,
-                       "detail": f"{arm.quantize} weights vs {twin}: accuracy {100 * m['accuracy']:.1f}% vs "
-                                 f"{100 * t['accuracy']:.1f}%, p50 {m['latency_p50_ms']:.0f} vs "
+                       "detail": f"{arm.quantize} weights vs {twin}: {summary.primary_label} "
+                                 f"{100 * m[summary.primary]:.1f}% vs {100 * t[summary.primary]:.1f}%, p50 {m['latency_p50_ms']:.0f} vs "
                                  f"{t['latency_p50_ms']:.0f} ms, {m.get('model_bytes', 0) / 1e6:.0f} vs "
                                  f"{t.get('model_bytes', 0) / 1e6:.0f} MB",
                        "cost_per_1k_calls_usd": m["cost_per_1k_calls_usd"],
@@ -137,9 +141,10 @@ def claim_facts(summary: Summary) -> list[dict[str, str]]:
                        "measured": f"{p['token_reduction_x']:.1f}x fewer ({summary.baseline_arm} / "
                                    f"{summary.candidate_arm} mean prompt tokens)"})
     if "prompt_gain_pts" in p:
-        reading = f", McNemar p {p['mcnemar_p_prompt']:.3g}" if "mcnemar_p_prompt" in p else ""
+        test, value = paired_p(p, "_prompt")
+        reading = f", {TEST_NAMES[test]} p {value:.3g}" if test else ""
         claims.append({"claim": "Well-engineered prompts beat naive ones by a wide margin",
-                       "measured": f"{p['prompt_gain_pts']:+.1f} accuracy points{reading}"})
+                       "measured": f"{p['prompt_gain_pts']:+.1f} {summary.primary_label} points{reading}"})
     if summary.has_pair:
         base = summary.arms[summary.baseline_arm]
         fixed = summary.fixed_cost(summary.candidate_arm)
@@ -161,7 +166,8 @@ def build_facts(exp, summary: Summary, decision, run_name: str, curve: dict | No
         "run_id": summary.run_id, "run_name": run_name, "generated_at": time.strftime("%Y-%m-%d %H:%M %Z"),
         "decision": verdict(summary), "verdict": summary.verdict[0] if summary.verdict else None,
         "task": {"name": exp.task.name, "n_train": len(exp.task.splits["train"]), "n_eval": len(exp.rows),
-                 "dataset_hash": exp.task.content_hash},
+                 "dataset_hash": exp.task.content_hash, "type": exp.task.type, "primary": summary.primary,
+                 "primary_label": summary.primary_label, "secondary_label": summary.secondary[1]},
         "monthly_calls": cfg.pricing.monthly_calls, "hours_per_month": cfg.pricing.hours_per_month,
         "error_cost_usd": cfg.pricing.error_cost_usd,
         "arms": arm_facts(exp, summary),
@@ -189,6 +195,8 @@ def build_facts(exp, summary: Summary, decision, run_name: str, curve: dict | No
                          "low": r["low"], "high": r["high"]} for r in sensitivity],
         "statistics": {"confidence": cfg.stats.confidence, "resamples": cfg.stats.resamples,
                        "mcnemar_p": p.get("mcnemar_p"), "mcnemar_p_prompt": p.get("mcnemar_p_prompt"),
+                       "paired_test": TEST_NAMES.get(paired_p(p)[0]), "paired_p": paired_p(p)[1],
+                       "paired_p_prompt": paired_p(p, "_prompt")[1],
                        "sequential": cfg.eval.sequential.model_dump() if cfg.eval.sequential else None},
         "assumptions": assumptions(cfg),
         "prices": [{"name": a.name, "value": price_text(a.price).split("; source:")[0],

@@ -81,14 +81,14 @@ def pvalue(p: float | None) -> str:
     return "-" if missing(p) else "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
-def p_reading(p: float | None, confidence: float) -> str:
+def p_reading(p: float | None, confidence: float, metric: str = "accuracy") -> str:
     """What a p-value says at the run's confidence level (`stats.confidence`)."""
     if missing(p):
         return "not computed"
     alpha = round(1 - confidence, 6)
     if p < alpha:
-        return f"p < {alpha:g}: the accuracy difference is unlikely to be chance"
-    return f"p ≥ {alpha:g}: the accuracy difference could be chance"
+        return f"p < {alpha:g}: the {metric} difference is unlikely to be chance"
+    return f"p ≥ {alpha:g}: the {metric} difference could be chance"
 
 
 def not_measured(failed: float, total: float, first_error: str | None) -> str:

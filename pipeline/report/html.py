@@ -119,14 +119,18 @@ def _view(facts: dict) -> dict:
     """Everything both renderers show, as ready-formatted strings."""
     quality = (facts.get("error_cost_usd") or 0) > 0
     arms = facts["arms"]
-    head = ["Arm", "Role", "Model", "Accuracy [CI]", "Test rows scored", "Macro-F1 [CI]", "Prompt tokens", "p50 latency (ms)",
+    task = facts["task"]
+    primary, secondary = task.get("primary_label", "accuracy"), task.get("secondary_label", "macro-F1")
+    head = ["Arm", "Role", "Model", f"{primary[0].upper()}{primary[1:]} [CI]", "Test rows scored",
+            f"{secondary[0].upper()}{secondary[1:]} [CI]", "Prompt tokens", "p50 latency (ms)",
             "Throughput (calls/s)", f"Cost / 1,000 calls at {calls(facts['monthly_calls'])}/month [CI]",
             "Monthly cost", "Replicas", "Fixed cost"]
     rows = []
     for a in arms:
         rows.append([a["name"], a.get("role") or "-", f"{a['model']} ({a['kind']}, {a['backend']})",
-                     pct_interval(a["accuracy"], a.get("accuracy_ci")), rows_scored(a, facts["task"]["n_eval"]),
-                     pct_interval(a["macro_f1"], a.get("macro_f1_ci")),
+                     pct_interval(a.get("quality", a.get("accuracy")), a.get("quality_ci", a.get("accuracy_ci"))),
+                     rows_scored(a, facts["task"]["n_eval"]),
+                     pct_interval(a.get("secondary", a.get("macro_f1")), a.get("secondary_ci", a.get("macro_f1_ci"))),
                      number(a["prompt_tokens_mean"]), number(a["latency_p50_ms"], 0),
                      number(a["throughput_calls_per_s"], 2),
                      interval(a["cost_per_1k_calls_usd"], a.get("cost_per_1k_calls_usd_ci"), usd),
@@ -142,19 +146,22 @@ def _view(facts: dict) -> dict:
     break_even, span = _break_even_rows(facts, quality)
 
     st = facts["statistics"]
+    test = st.get("paired_test") or "McNemar"
+    pair_p = st.get("paired_p", st.get("mcnemar_p"))
+    prompt_p = st.get("paired_p_prompt", st.get("mcnemar_p_prompt"))
     statistics = [
         ("Confidence level", f"{100 * st['confidence']:g}%"),
         ("Bootstrap resamples", f"{st['resamples']:,}"),
-        ("McNemar p, candidate vs baseline", f"{pvalue(st.get('mcnemar_p'))} ({p_reading(st.get('mcnemar_p'), st['confidence'])})"),
-        ("McNemar p, between the prompt arms",
-         f"{pvalue(st.get('mcnemar_p_prompt'))} ({p_reading(st.get('mcnemar_p_prompt'), st['confidence'])})"),
+        (f"{test} p, candidate vs baseline", f"{pvalue(pair_p)} ({p_reading(pair_p, st['confidence'], primary)})"),
+        (f"{test} p, between the prompt arms",
+         f"{pvalue(prompt_p)} ({p_reading(prompt_p, st['confidence'], primary)})"),
     ]
     if st.get("sequential"):  # reports from before it have none
         q = st["sequential"]
         statistics.append(("Sequential evaluation", (
             f"test rows in one seeded order, checked from row {q['min_rows']} every {q['step_rows']}; an arm stops "
-            f"once its accuracy is known to ±{100 * q['half_width']:g} points or the pair's difference excludes 0. "
-            "Accuracy intervals are confidence sequences (valid at the stopping time); other intervals bootstrap "
+            f"once its {primary} is known to ±{100 * q['half_width']:g} points or the pair's difference excludes 0. "
+            f"{primary[0].upper()}{primary[1:]} intervals are confidence sequences (valid at the stopping time); other intervals bootstrap "
             "the rows scored")))
     task, env = facts["task"], facts["environment"]
     return {

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.measure.kinds import KINDS
 from pipeline.report.format import (calls, finite, interval, logged_ci, months, not_measured, number, pct, pct_interval,
                                     usd)
 
@@ -37,6 +38,21 @@ class Summary:
     horizon_months: float = 12.0
     what_if: list[dict] = field(default_factory=list)  # a prompt's measured tokens priced on hosted models
     cost_ranges: list[dict] = field(default_factory=list)  # where the candidate is cheaper / tied / dearer
+    task_type: str = "classification"
+
+    @property
+    def primary(self) -> str:
+        """The metric the compare and the verdict read: accuracy, field_f1 or chrf."""
+        return KINDS[self.task_type].primary
+
+    @property
+    def primary_label(self) -> str:
+        return KINDS[self.task_type].primary_label
+
+    @property
+    def secondary(self) -> tuple[str, str]:
+        """The metric shown beside the primary (macro-F1, exact match, ROUGE-L), and its label."""
+        return KINDS[self.task_type].secondary
 
     @property
     def break_even_calls(self) -> float | None:
@@ -61,9 +77,9 @@ def arm_rows(summary: Summary) -> list[list[str]]:
     for arm, m in summary.arms.items():
         rows.append([
             arm,
-            pct_interval(m["accuracy"], logged_ci(m, "accuracy")),
+            pct_interval(m[summary.primary], logged_ci(m, summary.primary)),
             f"{int(m.get('rows_evaluated', summary.n_eval)):,}",
-            f"{100 * m['macro_f1']:.1f}",
+            number(100 * m[summary.secondary[0]]),
             f"{100 * m['invalid_rate']:.1f}%",
             number(m["prompt_tokens_mean"]),
             number(m["completion_tokens_mean"]),
@@ -79,7 +95,7 @@ def arm_rows(summary: Summary) -> list[list[str]]:
 
 
 def headers(summary: Summary) -> list[str]:
-    return ["arm", f"accuracy [{summary.confidence:.0%} CI]", "rows", "macro-F1", "invalid", "prompt tok", "compl. tok",
+    return ["arm", f"{summary.primary_label} [{summary.confidence:.0%} CI]", "rows", summary.secondary[1], "invalid", "prompt tok", "compl. tok",
             "p50 ms", "p95 ms", "calls/s", "$/1k calls", "$/month"]
 
 
@@ -190,11 +206,14 @@ def summary_markdown(summary: Summary) -> str:
            if summary.candidate_arm in summary.arms else ""),
         f"- Token reduction ({summary.baseline_arm} / {summary.candidate_arm} prompt tokens):"
         f" {number(p.get('token_reduction_x'))}x",
-        f"- Prompt engineering gain ({summary.baseline_arm} - naive prompt accuracy): {number(p.get('prompt_gain_pts'))} pts",
-        f"- {parser_line(summary)[0].upper()}{parser_line(summary)[1:]}.",
+        f"- Prompt engineering gain ({summary.baseline_arm} - naive prompt {summary.primary_label}):"
+        f" {number(p.get('prompt_gain_pts'))} pts",
+        *([f"- {parser_line(summary)[0].upper()}{parser_line(summary)[1:]}."]
+          if summary.task_type == "classification" else []),
         "",
         f"Decoding: {summary.decoding}"
-        + (" (answers restricted to the label set, so none is invalid)." if summary.decoding == "constrained"
+        + ((" (answers restricted to the label set, so none is invalid)." if summary.task_type == "classification"
+            else " (answers restricted to the schema's JSON).") if summary.decoding == "constrained"
            else " (what the model would answer in production; unparseable answers count as invalid)."),
         "",
         "## Latency",
@@ -227,7 +246,7 @@ def arms_table(summary: Summary) -> list[dict[str, Any]]:
     rows = []
     for arm, m in summary.arms.items():
         role = "baseline" if arm == summary.baseline_arm else "candidate" if arm == summary.candidate_arm else ""
-        rows.append({"arm": arm, "role": role, "accuracy_pct": round(100 * m["accuracy"], 1),
+        rows.append({"arm": arm, "role": role, f"{summary.primary}_pct": round(100 * m[summary.primary], 1),
                      "prompt_tokens": round(m["prompt_tokens_mean"], 1),
                      "latency_p50_ms": round(m["latency_p50_ms"], 1),
                      "cost_per_1k_calls_usd": float(f"{m['cost_per_1k_calls_usd']:.4g}"),
@@ -269,6 +288,7 @@ def summary_from_runs(parent, children) -> Summary:
         horizon_months=float(params.get("pricing.horizon_months") or 12),
         notes=[n for n in parent.data.tags.get("notes", "").split("\n") if n],
         not_measured=failed,
+        task_type=params.get("task.type", "classification"),
     )
 
 
@@ -277,15 +297,34 @@ def print_check(task, report, console) -> None:
     from rich.table import Table
 
     splits = list(task.splits)
-    console.print(f"[bold]{task.name}[/bold]: {len(task.labels)} labels, "
+    what = (f"{len(task.labels)} labels" if task.type == "classification" else
+            f"extraction of {len(report.field_coverage)} fields" if task.type == "extraction" else "generation")
+    console.print(f"[bold]{task.name}[/bold]: {what}, "
                   + ", ".join(f"{s} {n}" for s, n in report.rows.items()) + " rows")
-    table = Table(title="rows per label")
-    table.add_column("label")
-    for split in splits:
-        table.add_column(split, justify="right")
-    for label, counts in report.per_label.items():
-        table.add_row(label, *(str(counts[s]) for s in splits))
-    console.print(table)
+    if report.per_label:
+        table = Table(title="rows per label")
+        table.add_column("label")
+        for split in splits:
+            table.add_column(split, justify="right")
+        for label, counts in report.per_label.items():
+            table.add_row(label, *(str(counts[s]) for s in splits))
+        console.print(table)
+    if report.field_coverage:
+        table = Table(title="rows whose target gives the field a value (targets parse and follow the schema)")
+        table.add_column("field")
+        for split in splits:
+            table.add_column(split, justify="right")
+        for name, shares in report.field_coverage.items():
+            table.add_row(name, *(f"{100 * shares[s]:.1f}%" for s in splits))
+        console.print(table)
+    if report.target_words:
+        targets = Table(title="reference length in words")
+        targets.add_column("split")
+        for stat in ("min", "p5", "median", "mean", "p95", "max"):
+            targets.add_column(stat, justify="right")
+        for split, stats in report.target_words.items():
+            targets.add_row(split, *(f"{stats[k]:.0f}" for k in ("min", "p5", "median", "mean", "p95", "max")))
+        console.print(targets)
     lengths = Table(title="length in words")
     lengths.add_column("split")
     for stat in ("min", "p5", "median", "mean", "p95", "max"):

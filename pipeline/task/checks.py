@@ -13,7 +13,7 @@ import math
 import re
 from array import array
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -226,6 +226,9 @@ class CheckReport:
     near_duplicate_examples: list[str]
     test_train_5gram_overlap: float
     errors: list[str]
+    # extraction: each field's share of rows that give it a value (not null, not empty), per split
+    field_coverage: dict[str, dict[str, float]] = field(default_factory=dict)
+    target_words: dict[str, dict[str, float]] = field(default_factory=dict)  # generation: reference lengths
 
 
 def check_task(task: TaskData) -> CheckReport:
@@ -241,6 +244,9 @@ def check_task(task: TaskData) -> CheckReport:
     per_label = {
         label: {split: 0 for split in task.splits} for label in task.label_names
     }
+    coverage = field_coverage(task) if task.type == "extraction" else {}
+    target_words = ({split: length_stats([len(t.split()) for t in ds["label"][:]]) for split, ds in task.splits.items()}
+                    if task.type == "generation" else {})
     words: dict[str, dict[str, float]] = {}
     keys: dict[str, dict[bytes, int]] = {}
     row_keys: list[bytes] = []  # every row's key, all splits in order, as the near-duplicate search numbers them
@@ -248,12 +254,10 @@ def check_task(task: TaskData) -> CheckReport:
     grams: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for split, ds in task.splits.items():
         texts = ds["text"][:]  # a list at once: iterating the Column reads row by row, 100x slower
-        lengths = [len(t.split()) for t in texts]
-        q = statistics.quantiles(lengths, n=20) if len(lengths) > 1 else lengths * 19
-        words[split] = {"min": min(lengths), "p5": q[0], "median": statistics.median(lengths), "p95": q[-1],
-                        "max": max(lengths), "mean": statistics.fmean(lengths)}
-        for label in ds["label"][:]:
-            per_label[label][split] += 1
+        words[split] = length_stats([len(t.split()) for t in texts])
+        if per_label:
+            for label in ds["label"][:]:
+                per_label[label][split] += 1
         seen: dict[bytes, int] = {}
         for i, text in enumerate(texts):
             key = _exact_key(text)
@@ -290,7 +294,31 @@ def check_task(task: TaskData) -> CheckReport:
         test_hashes, test_rows = grams["test"]
         shared = np.isin(test_hashes, grams["train"][0])
         overlap = np.unique(test_rows[shared]).size / max(1, rows["test"])
-    return CheckReport(rows, per_label, words, within, across, len(near), examples, overlap, errors)
+    return CheckReport(rows, per_label, words, within, across, len(near), examples, overlap, errors, coverage,
+                       target_words)
+
+
+def length_stats(lengths: list[int]) -> dict[str, float]:
+    """min, p5, median, mean, p95 and max of word counts."""
+    import statistics
+
+    q = statistics.quantiles(lengths, n=20) if len(lengths) > 1 else lengths * 19
+    return {"min": min(lengths), "p5": q[0], "median": statistics.median(lengths), "p95": q[-1],
+            "max": max(lengths), "mean": statistics.fmean(lengths)}
+
+
+def field_coverage(task: TaskData) -> dict[str, dict[str, float]]:
+    """Per schema field and split, the share of rows whose target gives the field a value (not null, not [])."""
+    import json
+
+    fields = list((task.schema or {}).get("properties", {}))
+    out: dict[str, dict[str, float]] = {name: {} for name in fields}
+    for split, ds in task.splits.items():
+        targets = [json.loads(t) for t in ds["label"][:]]
+        for name in fields:
+            given = sum(t.get(name) not in (None, "", [], {}) for t in targets)
+            out[name][split] = given / max(1, len(targets))
+    return out
 
 
 def _split_ngrams(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:

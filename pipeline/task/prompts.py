@@ -2,7 +2,8 @@
 
 A template file holds either `messages` (a chat: each content is a Jinja2 template, rendered
 through the model's chat template) or `template` (plain text sent as is). Templates see
-`text` (the input), `labels` (name, description) and `examples` (text, label). A message
+`text` (the input), `labels` (name, description), `fields` (an extraction's: name, type, description, enum,
+required, nullable), `instruction` (a generation's task.instruction) and `examples` (text, label, target). A message
 `{few_shot: {user: ..., assistant: ...}}` expands into one user/assistant turn pair per
 example, with `example` in scope: small chat models follow demonstrated turns far better
 than examples listed in a system text.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +111,8 @@ def load_template(path: Path) -> PromptTemplate:
 
 
 def pick_examples(train_texts: list[str], train_labels: list[str], k: int, seed: int) -> list[dict[str, str]]:
-    """k few-shot examples from train, seeded, one per label before any label repeats."""
+    """k few-shot examples from train, seeded, one per label before any label repeats. Each is `text` and its
+    answer as `label` and `target` (an extraction target's compact JSON, a generation's reference)."""
     order = list(range(len(train_texts)))
     random.Random(seed).shuffle(order)
     chosen: list[int] = []
@@ -125,7 +127,7 @@ def pick_examples(train_texts: list[str], train_labels: list[str], k: int, seed:
             seen_labels.add(train_labels[i])
             if len(chosen) == k:
                 break
-    return [{"text": train_texts[i], "label": train_labels[i]} for i in chosen]
+    return [{"text": train_texts[i], "label": train_labels[i], "target": train_labels[i]} for i in chosen]
 
 
 @dataclass(frozen=True)
@@ -157,10 +159,13 @@ class PromptRenderer:
     tokenizer: Any
     labels: list[Label]
     examples: list[dict[str, str]]
+    fields: list[dict[str, Any]] = field(default_factory=list)  # extraction: the schema's fields
+    instruction: str = ""  # generation: task.instruction
 
     def _variables(self, text: str) -> dict[str, Any]:
         labels = [{"name": l.name, "description": l.description} for l in self.labels]
-        return {"text": text, "labels": labels, "examples": self.examples}
+        return {"text": text, "labels": labels, "examples": self.examples, "fields": self.fields,
+                "instruction": self.instruction}
 
     def render(self, text: str) -> str:
         return self.prompt(text).to_string(self.tokenizer)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import datasets
 
+from pipeline.task.schema import canonical, check_targets, infer_schema, load_schema, parse_targets
 from pipeline.task.checks import as_text, check_known_labels, check_label_set, check_rows, check_texts
 from pipeline.task.types import DataConfig, DataError, Label, TaskConfig, TaskData
 
@@ -180,8 +181,9 @@ def read_texts(path: Path, fmt: str, text_column: str) -> list[str]:
 
 
 def read_split(path: Path, fmt: str, text_column: str, label_column: str,
-               notes: list[str] | None = None) -> datasets.Dataset:
-    """Read one split file into a Dataset with string columns `text` and `label` (labels stripped).
+               notes: list[str] | None = None, task_type: str = "classification") -> datasets.Dataset:
+    """Read one split file into a Dataset with string columns `text` and `label` (labels stripped; an extraction
+    target as its compact JSON, a generation target as its text).
 
     A column read as text that was not (numbers, say) is noted: added to `notes`, or printed if none is given.
     """
@@ -193,19 +195,42 @@ def read_split(path: Path, fmt: str, text_column: str, label_column: str,
                for key, name in (("text_column", text_column), ("label_column", label_column))}
     if _holds_lists(ds, columns.values()):
         raise DataError(f"{path}: {_ONE_OBJECT}")
-    texts, labels = (_column_text(ds, path, columns[key]) for key in ("text_column", "label_column"))
-    labels = [label.strip() if label is not None else None for label in labels]
-    check_rows(path, texts, labels)
-    cast = [f"{c!r} ({kind})" for c in columns.values() if (kind := _non_text_kind(ds, c))]
+    texts = _column_text(ds, path, columns["text_column"])
+    labels = _targets(ds, path, columns["label_column"], task_type)
+    if task_type == "classification":
+        check_rows(path, texts, labels)
+    else:
+        check_texts(path, texts)
+    typed = (columns["text_column"],) if task_type == "extraction" else columns.values()
+    cast = [f"{c!r} ({kind})" for c in typed if (kind := _non_text_kind(ds, c))]
     if cast:
         message = f"{path}: column{'s' if len(cast) > 1 else ''} {', '.join(cast)} read as text"
         if notes is None:
             _note(message)
         else:
             notes.append(message)
+    return _with_labels(texts, labels)
+
+
+def _with_labels(texts: list[str] | datasets.Dataset, labels: list[str]) -> datasets.Dataset:
+    """The split's shape downstream: string columns `text` and `label`."""
+    texts = texts["text"][:] if isinstance(texts, datasets.Dataset) else texts
     string = datasets.Value("string")
     return datasets.Dataset.from_dict({"text": texts, "label": labels},
                                       features=datasets.Features({"text": string, "label": string}))
+
+
+def _targets(ds: datasets.Dataset, path: Path, column: str, task_type: str) -> list[str | None]:
+    """The target column as text: a label (stripped), an extraction target's compact JSON, a reference text."""
+    if task_type == "extraction":
+        return [json.dumps(t, ensure_ascii=False, separators=(",", ":"))
+                for t in parse_targets(path, ds[column][:], column)]
+    values = _column_text(ds, path, column)
+    if task_type == "generation":
+        for i, value in enumerate(values):
+            if value is None or not value.strip():
+                raise DataError(f"{path}: row {i + 1}: empty reference text in {column!r}")
+    return [value.strip() if value is not None else None for value in values]
 
 
 def _label_entry(path: Path, i: int, entry: object) -> Label:
@@ -264,29 +289,55 @@ def load_task(task: TaskConfig, data: DataConfig | None = None) -> TaskData:
     _check_distinct_files(files)
     unlabelled_file = files.pop("unlabelled", None)
     notes: list[str] = []
-    splits = {split: read_split(path, task.format, task.text_column, task.label_column, notes)
+    target_column = task.target_column or task.label_column
+    splits = {split: read_split(path, task.format, task.text_column, target_column, notes, task.type)
               for split, path in files.items()}
-    labels = read_labels(task, splits["train"], files["train"])
-    names = [label.name for label in labels]
-    label_source = (task.labels if isinstance(task.labels, str) else "task.labels" if task.labels is not None
-                    else f"the labels seen in {files['train'].name}")
-    for split, ds in splits.items():
-        check_known_labels(files[split], ds["label"][:], names, label_source)
+    labels, schema = [], None
+    if task.type == "classification":
+        labels = read_labels(task, splits["train"], files["train"])
+        names = [label.name for label in labels]
+        label_source = (task.labels if isinstance(task.labels, str) else "task.labels" if task.labels is not None
+                        else f"the labels seen in {files['train'].name}")
+        for split, ds in splits.items():
+            check_known_labels(files[split], ds["label"][:], names, label_source)
+    elif task.type == "extraction":
+        schema, splits = _schema_checked(task, splits, files, notes)
     splits = _make_splits(splits, files["train"], task, data)
     unlabelled = read_texts(unlabelled_file, task.format, task.text_column) if unlabelled_file else None
     if unlabelled_file:
         files["unlabelled"] = unlabelled_file
     for note in notes:  # only once the task is sound: an error stays the one line printed
         _note(note)
-    label_text = json.dumps([[l.name, l.description] for l in labels])
+    label_text = json.dumps([[l.name, l.description] for l in labels]) + (json.dumps(schema) if schema else "")
     # Sorted: the order a config lists its splits in (a YAML writer may sort them) is not the data's identity.
     settings = json.dumps(
-        {"splits": task.splits, "columns": [task.text_column, task.label_column], "train_limit": data.train_limit,
+        {"splits": task.splits, "columns": [task.text_column, target_column], "train_limit": data.train_limit,
+         "type": task.type,
          "seed": data.seed, "test_size": task.test_size, "validation_size": task.validation_size}, sort_keys=True
     )
     content_hash = hash_files([files[split] for split in sorted(files)], label_text + settings)
     return TaskData(task.name or Path(task.path).resolve().name, labels, splits, files, content_hash, notes=notes,
-                    unlabelled=unlabelled)
+                    unlabelled=unlabelled, type=task.type, schema=schema)
+
+
+def _schema_checked(task: TaskConfig, splits: dict[str, datasets.Dataset], files: dict[str, Path],
+                    notes: list[str]) -> tuple[dict, dict[str, datasets.Dataset]]:
+    """The extraction targets' schema (task.schema, or inferred from train with a note), every split's targets
+    checked against it and written in its field order (the compact JSON a fine-tune learns)."""
+    train_targets = [json.loads(t) for t in splits["train"]["label"]]
+    if task.schema_file:
+        schema_path = task.path / task.schema_file
+        schema, source = load_schema(schema_path), str(schema_path)
+    else:
+        schema, source = infer_schema(train_targets), f"inferred from {files['train'].name}"
+        notes.append(f"{task.path}: no task.schema: the fields' schema is inferred from the train targets "
+                     f"({', '.join(schema['properties'])})")
+    checked = {}
+    for split, ds in splits.items():
+        targets = [json.loads(t) for t in ds["label"]]
+        check_targets(files[split], targets, schema, source)
+        checked[split] = _with_labels(ds, [canonical(t, schema) for t in targets])
+    return schema, checked
 
 
 def _check_distinct_files(files: dict[str, Path]) -> None:

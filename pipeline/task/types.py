@@ -18,11 +18,17 @@ class DataError(UserError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True)
+
+
+TASK_TYPES = ("classification", "extraction", "generation")
 
 
 class TaskConfig(_Strict):
     name: str | None = Field(default=None, description="default: the task folder's name")
+    type: Literal["classification", "extraction", "generation"] = Field(
+        default="classification", description="classification: one label a row (accuracy); extraction: a JSON "
+        "object of fields a row (field_f1); generation: a reference text a row (chrf)")
     path: Path = Field(description="folder holding the split files")
     format: Literal["auto", "csv", "jsonl", "json", "parquet"] = "auto"
     # `unlabelled`: texts without labels, for a prompt arm to label (finetune.labels_from) and a student to learn.
@@ -31,6 +37,15 @@ class TaskConfig(_Strict):
     )
     text_column: str = "text"
     label_column: str = "label"
+    target_column: str | None = Field(
+        default=None, description="the column holding each row's answer (extraction: a JSON object or its text; "
+        "generation: the reference text); default: label_column")
+    instruction: str = Field(
+        default="Write the answer for this input.", description="generation: what to write, in a sentence "
+        "(the built-in naive and engineered prompts say it)")
+    schema_file: str | None = Field(
+        default=None, alias="schema", description="extraction: a JSON Schema file in `path` the targets follow; "
+        "default: inferred from the train targets")
     labels: str | list[str] | None = Field(
         default=None,
         description="label file (JSON list of names or of {name, description}) in `path`, "
@@ -54,13 +69,15 @@ class Label:
 @dataclass
 class TaskData:
     name: str
-    labels: list[Label]
+    labels: list[Label]  # classification's label set; empty for other types
     splits: dict[str, Any]  # split name -> datasets.Dataset
     files: dict[str, Path]
     content_hash: str
     source_rows: dict[str, list[int]] = field(default_factory=dict)
     unlabelled: list[str] | None = None  # task.splits.unlabelled's texts
     notes: list[str] = field(default_factory=list)
+    type: str = "classification"
+    schema: dict[str, Any] | None = None  # extraction: the targets' JSON Schema (given or inferred)
 
     @property
     def label_names(self) -> list[str]:

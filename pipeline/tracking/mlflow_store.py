@@ -30,7 +30,8 @@ EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_de
 #   it is listed under "Views" and opened by `viewStateShareKey=<id>` in a link.
 VIEW_ID, VIEW_NAME = "roi-arms", "roi: arms side by side"
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_ID}"
-# The columns a user needs to compare arms, in reading order; the UI shows none by default.
+# The columns a user needs to compare arms, in reading order (the task type's primary metric first: accuracy,
+# field_f1 or chrf); the UI shows none by default.
 VIEW_METRICS = ("accuracy", "latency_p50_ms", "prompt_tokens_mean", "cost_per_1k_calls_usd", "break_even_calls")
 # - The runs table opens a parent's child rows by itself only when a child is tagged as an evaluation run;
 #   an arm run is one: a model evaluated on the test split.
@@ -58,8 +59,9 @@ def redact(uri: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def connect(experiment: str) -> str:
-    """Point MLflow at the store and check it answers, before any expensive work starts."""
+def connect(experiment: str, primary: str = "accuracy") -> str:
+    """Point MLflow at the store and check it answers, before any expensive work starts; the experiment's saved
+    view leads with the `primary` metric."""
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     # transformers' MLflow callback reads the environment, not mlflow's global state.
@@ -70,7 +72,7 @@ def connect(experiment: str) -> str:
     except Exception as exc:  # mlflow raises many types for an unreachable or broken store
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
         raise TrackingError(f"tracking store {redact(uri)} is not usable: {first.replace(uri, redact(uri))}") from None
-    set_up_ui(exp)
+    set_up_ui(exp, primary)
     if uri.startswith("http"):
         _say_when_retrying(uri)
     return exp.experiment_id
@@ -135,15 +137,16 @@ def _probe_settings(uri: str):
                 os.environ[name] = value
 
 
-def arms_view_state() -> dict[str, Any]:
+def arms_view_state(primary: str = "accuracy") -> dict[str, Any]:
     """The saved view's state: the comparison columns in the runs table, in order, newest run first."""
     # The tag says `never` where the break-even metric is absent because there is none.
-    columns = [f"metrics.`{name}`" for name in VIEW_METRICS] + ["tags.`break_even`"]
+    names = (primary, *VIEW_METRICS[1:])
+    columns = [f"metrics.`{name}`" for name in names] + ["tags.`break_even`"]
     return {"selectedColumns": columns, "columnOrder": columns, "orderByKey": "attributes.start_time",
             "orderByAsc": False}
 
 
-def set_up_ui(exp: Any) -> None:
+def set_up_ui(exp: Any, primary: str = "accuracy") -> None:
     """Tag the experiment as model development and give it the arms view (written only when it changed)."""
     tags = exp.tags or {}
     if EXPERIMENT_KIND_TAG not in tags:  # a kind the user chose in the UI stays
@@ -152,7 +155,7 @@ def set_up_ui(exp: Any) -> None:
         current = json.loads(tags.get(VIEW_TAG, "{}")).get("state")
     except (ValueError, AttributeError):
         current = None
-    state = json.dumps(arms_view_state(), sort_keys=True)
+    state = json.dumps(arms_view_state(primary), sort_keys=True)
     if current != state:
         mlflow.set_experiment_tag(VIEW_TAG, json.dumps(
             {"name": VIEW_NAME, "createdAt": int(time.time() * 1000), "state": state}))

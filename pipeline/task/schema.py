@@ -1,0 +1,131 @@
+"""Extraction targets: a JSON object per row, the JSON Schema they follow (given, or inferred from train), and
+the schema's fields as prompt templates see them. Every problem is one DataError line naming the file and row."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from pipeline.task.types import DataError
+
+# An inferred field becomes an enum when it takes at most this many string values, each seen at least twice.
+ENUM_MAX_VALUES = 12
+_JSON_TYPES = ((bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"), (list, "array"),
+               (dict, "object"), (type(None), "null"))
+
+
+def load_schema(path: Path) -> dict[str, Any]:
+    """A JSON Schema file for the targets: an object schema with `properties`, itself a valid schema."""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: schema file not found (task.schema)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(schema, dict) or schema.get("type", "object") != "object" \
+            or not isinstance(schema.get("properties"), dict) or not schema["properties"]:
+        raise DataError(f"{path}: expected an object schema with `properties` (the fields to extract)")
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as exc:
+        at = "/".join(str(p) for p in exc.path) or "top level"
+        raise DataError(f"{path}: not a valid JSON Schema at {at}: {exc.message}") from None
+    return schema
+
+
+def parse_targets(path: Path, cells: list[Any], column: str) -> list[dict[str, Any]]:
+    """Each row's target as a JSON object: an object cell, or text holding one."""
+    targets = []
+    for i, cell in enumerate(cells):
+        value = cell
+        if isinstance(cell, str):
+            try:
+                value = json.loads(cell)
+            except json.JSONDecodeError:
+                raise DataError(f"{path}: row {i + 1}: {column!r} is not JSON ({cell[:60]!r})") from None
+        if not isinstance(value, dict):
+            what = "empty" if value is None else f"{type(value).__name__} {json.dumps(value)[:60]}"
+            raise DataError(f"{path}: row {i + 1}: {column!r} is {what}, expected a JSON object of fields")
+        targets.append(value)
+    return targets
+
+
+def check_targets(path: Path, targets: list[dict[str, Any]], schema: dict[str, Any], source: str) -> None:
+    """Every target conforms to the schema; the first that does not is named with its row and field."""
+    from jsonschema import Draft202012Validator
+
+    validator = Draft202012Validator(schema)
+    for i, target in enumerate(targets):
+        error = next(iter(sorted(validator.iter_errors(target), key=lambda e: list(e.path))), None)
+        if error is not None:
+            field = ".".join(str(p) for p in error.path) or "the object"
+            raise DataError(f"{path}: row {i + 1}: {field} breaks the schema ({source}): {error.message[:120]}")
+
+
+def infer_schema(targets: list[dict[str, Any]]) -> dict[str, Any]:
+    """A schema from the train targets: each field's JSON types as seen, an enum where a string field takes few
+    values each seen more than once, `required` the fields every row has."""
+    fields: dict[str, list[Any]] = {}
+    for target in targets:
+        for name, value in target.items():
+            fields.setdefault(name, []).append(value)
+    properties = {}
+    for name, values in fields.items():
+        types = sorted({_json_type(v) for v in values})
+        prop: dict[str, Any] = {"type": types[0] if len(types) == 1 else types}
+        strings = Counter(v for v in values if isinstance(v, str))
+        if strings and set(types) <= {"string", "null"} and len(strings) <= ENUM_MAX_VALUES \
+                and min(strings.values()) >= 2:
+            prop["enum"] = sorted(strings) + ([None] if "null" in types else [])
+        items = {_json_type(x) for v in values if isinstance(v, list) for x in v}
+        if len(items) == 1:
+            prop["items"] = {"type": items.pop()}
+        properties[name] = prop
+    required = [n for n in fields if len(fields[n]) == len(targets)]
+    return {"type": "object", "properties": properties, "required": required}
+
+
+def _json_type(value: Any) -> str:
+    return next(name for kind, name in _JSON_TYPES if isinstance(value, kind))
+
+
+def canonical(target: dict[str, Any], schema: dict[str, Any]) -> str:
+    """The compact JSON a fine-tune learns to write: the schema's field order, then any other field."""
+    order = list(schema.get("properties", {}))
+    ordered = {k: target[k] for k in order if k in target} | {k: v for k, v in target.items() if k not in order}
+    return json.dumps(ordered, ensure_ascii=False, separators=(",", ":"))
+
+
+def schema_fields(schema: dict[str, Any]) -> list[dict[str, Any]]:
+    """The fields as templates show them: name, a type in words, the description, the allowed values."""
+    required = set(schema.get("required", []))
+    out = []
+    for name, prop in schema.get("properties", {}).items():
+        out.append({"name": name, "type": type_words(prop), "description": prop.get("description", ""),
+                    "enum": [v for v in prop.get("enum", []) if v is not None], "required": name in required,
+                    "nullable": "null" in _types(prop) or None in prop.get("enum", [])})
+    return out
+
+
+def type_words(prop: dict[str, Any]) -> str:
+    """A field's type the way an instruction says it: "one of: low, normal, high", "list of strings", "string or null"."""
+    types = [t for t in _types(prop) if t != "null"]
+    nullable = "null" in _types(prop) or None in prop.get("enum", [])
+    if prop.get("enum"):
+        words = "one of: " + ", ".join(str(v) for v in prop["enum"] if v is not None)
+    elif types == ["array"]:
+        item = prop.get("items", {}).get("type", "value")
+        words = f"list of {item}s"
+    else:
+        words = " or ".join(types) or "value"
+    return words + (" or null" if nullable else "")
+
+
+def _types(prop: dict[str, Any]) -> list[str]:
+    kind = prop.get("type", [])
+    return [kind] if isinstance(kind, str) else list(kind)

@@ -40,7 +40,8 @@ def test_values_equal_after_normalising(a, b):
     assert normalise(a) == normalise(b)
 
 
-@pytest.mark.parametrize("a, b", [("dock", "docks"), (["a", "a"], ["a"]), (True, "true"), (10, 100), ("E-1", "E1")])
+@pytest.mark.parametrize("a, b", [("dock", "docks"), (["a", "a"], ["a"]), (True, "true"), (10, 100), ("E-1", "E1"),
+                                  ("0044712", "44712")])  # an id's leading zeros are part of it
 def test_values_that_differ_stay_different(a, b):
     assert normalise(a) != normalise(b)
 
@@ -142,8 +143,34 @@ def test_targets_as_objects_or_json_text_load_as_compact_json_in_schema_order(tm
 def test_without_a_schema_one_is_inferred_with_a_note(tmp_path, capsys):
     rows = [{"text": f"t{i}", "target": {**GOOD, "urgency": u}} for i, u in enumerate(["high", "low"] * 3)]
     task = load_task(_task(tmp_path, rows, type="extraction", target_column="target"))
-    assert task.schema["properties"]["urgency"]["enum"] == ["high", "low"]
+    # every field may be null (a message may not give it) and none is required
+    assert task.schema["properties"]["urgency"] == {"type": ["null", "string"], "enum": ["high", "low", None]}
+    assert "required" not in task.schema
     assert "inferred from the train targets" in capsys.readouterr().err
+    # a value train never has is refused like a label outside a classification's set, saying how to allow it
+    (tmp_path / "test.jsonl").write_text(json.dumps({"text": "x", "target": {**GOOD, "urgency": "soon"}}) + "\n")
+    with pytest.raises(DataError, match=r"test.jsonl: row 1: urgency breaks the schema \(inferred from train.jsonl; "
+                                        r"give task.schema to allow more\)"):
+        load_task(_task_files_kept(tmp_path, type="extraction", target_column="target"))
+
+
+def _task_files_kept(tmp_path: Path, **config) -> TaskConfig:
+    return TaskConfig(path=tmp_path, **config)
+
+
+def test_a_key_a_row_lacks_is_absent_not_null_though_arrow_fills_it(tmp_path):
+    schema = {"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "string"}}, "required": ["a"],
+              "additionalProperties": False}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    rows = [{"text": "one", "fields": {"a": "x", "b": "y"}}, {"text": "two", "fields": {"a": "z"}}]
+    task = load_task(_task(tmp_path, rows, type="extraction", target_column="fields", schema="schema.json"))
+    assert task.splits["train"]["label"][:] == ['{"a":"x","b":"y"}', '{"a":"z"}']
+
+
+def test_target_keys_outside_the_schema_count_as_pairs_to_find():
+    gold = {**GOOD, "colour": "red"}
+    assert field_counts(GOOD, gold, FIELDS)["colour"] == [0, 0, 1]
+    assert field_counts(gold, gold, FIELDS)["colour"] == [1, 0, 0]
 
 
 @pytest.mark.parametrize("target, message", [
@@ -180,3 +207,22 @@ def test_an_empty_generation_reference_is_refused(tmp_path):
 def test_the_generation_default_answer_length_comes_from_the_targets():
     assert Generation.default_max_new_tokens(list(range(1, 101))) == 1 + 119  # p95 = 95, +25% = 118.75 -> 119
     assert Extraction.default_max_new_tokens([10, 40, 20]) == 51
+
+
+def test_api_arms_get_the_schema_in_strict_form_and_the_answers_it_allows_stay_the_same():
+    from jsonschema import Draft202012Validator
+
+    from pipeline.backends.openai import strict_schema
+
+    loose = {"type": "object", "properties": {"a": {"type": "string"}, "b": {"enum": ["x", "y"]},
+                                              "c": {"type": "array", "items": {"type": "string"}}}, "required": ["a"]}
+    strict = strict_schema(loose)
+    assert strict["required"] == ["a", "b", "c"] and strict["additionalProperties"] is False
+    assert strict["properties"]["a"] == {"type": "string"}  # required stays as it was
+    assert strict["properties"]["b"]["enum"] == ["x", "y", None] and strict["properties"]["c"]["type"] == ["array", "null"]
+    # what strict mode makes a model write (every key, null where the loose schema had it absent) scores as the
+    # loose answer would: null and absent are the same field
+    answer = {"a": "q", "b": None, "c": None}
+    assert not list(Draft202012Validator(strict).iter_errors(answer))
+    assert same_object(answer, {"a": "q"}, ["a", "b", "c"])
+    assert strict_schema(SCHEMA) == SCHEMA  # the shipped schema is strict already

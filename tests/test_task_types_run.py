@@ -93,3 +93,32 @@ def test_task_type_mistakes_are_one_line_before_any_model_loads(tmp_path, capsys
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("roi: error: ") and words in err and err.count("\n") == 1, err
+
+
+FIELDS = ROOT / "datasets" / "support_fields"
+
+
+@pytest.mark.parametrize("schema, extra, words", [
+    # valid JSON Schema (jsonschema checks the targets with it), but the decoder's regex engine has no look-ahead
+    ({"pattern": "^(?=.)[A-Za-z0-9-]+$"}, {}, "llguidance cannot compile it: regex parse error"),
+    ({}, {"eval": {"decoding": "constrained", "max_new_tokens": 8}}, "max_new_tokens=8 is below the"),
+    ({"$ref": "#/$defs/nowhere"}, {}, "the schema cannot check"),
+])
+def test_a_schema_constrained_decoding_cannot_use_is_one_line_before_any_model_loads(tmp_path, capsys, schema,
+                                                                                     extra, words):
+    full = json.loads((FIELDS / "schema.json").read_text())
+    full["properties"]["order_id"] = {**full["properties"]["order_id"], **schema}
+    (tmp_path / "schema.json").write_text(json.dumps(full))
+    config = {"experiment": "types", "output_dir": str(tmp_path / "runs"),
+              "arms": [{"name": "json", "prompt": "engineered", "eval": {"decoding": "constrained"}}],
+              "task": {"type": "extraction", "path": str(FIELDS), "target_column": "fields",
+                       "schema": str(tmp_path / "schema.json"),
+                       "splits": {"train": "train.jsonl", "test": "test.jsonl"}}, **extra}
+    if "eval" in extra:
+        config["arms"] = [{"name": "json", "prompt": "engineered"}]
+    path = tmp_path / "types.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("roi: error: ") and words in err and err.count("\n") == 1, err
+    assert not (tmp_path / "runs" / "stages").exists()

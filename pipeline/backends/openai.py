@@ -36,9 +36,36 @@ def _json_schema(labels: list[str]) -> dict[str, Any]:
 
 def _schema_format(schema: dict[str, Any]) -> dict[str, Any]:
     """The structured-output request for JSON that validates against `schema`, named after its title (a name
-    the API accepts: letters, digits, `_` and `-`, at most 64)."""
+    the API accepts: letters, digits, `_` and `-`, at most 64), in strict mode's form (`strict_schema`)."""
     name = re.sub(r"[^A-Za-z0-9_-]+", "_", str(schema.get("title") or "")).strip("_")[:64] or "answer"
-    return {"type": "json_schema", "json_schema": {"name": name, "strict": True, "schema": schema}}
+    return {"type": "json_schema", "json_schema": {"name": name, "strict": True, "schema": strict_schema(schema)}}
+
+
+def strict_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` as strict structured outputs require it: every object lists all its properties in `required`
+    and allows no others. A property the schema left optional becomes nullable instead: null and an absent
+    field score the same, so the answers it allows are the ones the schema allows."""
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict_schema(v) if k in ("items", "additionalProperties") else v for k, v in schema.items()}
+    if "properties" in schema:
+        required = set(schema.get("required", []))
+        out["properties"] = {name: strict_schema(prop) if name in required else _nullable(strict_schema(prop))
+                             for name, prop in schema["properties"].items()}
+        out["required"], out["additionalProperties"] = list(schema["properties"]), False
+    return out
+
+
+def _nullable(prop: dict[str, Any]) -> dict[str, Any]:
+    if "enum" in prop:
+        return prop if None in prop["enum"] else {**prop, "enum": [*prop["enum"], None],
+                                                   **({"type": _with_null(prop["type"])} if "type" in prop else {})}
+    return {**prop, "type": _with_null(prop["type"])} if "type" in prop else prop
+
+
+def _with_null(kind: str | list[str]) -> list[str]:
+    kinds = [kind] if isinstance(kind, str) else list(kind)
+    return kinds if "null" in kinds else [*kinds, "null"]
 
 
 def _parse_label(text: str) -> str:

@@ -213,7 +213,7 @@ class Decision:
 def compare(baseline: str | None, candidate: str | None, naive: str | None, arms: dict[str, ArmInputs],
             rows: dict[str, ArmRows], pricing: PricingConfig, stats: StatsConfig,
             hosted: dict[str, PerTokenPrice]) -> Decision:
-    """The parent run's figures (prompt gain, fixed cost, token reduction, the one-off break-even, McNemar's p,
+    """The parent run's figures (prompt gain, fixed cost, token reduction, the one-off break-even, the paired test's p,
     each route's horizon total, the break-even volume, payback months, with intervals), the sensitivity rows,
     the cost ranges, the verdict, the cost curves and the what-if table. Arms not measured are not in `arms`."""
     out: dict[str, float] = {}

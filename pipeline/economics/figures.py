@@ -1,5 +1,6 @@
 """From measurements to money, per arm and for the one-off break-even: each arm's cost at the configured volume
-(as deployed, `routes`), its levers, intervals over resampled test rows, McNemar's test between arms, and the
+(as deployed, `routes`), its levers, intervals over resampled test rows, the paired test between arms
+(McNemar's, or a permutation test for a continuous metric), and the
 one-off break-even with its sensitivity. The horizon figures and the verdict are `decision`'s.
 
 The math itself is in `costing`, `serving`, `routes` and `stats`; this module only feeds it what was measured. Pure: it takes
@@ -213,7 +214,7 @@ def one_off_calls(base: ArmCost, cand: ArmCost, volume: float) -> float:
 def pair_metrics(pair: Pair, rows: dict[str, ArmRows], pricing: PricingConfig, stats: StatsConfig) -> dict[str, float]:
     """Parent-run figures of the compare pair at the configured volume: the one-off break-even (calls until the
     fine-tune's extra one-off cost is paid back by its saving per call; and quality-adjusted) with its interval,
-    and McNemar's p between the two arms. The horizon figures are `economics.decision`'s."""
+    and the paired test's p between the two arms. The horizon figures are `economics.decision`'s."""
     volume = pricing.monthly_calls
     one_off = one_off_calls(*pair.costs(pricing), volume)
     out: dict[str, float] = {"break_even_calls": one_off}

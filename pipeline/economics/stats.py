@@ -1,4 +1,5 @@
-"""Statistics over test rows: paired bootstrap intervals, McNemar's exact test, per-label scores."""
+"""Statistics over test rows: paired bootstrap intervals, McNemar's exact test, a paired permutation test,
+micro-F1, per-label scores."""
 
 from __future__ import annotations
 

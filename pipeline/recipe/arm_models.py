@@ -17,6 +17,7 @@ import mlflow
 import torch
 
 from pipeline.tracking import mlflow_store as tracking
+from pipeline.backends.decoding.json_schema import JsonSchemaConstraint
 from pipeline.backends.local import LocalSettings
 from pipeline.backends.registry import backend_class
 from pipeline.experiment.arms import Arm
@@ -119,6 +120,19 @@ class ArmModels:
         if key not in self._tokenizers:
             self._tokenizers[key] = load_tokenizer(resolve_source(config), config.trust_remote_code)
         return self._tokenizers[key]
+
+    def check_schema_decoding(self, inputs: RunInputs) -> None:
+        """An extraction schema the local constrained decoder cannot compile, or an `eval.max_new_tokens` too short
+        for its shortest answer: one line before any model loads, not once the arms before it were measured."""
+        if inputs.task.schema is None:
+            return
+        where = (f"{inputs.cfg.task.path / inputs.cfg.task.schema_file}" if inputs.cfg.task.schema_file
+                 else "the schema inferred from the train targets")
+        for arm in self.plan.arms:
+            if arm.eval.decoding == "constrained" and arm.model.in_process:
+                tokenizer = self.tokenizer_for(arm)
+                constraint = JsonSchemaConstraint(tokenizer, inputs.task.schema, [tokenizer.eos_token_id], name=where)
+                constraint.start(inputs.max_new_tokens(arm, tokenizer))
 
     def _load(self, arm: Arm) -> Any:
         t0 = time.perf_counter()

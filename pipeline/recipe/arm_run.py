@@ -66,7 +66,7 @@ def run_arm(exp: Experiment, arm: Arm, tags: dict[str, str] | None = None) -> di
                         model=exp.models.identity(arm), adapter=exp.models.adapter_key(arm, exp, template),
                         **({"quantize": arm.quantize} if arm.quantize else {}),
                         # Where the pair's difference may stop the arm, the other arm's scores decide when.
-                        **({"paired_with": partner.astype(int).tolist()} if partner is not None else {}),
+                        **({"paired_with": [round(float(s), 6) for s in partner]} if partner is not None else {}),
                         # A local arm's timings hold only on the machine and libraries that measured them.
                         **({"machine": machine()} if arm.model.in_process else {}))
         metrics, predictions, fresh, stopped_by = measure_arm(exp, arm, template, key, partner)
@@ -92,10 +92,10 @@ def run_arm(exp: Experiment, arm: Arm, tags: dict[str, str] | None = None) -> di
 
 
 def pair_partner_scores(exp: Experiment, arm: Arm):
-    """The compare pair's other arm's 0/1 scores on the test rows, where `arm` is in the pair, evaluates
-    sequentially and the other arm was measured before it; else None."""
+    """The compare pair's other arm's row scores on the test rows, where `arm` is in the pair, evaluates
+    sequentially (its primary is a mean over rows) and the other arm was measured before it; else None."""
     pair = (exp.plan.pair.baseline, exp.plan.pair.candidate)
-    if arm.eval.sequential is None or arm.name not in pair or pair[0] == pair[1]:
+    if arm.eval.sequential is None or arm.name not in pair or pair[0] == pair[1] or not exp.kind(arm).row_mean:
         return None
     other = exp.outcomes.get(pair[1] if arm.name == pair[0] else pair[0])
     return None if other is None else other.score.astype(float)
@@ -184,10 +184,10 @@ def price_arm(exp: Experiment, arm: Arm, metrics: dict[str, float], predictions:
     mlflow.log_artifact(str(predictions))
     if rows.predicted is not None:
         log_label_scores(exp, arm, rows)
-    table = exp.kind(arm).per_item_table([exp.kind(arm).score(a["raw_output"], a["gold"]) for a in answers],
-                                         [a["gold"] for a in answers])
-    if table is not None:
-        tracking.log_table(table[1], table[0])
+    kind = exp.kind(arm)
+    if kind.item_table:  # per_field.json
+        tracking.log_table(kind.per_item_table([kind.score(a["raw_output"], a["gold"]) for a in answers],
+                                               [a["gold"] for a in answers]), kind.item_table)
 
 
 def log_label_scores(exp: Experiment, arm: Arm, rows: economics.ArmRows) -> None:

@@ -38,7 +38,7 @@ def evaluate(inputs: RunInputs, arm: Arm, backend: Backend, renderer: PromptRend
     predictions.parent.mkdir(parents=True, exist_ok=True)
     kind = inputs.kind(arm)
     scored, outputs = [], []
-    correct = []  # each row's score on the primary metric's per-row measure, as the sequential rule reads it
+    row_scores = []  # each row's share of the primary metric (1/0 correct, its chrF), as the sequential rule reads it
     rule = sequential_rule(arm.eval.sequential, inputs.cfg.stats.confidence) if kind.row_mean else None
     with predictions.open("w", encoding="utf-8") as out, \
             Progress(TextColumn(f"evaluating {arm.name:<12}"), BarColumn(), MofNCompleteColumn(),
@@ -51,14 +51,14 @@ def evaluate(inputs: RunInputs, arm: Arm, backend: Backend, renderer: PromptRend
                 i = len(scored)
                 scored.append(kind.score(call.output, golds[i]))
                 outputs.append(call.output)
-                correct.append(scored[i].score)
+                row_scores.append(scored[i].score)
                 out.write(json.dumps(prediction_row(i, texts[i], golds[i], call, kind.prediction_fields(scored[i])),
                                      ensure_ascii=False) + "\n")
             out.flush()
             bar.advance(job, len(calls))
 
         try:
-            timed, stopped_by = _until_known(backend, prompts, arm, rule, on_calls, correct, paired_with)
+            timed, stopped_by = _until_known(backend, prompts, arm, rule, on_calls, row_scores, paired_with)
         except KeyboardInterrupt:
             out.flush()
             mlflow.log_artifact(str(predictions))  # the rows finished before the interrupt
@@ -69,7 +69,7 @@ def evaluate(inputs: RunInputs, arm: Arm, backend: Backend, renderer: PromptRend
     metrics.update(call_metrics(timed, batch1))
     metrics["rows_evaluated"] = float(len(scored))
     if rule is not None:  # the interval valid at the stopping time, however often the run looked
-        low, high = confidence_sequence(correct, rule.alpha)
+        low, high = confidence_sequence(row_scores, rule.alpha)
         metrics[f"{kind.primary}_cs_low"], metrics[f"{kind.primary}_cs_high"] = float(low[-1]), float(high[-1])
     if batch1 is not None:
         _record_batch1_latencies(predictions, batch1.calls)
@@ -90,7 +90,7 @@ def sequential_rule(sequential: SequentialConfig | None, confidence: float) -> S
 
 
 def _until_known(backend: Backend, prompts: list, arm: Arm, rule: SequentialRule | None, on_calls,
-            correct: list[float], paired_with: np.ndarray | None) -> tuple[Measurement, str]:
+            row_scores: list[float], paired_with: np.ndarray | None) -> tuple[Measurement, str]:
     """The rows measured in one pass that ends, with a rule, at the first check (`round_sizes`) where the rule
     says stop. One pass rather than a pass per round: a batching backend keeps its batch full to the stop."""
     checks = round_sizes(len(prompts), rule)[:-1] if rule is not None else []
@@ -98,9 +98,9 @@ def _until_known(backend: Backend, prompts: list, arm: Arm, rule: SequentialRule
 
     def checked(calls) -> None:
         on_calls(calls)
-        while checks and len(correct) >= checks[0]:
+        while checks and len(row_scores) >= checks[0]:
             checks.pop(0)
-            reason = stop_reason(correct, rule, paired_with)
+            reason = stop_reason(row_scores, rule, paired_with)
             if reason is not None:
                 stopped_by[0] = reason
                 raise EnoughRows

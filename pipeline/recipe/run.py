@@ -114,8 +114,10 @@ def prepare(plan: ExperimentPlan, console, force: bool) -> Experiment:
     if sequential and not row_mean:
         notes.append(f"eval.sequential: {KINDS[task.type].primary} is micro-averaged over field/value pairs, not a "
                      "mean over rows, so no confidence sequence covers it: every test row is scored")
-    return Experiment(plan, task, rows, examples, templates, store, models=models, run_dir=run_dir, console=console,
-                      notes=plan.notes + task.notes + models.notes + notes)
+    exp = Experiment(plan, task, rows, examples, templates, store, models=models, run_dir=run_dir, console=console,
+                     notes=plan.notes + task.notes + models.notes + notes)
+    models.check_schema_decoding(exp)
+    return exp
 
 
 def log_parent_inputs(exp: Experiment) -> None:

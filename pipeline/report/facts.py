@@ -45,6 +45,13 @@ def price_text(price: Any) -> str:
         + (f" ({price.date})" if price.date else "")
 
 
+# What (1 - the primary metric) a call, times pricing.error_cost_usd, prices for each task type.
+QUALITY_BASIS = {
+    "classification": ": a call's expected error cost is (1 - accuracy) times it.",
+    "extraction": ", priced on the share of field/value pairs missed or wrong: (1 - field-F1) times it a call.",
+    "generation": ", priced on the distance from the reference: (1 - chrF) times it a call. A correct paraphrase "
+                  "scores below 1, so this prices style as well as errors: set it with that in mind.",
+}
 TEST_NAMES = {"mcnemar_p": "McNemar", "permutation_p": "paired permutation"}
 
 
@@ -197,6 +204,7 @@ def build_facts(exp, summary: Summary, decision, run_name: str, curve: dict | No
                        "mcnemar_p": p.get("mcnemar_p"), "mcnemar_p_prompt": p.get("mcnemar_p_prompt"),
                        "paired_test": TEST_NAMES.get(paired_p(p)[0]), "paired_p": paired_p(p)[1],
                        "paired_p_prompt": paired_p(p, "_prompt")[1],
+                       "paired_test_prompt": TEST_NAMES.get(paired_p(p, "_prompt")[0]),
                        "sequential": cfg.eval.sequential.model_dump() if cfg.eval.sequential else None},
         "assumptions": assumptions(cfg),
         "prices": [{"name": a.name, "value": price_text(a.price).split("; source:")[0],
@@ -236,7 +244,8 @@ def assumptions(cfg) -> list[str]:
         "with the hit rate that the volume's arrival rate gives within the provider's cache lifetime, unless set.",
         f"Intervals: {cfg.stats.confidence:.0%} percentile bootstrap over the test rows ({cfg.stats.resamples} "
         "resamples, the same rows for every arm); timings and throughput are not resampled.",
-        f"Each wrong answer costs ${cfg.pricing.error_cost_usd:g} (pricing.error_cost_usd)."
+        f"Each wrong answer costs ${cfg.pricing.error_cost_usd:g} (pricing.error_cost_usd)"
+        + QUALITY_BASIS.get(cfg.task.type, ".")
         + ("" if cfg.pricing.error_cost_usd else " Set it to compare the arms on quality-adjusted cost."),
     ]
 

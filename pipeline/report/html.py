@@ -146,14 +146,14 @@ def _view(facts: dict) -> dict:
     break_even, span = _break_even_rows(facts, quality)
 
     st = facts["statistics"]
-    test = st.get("paired_test") or "McNemar"
     pair_p = st.get("paired_p", st.get("mcnemar_p"))
     prompt_p = st.get("paired_p_prompt", st.get("mcnemar_p_prompt"))
     statistics = [
         ("Confidence level", f"{100 * st['confidence']:g}%"),
         ("Bootstrap resamples", f"{st['resamples']:,}"),
-        (f"{test} p, candidate vs baseline", f"{pvalue(pair_p)} ({p_reading(pair_p, st['confidence'], primary)})"),
-        (f"{test} p, between the prompt arms",
+        (f"{st.get('paired_test') or 'McNemar'} p, candidate vs baseline",
+         f"{pvalue(pair_p)} ({p_reading(pair_p, st['confidence'], primary)})"),
+        (f"{st.get('paired_test_prompt') or 'McNemar'} p, between the prompt arms",
          f"{pvalue(prompt_p)} ({p_reading(prompt_p, st['confidence'], primary)})"),
     ]
     if st.get("sequential"):  # reports from before it have none
@@ -237,7 +237,7 @@ def render_markdown(facts: dict) -> str:
            f"{_md(v['experiment'])}, generated {_md(v['generated_at'])}.", "", f"> **{_md(v['decision'])}**", "",
            _md(v["context"]), "", "## Arms", "", *_md_table(v["arms"]), "## Break-even", "",
            *_md_pairs(v["break_even"]), "", f"![{_md(v['cost_chart_text'])}](cost_vs_volume.png)", "",
-           *(["## What the prompt would cost hosted", "", "Cost only: accuracy was not measured on these models.", "",
+           *(["## What the prompt would cost hosted", "", "Cost only: quality was not measured on these models.", "",
               *_md_table(v["what_if"])] if v["what_if"]["rows"] else []),
            "## Levers", "", *_md_table(v["levers"]), "## Sensitivity", "", *_md_table(v["sensitivity"])]
     if v["sensitivity"]["rows"]:

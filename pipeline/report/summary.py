@@ -172,7 +172,8 @@ def print_table(summary: Summary, console) -> None:
             f"{arm} {number(m.get('latency_repeat_cv'), 3)}" for arm, m in summary.arms.items())
            if summary.repeats > 1 else "")
         + f" | decoding {summary.decoding}")
-    console.print(parser_line(summary))
+    if summary.task_type == "classification":
+        console.print(parser_line(summary))
     console.print(f"[bold]break-even: {_break_even_text(summary)}[/bold]. {verdict(summary)}")
     for note in summary.notes:
         console.print(f"note: {note}")

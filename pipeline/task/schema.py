@@ -55,39 +55,66 @@ def parse_targets(path: Path, cells: list[Any], column: str) -> list[dict[str, A
     return targets
 
 
+def checked_targets(path: Path, targets: list[str], schema: dict[str, Any], source: str) -> list[str]:
+    """The split's targets (compact JSON) checked against the schema and written in its field order, the compact
+    JSON a fine-tune learns. A null in a field whose schema allows none is taken as absent: reading an object
+    column, Arrow fills every key a row lacks with null."""
+    objects = [_without_filled_nulls(json.loads(t), schema) for t in targets]
+    check_targets(path, objects, schema, source)
+    return [canonical(t, schema) for t in objects]
+
+
+def _without_filled_nulls(target: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    properties = schema.get("properties", {})
+    return {k: v for k, v in target.items() if v is not None or k not in properties or _allows_null(properties[k])}
+
+
+def _allows_null(prop: dict[str, Any]) -> bool:
+    if "enum" in prop:
+        return None in prop["enum"]
+    return not _types(prop) or "null" in _types(prop)
+
+
 def check_targets(path: Path, targets: list[dict[str, Any]], schema: dict[str, Any], source: str) -> None:
     """Every target conforms to the schema; the first that does not is named with its row and field."""
     from jsonschema import Draft202012Validator
 
     validator = Draft202012Validator(schema)
     for i, target in enumerate(targets):
-        error = next(iter(sorted(validator.iter_errors(target), key=lambda e: list(e.path))), None)
+        try:
+            errors = list(validator.iter_errors(target))
+        except Exception as exc:  # jsonschema raises what its resolver met: an unresolvable $ref, a bad regex
+            raise DataError(f"{source}: the schema cannot check {path} row {i + 1}: {_first_line(exc)}") from None
+        error = next(iter(sorted(errors, key=lambda e: [str(p) for p in e.path])), None)
         if error is not None:
             field = ".".join(str(p) for p in error.path) or "the object"
             raise DataError(f"{path}: row {i + 1}: {field} breaks the schema ({source}): {error.message[:120]}")
 
 
+def _first_line(exc: Exception) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+
+
 def infer_schema(targets: list[dict[str, Any]]) -> dict[str, Any]:
-    """A schema from the train targets: each field's JSON types as seen, an enum where a string field takes few
-    values each seen more than once, `required` the fields every row has."""
+    """A schema from the train targets: each field's JSON types as seen, and null (a message may not give it;
+    nothing is required), an enum where a string field takes few values each seen more than once."""
     fields: dict[str, list[Any]] = {}
     for target in targets:
         for name, value in target.items():
             fields.setdefault(name, []).append(value)
     properties = {}
     for name, values in fields.items():
-        types = sorted({_json_type(v) for v in values})
-        prop: dict[str, Any] = {"type": types[0] if len(types) == 1 else types}
+        types = sorted({_json_type(v) for v in values} | {"null"})
+        prop: dict[str, Any] = {"type": types}
         strings = Counter(v for v in values if isinstance(v, str))
-        if strings and set(types) <= {"string", "null"} and len(strings) <= ENUM_MAX_VALUES \
+        if strings and set(types) == {"string", "null"} and len(strings) <= ENUM_MAX_VALUES \
                 and min(strings.values()) >= 2:
-            prop["enum"] = sorted(strings) + ([None] if "null" in types else [])
+            prop["enum"] = sorted(strings) + [None]
         items = {_json_type(x) for v in values if isinstance(v, list) for x in v}
         if len(items) == 1:
             prop["items"] = {"type": items.pop()}
         properties[name] = prop
-    required = [n for n in fields if len(fields[n]) == len(targets)]
-    return {"type": "object", "properties": properties, "required": required}
+    return {"type": "object", "properties": properties}
 
 
 def _json_type(value: Any) -> str:
@@ -108,14 +135,14 @@ def schema_fields(schema: dict[str, Any]) -> list[dict[str, Any]]:
     for name, prop in schema.get("properties", {}).items():
         out.append({"name": name, "type": type_words(prop), "description": prop.get("description", ""),
                     "enum": [v for v in prop.get("enum", []) if v is not None], "required": name in required,
-                    "nullable": "null" in _types(prop) or None in prop.get("enum", [])})
+                    "nullable": _allows_null(prop)})
     return out
 
 
 def type_words(prop: dict[str, Any]) -> str:
     """A field's type the way an instruction says it: "one of: low, normal, high", "list of strings", "string or null"."""
     types = [t for t in _types(prop) if t != "null"]
-    nullable = "null" in _types(prop) or None in prop.get("enum", [])
+    nullable = _allows_null(prop) and bool(_types(prop) or prop.get("enum"))
     if prop.get("enum"):
         words = "one of: " + ", ".join(str(v) for v in prop["enum"] if v is not None)
     elif types == ["array"]:

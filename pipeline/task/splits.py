@@ -18,7 +18,7 @@ from pathlib import Path
 
 import datasets
 
-from pipeline.task.schema import canonical, check_targets, infer_schema, load_schema, parse_targets
+from pipeline.task.schema import checked_targets, infer_schema, load_schema, parse_targets
 from pipeline.task.checks import as_text, check_known_labels, check_label_set, check_rows, check_texts
 from pipeline.task.types import DataConfig, DataError, Label, TaskConfig, TaskData
 
@@ -312,7 +312,7 @@ def load_task(task: TaskConfig, data: DataConfig | None = None) -> TaskData:
     # Sorted: the order a config lists its splits in (a YAML writer may sort them) is not the data's identity.
     settings = json.dumps(
         {"splits": task.splits, "columns": [task.text_column, target_column], "train_limit": data.train_limit,
-         "type": task.type,
+         "type": task.type, "instruction": task.instruction if task.type == "generation" else None,
          "seed": data.seed, "test_size": task.test_size, "validation_size": task.validation_size}, sort_keys=True
     )
     content_hash = hash_files([files[split] for split in sorted(files)], label_text + settings)
@@ -324,20 +324,16 @@ def _schema_checked(task: TaskConfig, splits: dict[str, datasets.Dataset], files
                     notes: list[str]) -> tuple[dict, dict[str, datasets.Dataset]]:
     """The extraction targets' schema (task.schema, or inferred from train with a note), every split's targets
     checked against it and written in its field order (the compact JSON a fine-tune learns)."""
-    train_targets = [json.loads(t) for t in splits["train"]["label"]]
     if task.schema_file:
         schema_path = task.path / task.schema_file
         schema, source = load_schema(schema_path), str(schema_path)
     else:
-        schema, source = infer_schema(train_targets), f"inferred from {files['train'].name}"
+        schema = infer_schema([json.loads(t) for t in splits["train"]["label"][:]])
+        source = f"inferred from {files['train'].name}; give task.schema to allow more"
         notes.append(f"{task.path}: no task.schema: the fields' schema is inferred from the train targets "
                      f"({', '.join(schema['properties'])})")
-    checked = {}
-    for split, ds in splits.items():
-        targets = [json.loads(t) for t in ds["label"]]
-        check_targets(files[split], targets, schema, source)
-        checked[split] = _with_labels(ds, [canonical(t, schema) for t in targets])
-    return schema, checked
+    return schema, {split: _with_labels(ds, checked_targets(files[split], ds["label"][:], schema, source))
+                    for split, ds in splits.items()}
 
 
 def _check_distinct_files(files: dict[str, Path]) -> None:

@@ -21,9 +21,6 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True)
 
 
-TASK_TYPES = ("classification", "extraction", "generation")
-
-
 class TaskConfig(_Strict):
     name: str | None = Field(default=None, description="default: the task folder's name")
     type: Literal["classification", "extraction", "generation"] = Field(

@@ -14,10 +14,6 @@ KINDS: dict[str, type[TaskKind]] = {k.name: k for k in (Classification, Extracti
 
 def task_kind(task: TaskData, parser: str = "search") -> TaskKind:
     """The task's type, ready to score answers (a classification's with the arm's `eval.parser`)."""
-    if task.type == "classification":
-        return Classification(task.label_names, parser)
-    if task.type == "extraction":
-        return Extraction(task.schema or {})
-    return KINDS[task.type]()
+    return KINDS[task.type].from_task(task, parser)
 
 __all__ = ["KINDS", "task_kind", "Scored", "TaskKind", "Classification", "Extraction", "Generation"]

@@ -33,7 +33,8 @@ class TaskKind(ABC):
     binary: ClassVar[bool]  # every row scores 0 or 1 (McNemar's test applies)
     row_mean: ClassVar[bool]  # the primary is the mean of the rows' scores (a confidence sequence applies)
     secondary: ClassVar[tuple[str, str]]  # the metric a report shows beside the primary, and its label
-    answer_tokens_fixed: ClassVar[int | None] = None  # eval.max_new_tokens's default, where not from the data
+    answer_tokens_fixed: ClassVar[int | None] = None
+    item_table: ClassVar[str | None] = None  # the artifact of per-field (or per-item) scores, where the type has one  # eval.max_new_tokens's default, where not from the data
 
     @classmethod
     def default_max_new_tokens(cls, target_tokens: list[int]) -> int:
@@ -42,6 +43,11 @@ class TaskKind(ABC):
         ordered = sorted(target_tokens)
         p95 = ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
         return math.ceil(1.25 * p95) + 1
+
+    @classmethod
+    def from_task(cls, task: Any, parser: str) -> "TaskKind":
+        """The kind for a loaded task (`TaskData`), reading answers with `parser` where the type has a choice."""
+        return cls()
 
     @abstractmethod
     def score(self, output: str, target: str) -> Scored:
@@ -59,6 +65,6 @@ class TaskKind(ABC):
         """What prompt templates see besides `text` and `examples`."""
         return {}
 
-    def per_item_table(self, scored: list[Scored], targets: list[str]) -> tuple[str, list[dict]] | None:
-        """A per-label or per-field table of the arm's scores (artifact name, rows), where the type has one."""
-        return None
+    def per_item_table(self, scored: list[Scored], targets: list[str]) -> list[dict]:
+        """The rows of `item_table`: the arm's scores per field (only types with an `item_table` have one)."""
+        raise NotImplementedError(f"{self.name} has no per-item table")

@@ -17,6 +17,10 @@ class Classification(TaskKind):
     row_mean = True
     answer_tokens_fixed = 32  # room for a sentence: a verbose answer is not cut before it names its label
 
+    @classmethod
+    def from_task(cls, task: Any, parser: str) -> "Classification":
+        return cls(task.label_names, parser)
+
     def __init__(self, labels: list[str], parser: str = "search"):
         self.labels, self.parser = list(labels), parser
         self._index = {name: i for i, name in enumerate(self.labels)}

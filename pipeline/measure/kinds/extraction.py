@@ -17,11 +17,16 @@ class Extraction(TaskKind):
     binary = False
     secondary = ("exact_match", "exact match")
     row_mean = False  # micro over pairs: a row with more fields weighs more
+    item_table = "per_field.json"
 
     @classmethod
     def default_max_new_tokens(cls, target_tokens: list[int]) -> int:
         """The longest train target and a quarter more: an object cut short is no JSON at all."""
         return math.ceil(1.25 * max(target_tokens)) + 1
+
+    @classmethod
+    def from_task(cls, task: Any, parser: str) -> "Extraction":
+        return cls(task.schema or {})
 
     def __init__(self, schema: dict[str, Any]):
         self.schema = schema
@@ -48,7 +53,7 @@ class Extraction(TaskKind):
         return {"parsed": scored.parsed, "correct": scored.exact, "score": round(scored.score, 6),
                 "tp": tp, "fp": fp, "fn": fn}
 
-    def per_item_table(self, scored: list[Scored], targets: list[str]) -> tuple[str, list[dict]]:
+    def per_item_table(self, scored: list[Scored], targets: list[str]) -> list[dict]:
         """Precision, recall, F1 and support (pairs in the targets) of each field: `per_field.json`."""
         totals: dict[str, list[int]] = {name: [0, 0, 0] for name in self.fields}
         for s, target in zip(scored, targets):
@@ -60,4 +65,4 @@ class Extraction(TaskKind):
             p, r, f = f1(tp, fp, fn)
             rows.append({"field": name, "precision": round(p, 4), "recall": round(r, 4), "f1": round(f, 4),
                          "support": tp + fn, "predicted": tp + fp})
-        return "per_field.json", rows
+        return rows

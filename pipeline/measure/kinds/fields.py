@@ -10,7 +10,8 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 _DECODER = json.JSONDecoder()
-_NUMBER = re.compile(r"[+-]?(\d{1,3}(,\d{3})+|\d+)(\.\d+)?")
+# A number as people write one; a leading zero ("0044712", an id) keeps a string a string.
+_NUMBER = re.compile(r"[+-]?(0|[1-9]\d{0,2}(,\d{3})+|[1-9]\d*)(\.\d+)?")
 
 
 def first_json_object(output: str) -> dict[str, Any] | None:
@@ -29,7 +30,7 @@ def first_json_object(output: str) -> dict[str, Any] | None:
 
 def normalise(value: Any) -> Any:
     """A value as compared: strings folded and single-spaced ("" is absent), numbers in one form whether written
-    1000, 1000.0 or "1,000", lists as sorted multisets, objects field by field; None stays None."""
+    1000, 1000.0 or "1,000" (not "01000": an id), lists as sorted multisets, objects field by field; None stays None."""
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, (int, float)):
@@ -58,10 +59,11 @@ def field_counts(predicted: dict[str, Any] | None, gold: dict[str, Any], fields:
 
     A scalar field right counts one true positive; wrong, one false positive and one false negative; missing
     (or null), a false negative; given where the target has none, a false positive. A list counts each element
-    as a pair, matched as multisets. Fields of the answer outside `fields` that hold a value are false positives.
+    as a pair, matched as multisets. Keys outside `fields` count the same way, in the target (a value to find)
+    and in the answer (one given).
     """
     predicted = predicted or {}
-    names = list(fields) + [k for k in predicted if k not in fields]
+    names = list(dict.fromkeys([*fields, *gold, *predicted]))
     counts = {}
     for name in names:
         p, g = normalise(predicted.get(name)), normalise(gold.get(name))

@@ -56,6 +56,15 @@ def test_a_tiny_extraction_run_scores_field_f1_end_to_end(tmp_path):
     report = next((tmp_path / "runs").rglob("roi_report.html")).read_text()
     assert "Field-F1 [CI]" in report and "paired permutation p" in report
     assert "field_f1 is micro-averaged" in parent.data.tags["notes"]  # the default sequential rule cannot apply
+    # Read back from MLflow as another tool would: the report and the compare name the primary metric
+    env = dict(os.environ, MLFLOW_TRACKING_URI=sqlite_store(tmp_path / "mlflow.db"))
+    report = roi("report", "--experiment", "support-fields", "--markdown", env=env, cwd=tmp_path)
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert "| field-F1 [95% CI] |" in report.stdout and "accuracy by parser" not in report.stdout
+    compared = roi("compare", "--experiment", "support-fields", "--out", str(tmp_path / "compare"), env=env, cwd=tmp_path)
+    assert compared.returncode == 0, compared.stderr[-2000:]
+    row = (tmp_path / "compare" / "roi_compare.csv").read_text().splitlines()[1]
+    assert "field-F1" in row and "(permutation)" in row
 
 
 @pytest.mark.model

@@ -1,6 +1,8 @@
 """The embedded GGUF is dequantised once per machine: later loads read the kept safetensors copy, with the same
 weights, and a damaged copy is replaced rather than trusted."""
 
+from pathlib import Path
+
 import torch
 
 from pipeline.models import loading as models
@@ -74,3 +76,25 @@ def test_a_gguf_tokenizer_is_kept_and_encodes_and_templates_the_same(tmp_path, m
     third = models.load_tokenizer(source)
     assert folders[2:] == [str(kept), source.folder]  # the damaged copy failed, the GGUF was read again
     assert third(text)["input_ids"] == first(text)["input_ids"]
+
+
+def test_the_same_gguf_in_another_checkout_finds_the_kept_copy_and_a_changed_one_does_not(tmp_path, monkeypatch):
+    """A fresh clone's virtual environment installs the same GGUF at another path, with another time: its kept
+    copy is keyed by the file's bytes, so the dequantising is not paid again; other bytes get their own copy."""
+    import shutil
+    from dataclasses import replace
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    source = models.resolve_source(ModelConfig())
+    other = tmp_path / "clone" / "site-packages"
+    other.mkdir(parents=True)
+    copy = other / source.gguf_file
+    shutil.copyfile(Path(source.folder) / source.gguf_file, copy)
+    moved = replace(source, folder=str(other))
+    assert models.dequantized_cache(moved, torch.bfloat16) == models.dequantized_cache(source, torch.bfloat16)
+    with copy.open("r+b") as f:  # one byte differs: another model
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    assert models.dequantized_cache(moved, torch.bfloat16) != models.dequantized_cache(source, torch.bfloat16)

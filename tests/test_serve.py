@@ -146,6 +146,28 @@ def test_plain_text_completions_and_guided_choice_labels(server, tokenizer):
         assert choice["message"]["content"] in labels and choice["finish_reason"] == "stop"
 
 
+def test_json_schema_answers_validate_and_a_schema_it_cannot_compile_is_a_400(server):
+    from jsonschema import Draft202012Validator
+
+    schema = json.loads((ROOT / "datasets" / "support_fields" / "schema.json").read_text())
+    ask = {"response_format": {"type": "json_schema", "json_schema": {"name": "fields", "strict": True,
+                                                                      "schema": schema}}, "max_tokens": 80}
+    with ThreadPoolExecutor(2) as pool:
+        responses = list(pool.map(lambda q: _chat(server, q, **ask), QUESTIONS[:2]))
+    for response in responses:
+        answer = json.loads(response.json()["choices"][0]["message"]["content"])
+        assert not list(Draft202012Validator(schema).iter_errors(answer)), answer
+    bad = {"type": "object", "properties": {"id": {"type": "string", "pattern": "^(?=x)x$"}}}
+    response = server.post("/v1/chat/completions", json={
+        "model": NAME, "messages": [{"role": "user", "content": "hi"}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "bad", "schema": bad}}})
+    assert response.status_code == 400 and "look-around" in response.json()["error"]["message"]
+    both = server.post("/v1/chat/completions", json={
+        "model": NAME, "messages": [{"role": "user", "content": "hi"}], "guided_choice": ["a", "b"],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "fields", "schema": schema}}})
+    assert both.status_code == 400 and "not both" in both.json()["error"]["message"]
+
+
 @pytest.mark.parametrize("request_args, status", [
     ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400),
     ({"json": {"model": NAME}}, 400),

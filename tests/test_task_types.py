@@ -226,3 +226,10 @@ def test_api_arms_get_the_schema_in_strict_form_and_the_answers_it_allows_stay_t
     assert not list(Draft202012Validator(strict).iter_errors(answer))
     assert same_object(answer, {"a": "q"}, ["a", "b", "c"])
     assert strict_schema(SCHEMA) == SCHEMA  # the shipped schema is strict already
+
+
+def test_a_bare_folder_with_a_schema_is_checked_as_an_extraction():
+    from pipeline.task.splits import task_config_for_folder
+
+    task = task_config_for_folder(ROOT / "datasets" / "support_fields")
+    assert (task.type, task.target_column, task.schema_file) == ("extraction", "fields", "schema.json")

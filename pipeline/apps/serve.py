@@ -1,13 +1,14 @@
 """`roi serve`: an OpenAI-compatible API (FastAPI + uvicorn) for a local model, with an optional LoRA
 adapter merged into its weights. Routes: GET /health, /v1/models, /v1/stats; POST /v1/chat/completions,
 /v1/completions. Greedy decoding only; vLLM's `guided_choice: [labels]` and `structured_outputs:
-{"choice": [labels]}` constrain each answer to one of the labels.
+{"choice": [labels]}` constrain each answer to one of the labels, and `response_format: {"type": "json_schema",
+"json_schema": {"schema": ...}}` to JSON that validates against the schema.
 
 Batching: requests that arrive within `batch_window_ms` of the first waiting one, up to `max_batch`,
-run as one `LocalBackend.run` call on the single generation thread, grouped by label set, prompt kind
-(chat or text) and max_tokens, so each answer is the one the request gets alone. Each answer has the
+run as one `LocalBackend.run` call on the single generation thread, grouped by constraint (label set or
+schema), prompt kind (chat or text) and max_tokens, so each answer is the one the request gets alone. Each answer has the
 header `x-roi-batch-size` (rows of the generation call that answered it); GET /v1/stats counts
-`requests`, generation calls (`batches`) and the `rows` they ran. One `LocalBackend` per label set
+`requests`, generation calls (`batches`) and the `rows` they ran. One `LocalBackend` per constraint
 and prompt kind stays alive, so its prefix cache serves the system prompt requests share.
 """
 
@@ -35,6 +36,7 @@ from starlette.exceptions import HTTPException
 from pipeline.backends.base import Call
 from pipeline.backends.local import LocalBackend, LocalSettings
 from pipeline.backends.decoding.packed_weights import PackedWeights
+from pipeline.errors import UserError
 from pipeline.experiment.config import ConfigError, ModelConfig
 from pipeline.models.loading import ModelError, load_model, load_tokenizer, resolve_source
 from pipeline.models.dtype import pick_dtype
@@ -91,10 +93,19 @@ class Result:
     finish_reason: str
 
 
+@dataclass(frozen=True)
+class Constraint:
+    """What a request restricts its answer to: one of `labels`, or JSON valid against `schema` (its JSON text,
+    so that requests with the same schema share a backend); neither: free decoding."""
+
+    labels: tuple[str, ...] | None = None
+    schema: str | None = None
+
+
 @dataclass
 class _Job:
     prompt: Prompt
-    labels: tuple[str, ...] | None
+    constraint: Constraint
     max_tokens: int
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
@@ -114,11 +125,11 @@ class Batcher:
         self.packed = PackedWeights()  # one packed copy of the weights for every label set's backend
         self.stats = {"requests": 0, "batches": 0, "rows": 0}
 
-    async def submit(self, prompt: Prompt, labels: tuple[str, ...] | None, max_tokens: int) -> Result:
+    async def submit(self, prompt: Prompt, constraint: Constraint, max_tokens: int) -> Result:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self.stats["requests"] += 1
-        self.queue.put(_Job(prompt, labels, max_tokens, future, loop))
+        self.queue.put(_Job(prompt, constraint, max_tokens, future, loop))
         return await future
 
     def stop(self) -> None:
@@ -146,24 +157,29 @@ class Batcher:
             groups: dict[tuple, list[_Job]] = {}
             for job in batch:
                 # A label constraint fixes the answer length, so max_tokens does not split those.
-                key = (job.labels, job.prompt.messages is not None, 0 if job.labels else job.max_tokens)
+                labels = job.constraint.labels
+                key = (job.constraint, job.prompt.messages is not None, 0 if labels else job.max_tokens)
                 groups.setdefault(key, []).append(job)
-            for (labels, chat, max_tokens), jobs in groups.items():
+            for (constraint, chat, max_tokens), jobs in groups.items():
                 try:
-                    results: list[Any] = self._run(labels, chat, max_tokens, [job.prompt for job in jobs])
+                    results: list[Any] = self._run(constraint, chat, max_tokens, [job.prompt for job in jobs])
+                except UserError as exc:  # a schema the decoder cannot use: the request's fault
+                    results = [APIError(400, str(exc))] * len(jobs)
                 except Exception as exc:  # noqa: BLE001 - the waiting requests get the failure; the thread lives on
                     results = [exc] * len(jobs)
                 for job, result in zip(jobs, results):
                     job.loop.call_soon_threadsafe(_settle, job.future, result)
 
-    def _run(self, labels: tuple[str, ...] | None, chat: bool, max_tokens: int, prompts: list[Prompt]) -> list[Result]:
-        key = (labels, chat)
+    def _run(self, constraint: Constraint, chat: bool, max_tokens: int, prompts: list[Prompt]) -> list[Result]:
+        key = (constraint, chat)
+        labels = constraint.labels
         if key not in self.backends:
             if len(self.backends) >= MAX_BACKENDS:
-                self.backends.pop(next(k for k in self.backends if k[0] is not None))
+                self.backends.pop(next(k for k in self.backends if k[0] != Constraint()))
             settings = LocalSettings(batch_size=self.max_batch, max_new_tokens=DEFAULT_MAX_TOKENS,
-                                     labels=list(labels) if labels else None, auto_prefix=True,
-                                     remember_prompts=False)
+                                     labels=list(labels) if labels else None,
+                                     schema=json.loads(constraint.schema) if constraint.schema else None,
+                                     auto_prefix=True, remember_prompts=False)
             self.backends[key] = LocalBackend(self.model, self.tokenizer, settings, packed=self.packed)
         backend = self.backends[key]
         calls = backend.run(prompts, max_new_tokens=max_tokens or None)
@@ -185,14 +201,15 @@ def _settle(future: asyncio.Future, result: Any) -> None:
         (future.set_exception if isinstance(result, BaseException) else future.set_result)(result)
 
 
-def _check(req: _Generation, name: str) -> tuple[tuple[str, ...] | None, int]:
-    """The label set and max_tokens of a request; refuses what this server cannot honour."""
+def _check(req: _Generation, name: str) -> tuple[Constraint, int]:
+    """The constraint (label set or JSON Schema) and max_tokens of a request; refuses what this server cannot
+    honour."""
     if req.model is not None and req.model != name:
         raise APIError(404, f"model {req.model!r} is not served here (this server serves {name!r})", "model_not_found")
     refusals = {"only greedy decoding is served: set temperature to 0 or leave it out": req.temperature,
                 "only n=1 is served": req.n != 1, "stop sequences are not supported": req.stop,
-                "response_format is not supported: constrain with guided_choice or structured_outputs.choice":
-                    (req.response_format or {}).get("type", "text") != "text"}
+                "response_format: only text and json_schema are supported":
+                    (req.response_format or {}).get("type", "text") not in ("text", "json_schema")}
     for message, refused in refusals.items():
         if refused:
             raise APIError(400, message)
@@ -204,8 +221,21 @@ def _check(req: _Generation, name: str) -> tuple[tuple[str, ...] | None, int]:
     if labels is not None and not (isinstance(labels, list) and labels
                                    and all(isinstance(x, str) and x for x in labels)):
         raise APIError(400, "guided_choice: expected a non-empty list of non-empty strings")
+    schema = _schema_of(req.response_format)
+    if labels and schema:
+        raise APIError(400, "constrain an answer to a label set or to a JSON schema, not both")
     max_tokens = req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS
-    return (tuple(labels) if labels else None), min(max_tokens, MAX_TOKENS_CAP)
+    return Constraint(tuple(labels) if labels else None, schema), min(max_tokens, MAX_TOKENS_CAP)
+
+
+def _schema_of(response_format: dict[str, Any] | None) -> str | None:
+    """The JSON Schema a `response_format: {type: json_schema, json_schema: {schema}}` asks for, as JSON text."""
+    if not response_format or response_format.get("type") != "json_schema":
+        return None
+    schema = (response_format.get("json_schema") or {}).get("schema")
+    if not isinstance(schema, dict):
+        raise APIError(400, "response_format.json_schema.schema: expected a JSON Schema object")
+    return json.dumps(schema, sort_keys=True)
 
 
 def _answer(req: _Generation, name: str, result: Result, chat: bool) -> Any:
@@ -268,14 +298,15 @@ def create_app(batcher: Batcher, name: str) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest) -> Any:
-        labels, max_tokens = _check(req, name)
+        constraint, max_tokens = _check(req, name)
         prompt = Prompt(messages=tuple((m.role, m.content) for m in req.messages))
-        return _answer(req, name, await batcher.submit(prompt, labels, max_tokens), chat=True)
+        return _answer(req, name, await batcher.submit(prompt, constraint, max_tokens), chat=True)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest) -> Any:
-        labels, max_tokens = _check(req, name)
-        return _answer(req, name, await batcher.submit(Prompt(text=req.prompt), labels, max_tokens), chat=False)
+        constraint, max_tokens = _check(req, name)
+        return _answer(req, name, await batcher.submit(Prompt(text=req.prompt), constraint, max_tokens),
+                       chat=False)
 
     return app
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -101,8 +102,9 @@ def dequantized_cache(source: ModelSource, dtype: torch.dtype) -> Path | None:
 
 def kept_copy(source: ModelSource, kind: str, *variant: str) -> Path | None:
     """Where what is read from a GGUF file (its dequantised weights, its tokenizer) is kept for later runs:
-    under $XDG_CACHE_HOME (default ~/.cache)/roi/`kind`, keyed by the GGUF file (path, size, time), the
-    `variant` and the transformers version that read it. None for a model that is not a GGUF file."""
+    under $XDG_CACHE_HOME (default ~/.cache)/roi/`kind`, keyed by the GGUF file's content (so another checkout
+    or virtual environment holding the same file finds it), the `variant` and the transformers version that
+    read it. None for a model that is not a GGUF file."""
     import hashlib
     import os
     from importlib.metadata import version
@@ -112,11 +114,21 @@ def kept_copy(source: ModelSource, kind: str, *variant: str) -> Path | None:
     gguf = Path(source.folder) / source.gguf_file
     try:
         stat = gguf.stat()
+        content = _file_digest(str(gguf.resolve()), stat.st_size, stat.st_mtime_ns)
     except OSError:
         return None
-    key = json.dumps([str(gguf.resolve()), stat.st_size, stat.st_mtime_ns, *variant, version("transformers")])
+    key = json.dumps([content, *variant, version("transformers")])
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "roi" / kind
     return root / f"{gguf.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+@functools.lru_cache(maxsize=8)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file's bytes, once per process for a given path, size and time."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _keep(loaded: Any, folder: Path) -> None:

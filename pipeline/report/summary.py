@@ -294,45 +294,26 @@ def summary_from_runs(parent, children) -> Summary:
 
 
 def print_check(task, report, console) -> None:
-    """`roi data check` output: rows per split and label, lengths, duplicates, overlap."""
-    from rich.table import Table
-
+    """`roi data check` output: rows per split and label (or field coverage, reference lengths), lengths,
+    duplicates, overlap."""
     splits = list(task.splits)
     what = (f"{len(task.labels)} labels" if task.type == "classification" else
             f"extraction of {len(report.field_coverage)} fields" if task.type == "extraction" else "generation")
     console.print(f"[bold]{task.name}[/bold]: {what}, "
                   + ", ".join(f"{s} {n}" for s, n in report.rows.items()) + " rows")
     if report.per_label:
-        table = Table(title="rows per label")
-        table.add_column("label")
-        for split in splits:
-            table.add_column(split, justify="right")
-        for label, counts in report.per_label.items():
-            table.add_row(label, *(str(counts[s]) for s in splits))
-        console.print(table)
+        console.print(_split_table("rows per label", "label", splits,
+                                   {label: [str(counts[s]) for s in splits] for label, counts in report.per_label.items()}))
     if report.field_coverage:
-        table = Table(title="rows whose target gives the field a value (targets parse and follow the schema)")
-        table.add_column("field")
-        for split in splits:
-            table.add_column(split, justify="right")
-        for name, shares in report.field_coverage.items():
-            table.add_row(name, *(f"{100 * shares[s]:.1f}%" for s in splits))
-        console.print(table)
+        console.print(_split_table("rows whose target gives the field a value (targets parse and follow the schema)",
+                                   "field", splits, {name: [f"{100 * shares[s]:.1f}%" for s in splits]
+                                                     for name, shares in report.field_coverage.items()}))
+    stats = ("min", "p5", "median", "mean", "p95", "max")
     if report.target_words:
-        targets = Table(title="reference length in words")
-        targets.add_column("split")
-        for stat in ("min", "p5", "median", "mean", "p95", "max"):
-            targets.add_column(stat, justify="right")
-        for split, stats in report.target_words.items():
-            targets.add_row(split, *(f"{stats[k]:.0f}" for k in ("min", "p5", "median", "mean", "p95", "max")))
-        console.print(targets)
-    lengths = Table(title="length in words")
-    lengths.add_column("split")
-    for stat in ("min", "p5", "median", "mean", "p95", "max"):
-        lengths.add_column(stat, justify="right")
-    for split, stats in report.words.items():
-        lengths.add_row(split, *(f"{stats[k]:.0f}" for k in ("min", "p5", "median", "mean", "p95", "max")))
-    console.print(lengths)
+        console.print(_split_table("reference length in words", "split", stats,
+                                   {split: [f"{v[k]:.0f}" for k in stats] for split, v in report.target_words.items()}))
+    console.print(_split_table("length in words", "split", stats,
+                               {split: [f"{v[k]:.0f}" for k in stats] for split, v in report.words.items()}))
     console.print("exact duplicates within splits: "
                   + ", ".join(f"{s} {n}" for s, n in report.exact_duplicates_within.items()))
     console.print(f"exact duplicates across splits: {len(report.exact_duplicates_across)}")
@@ -341,3 +322,16 @@ def print_check(task, report, console) -> None:
         console.print(f"  {example}")
     console.print(f"test rows sharing a word 5-gram with train: {100 * report.test_train_5gram_overlap:.1f}%")
     console.print("[green]ok[/green]" if not report.errors else f"[red]{len(report.errors)} problem(s)[/red]")
+
+
+def _split_table(title: str, first: str, columns, rows: dict[str, list[str]]):
+    """A rich table: a name column, then right-aligned `columns`, one row per entry of `rows`."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column(first)
+    for column in columns:
+        table.add_column(column, justify="right")
+    for name, cells in rows.items():
+        table.add_row(name, *cells)
+    return table

@@ -38,6 +38,21 @@ def load_schema(path: Path) -> dict[str, Any]:
     return schema
 
 
+def schema_and_targets(task: Any, targets: dict[str, list[str]], files: dict[str, Path],
+                       notes: list[str]) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """The extraction's schema (`task.schema`, or inferred from the train targets with a note in `notes`) and
+    every split's targets (compact JSON, as read) checked against it and written in its field order."""
+    if task.schema_file:
+        schema_path = task.path / task.schema_file
+        schema, source = load_schema(schema_path), str(schema_path)
+    else:
+        schema = infer_schema([json.loads(t) for t in targets["train"]])
+        source = f"inferred from {files['train'].name}; give task.schema to allow more"
+        notes.append(f"{task.path}: no task.schema: the fields' schema is inferred from the train targets "
+                     f"({', '.join(schema['properties'])})")
+    return schema, {split: checked_targets(files[split], rows, schema, source) for split, rows in targets.items()}
+
+
 def parse_targets(path: Path, cells: list[Any], column: str) -> list[dict[str, Any]]:
     """Each row's target as a JSON object: an object cell, or text holding one."""
     targets = []

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import datasets
 
-from pipeline.task.schema import checked_targets, infer_schema, load_schema, parse_targets
+from pipeline.task.schema import parse_targets, schema_and_targets
 from pipeline.task.checks import as_text, check_known_labels, check_label_set, check_rows, check_texts
 from pipeline.task.types import DataConfig, DataError, Label, TaskConfig, TaskData
 
@@ -301,7 +301,9 @@ def load_task(task: TaskConfig, data: DataConfig | None = None) -> TaskData:
         for split, ds in splits.items():
             check_known_labels(files[split], ds["label"][:], names, label_source)
     elif task.type == "extraction":
-        schema, splits = _schema_checked(task, splits, files, notes)
+        schema, targets = schema_and_targets(task, {split: ds["label"][:] for split, ds in splits.items()}, files,
+                                             notes)
+        splits = {split: _with_labels(ds, targets[split]) for split, ds in splits.items()}
     splits = _make_splits(splits, files["train"], task, data)
     unlabelled = read_texts(unlabelled_file, task.format, task.text_column) if unlabelled_file else None
     if unlabelled_file:
@@ -318,22 +320,6 @@ def load_task(task: TaskConfig, data: DataConfig | None = None) -> TaskData:
     content_hash = hash_files([files[split] for split in sorted(files)], label_text + settings)
     return TaskData(task.name or Path(task.path).resolve().name, labels, splits, files, content_hash, notes=notes,
                     unlabelled=unlabelled, type=task.type, schema=schema)
-
-
-def _schema_checked(task: TaskConfig, splits: dict[str, datasets.Dataset], files: dict[str, Path],
-                    notes: list[str]) -> tuple[dict, dict[str, datasets.Dataset]]:
-    """The extraction targets' schema (task.schema, or inferred from train with a note), every split's targets
-    checked against it and written in its field order (the compact JSON a fine-tune learns)."""
-    if task.schema_file:
-        schema_path = task.path / task.schema_file
-        schema, source = load_schema(schema_path), str(schema_path)
-    else:
-        schema = infer_schema([json.loads(t) for t in splits["train"]["label"][:]])
-        source = f"inferred from {files['train'].name}; give task.schema to allow more"
-        notes.append(f"{task.path}: no task.schema: the fields' schema is inferred from the train targets "
-                     f"({', '.join(schema['properties'])})")
-    return schema, {split: _with_labels(ds, checked_targets(files[split], ds["label"][:], schema, source))
-                    for split, ds in splits.items()}
 
 
 def _check_distinct_files(files: dict[str, Path]) -> None:
@@ -380,7 +366,8 @@ def eval_rows(task: TaskData, limit: int | None, seed: int, shuffled: bool = Fal
 
 
 def task_config_for_folder(folder: Path) -> TaskConfig:
-    """Guess a TaskConfig for a bare folder: split files by name, common column and label-file names."""
+    """Guess a TaskConfig for a bare folder: split files by name, common column and label-file names; a folder
+    with a `schema.json` is an extraction whose targets are the column of JSON objects."""
     if not folder.is_dir():
         raise DataError(f"{folder}: folder not found")
     splits: dict[str, str] = {}
@@ -391,7 +378,14 @@ def task_config_for_folder(folder: Path) -> TaskConfig:
                 break
     if "train" not in splits:
         raise DataError(f"{folder}: no train.jsonl, train.csv, train.tsv, train.parquet or train.json")
-    first = _load_file(folder / splits["train"], "auto")[0].column_names
+    train = _load_file(folder / splits["train"], "auto")[0]
+    first = train.column_names
+    if (folder / "schema.json").is_file():
+        # An object column reads as a struct (a dict of features), or as Json where its rows' keys differ.
+        objects = [c for c in first if c != "text" and (isinstance(train.features[c], dict)
+                                                        or type(train.features[c]).__name__ == "Json")]
+        return TaskConfig(name=folder.name, path=folder, splits=splits, type="extraction", text_column="text",
+                          target_column=objects[0] if objects else "fields", schema="schema.json")
     label_column = next((c for c in ("label", "category", "intent") if c in first), "label")
     label_file = next((n for n in ("labels.json", "categories.json") if (folder / n).is_file()), None)
     return TaskConfig(

@@ -25,7 +25,7 @@ class Scored:
 
 
 class TaskKind(ABC):
-    """A task type: its primary metric, how answers are read and scored, what templates see."""
+    """A task type: its primary metric, how answers are read and scored and summed up."""
 
     name: ClassVar[str]
     primary: ClassVar[str]  # the metric the compare and the verdict read
@@ -33,8 +33,8 @@ class TaskKind(ABC):
     binary: ClassVar[bool]  # every row scores 0 or 1 (McNemar's test applies)
     row_mean: ClassVar[bool]  # the primary is the mean of the rows' scores (a confidence sequence applies)
     secondary: ClassVar[tuple[str, str]]  # the metric a report shows beside the primary, and its label
-    answer_tokens_fixed: ClassVar[int | None] = None
-    item_table: ClassVar[str | None] = None  # the artifact of per-field (or per-item) scores, where the type has one  # eval.max_new_tokens's default, where not from the data
+    answer_tokens_fixed: ClassVar[int | None] = None  # eval.max_new_tokens's default, where not from the data
+    item_table: ClassVar[str | None] = None  # the artifact of per-field (or per-item) scores, where the type has one
 
     @classmethod
     def default_max_new_tokens(cls, target_tokens: list[int]) -> int:
@@ -60,10 +60,6 @@ class TaskKind(ABC):
     def prediction_fields(self, scored: Scored) -> dict[str, Any]:
         """What a `predictions.jsonl` row records of the answer beside the raw output."""
         return {"parsed": scored.parsed, "correct": scored.exact, "score": round(scored.score, 6)}
-
-    def template_variables(self) -> dict[str, Any]:
-        """What prompt templates see besides `text` and `examples`."""
-        return {}
 
     def per_item_table(self, scored: list[Scored], targets: list[str]) -> list[dict]:
         """The rows of `item_table`: the arm's scores per field (only types with an `item_table` have one)."""

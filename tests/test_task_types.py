@@ -158,6 +158,17 @@ def _task_files_kept(tmp_path: Path, **config) -> TaskConfig:
     return TaskConfig(path=tmp_path, **config)
 
 
+def test_nulls_are_read_as_absent_only_where_the_field_allows_no_null():
+    from pipeline.task.schema import nulls_as_absent
+
+    schema = {"properties": {"a": {"type": "string", "enum": ["x", None]}, "b": {"anyOf": [{"type": "string"},
+                                                                                        {"type": "null"}]},
+                             "c": {"const": "k"}, "d": {"type": ["string", "null"]}}}
+    target = {"a": None, "b": None, "c": None, "d": None}
+    # "a" lists null but its type is string: null is invalid there, as for const "c"
+    assert nulls_as_absent(target, schema) == {"b": None, "d": None}
+
+
 def test_a_key_a_row_lacks_is_absent_not_null_though_arrow_fills_it(tmp_path):
     schema = {"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "string"}}, "required": ["a"],
               "additionalProperties": False}
@@ -228,8 +239,14 @@ def test_api_arms_get_the_schema_in_strict_form_and_the_answers_it_allows_stay_t
     assert strict_schema(SCHEMA) == SCHEMA  # the shipped schema is strict already
 
 
-def test_a_bare_folder_with_a_schema_is_checked_as_an_extraction():
+def test_a_bare_folder_with_a_schema_is_checked_as_an_extraction(tmp_path):
     from pipeline.task.splits import task_config_for_folder
 
     task = task_config_for_folder(ROOT / "datasets" / "support_fields")
     assert (task.type, task.target_column, task.schema_file) == ("extraction", "fields", "schema.json")
+    (tmp_path / "schema.json").write_text(json.dumps(SCHEMA))
+    (tmp_path / "train.jsonl").write_text(json.dumps({"text": "a", "answer": json.dumps(GOOD)}) + "\n")
+    assert task_config_for_folder(tmp_path).target_column == "answer"  # JSON text, another name
+    (tmp_path / "train.jsonl").write_text(json.dumps({"text": "a", "answer": GOOD, "meta": GOOD}) + "\n")
+    with pytest.raises(DataError, match=r"which column holds the targets \(answer, meta\)"):
+        task_config_for_folder(tmp_path)

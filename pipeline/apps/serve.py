@@ -43,7 +43,7 @@ from pipeline.models.dtype import pick_dtype
 from pipeline.task.prompts import Prompt
 
 DEFAULT_MAX_TOKENS, MAX_TOKENS_CAP = 16, 512
-MAX_BACKENDS = 8  # label sets come from clients: bound how many prefix caches stay alive
+MAX_BACKENDS = 8  # label sets and schemas come from clients: bound how many prefix caches stay alive
 
 
 class _Strict(BaseModel):
@@ -122,7 +122,7 @@ class Batcher:
         self.model, self.tokenizer, self.max_batch, self.window_s = model, tokenizer, max_batch, window_s
         self.queue: queue.Queue[_Job | None] = queue.Queue()
         self.backends: dict[tuple, LocalBackend] = {}
-        self.packed = PackedWeights()  # one packed copy of the weights for every label set's backend
+        self.packed = PackedWeights()  # one packed copy of the weights for every constraint's backend
         self.stats = {"requests": 0, "batches": 0, "rows": 0}
 
     async def submit(self, prompt: Prompt, constraint: Constraint, max_tokens: int) -> Result:
@@ -174,13 +174,14 @@ class Batcher:
         key = (constraint, chat)
         labels = constraint.labels
         if key not in self.backends:
-            if len(self.backends) >= MAX_BACKENDS:
-                self.backends.pop(next(k for k in self.backends if k[0] != Constraint()))
             settings = LocalSettings(batch_size=self.max_batch, max_new_tokens=DEFAULT_MAX_TOKENS,
                                      labels=list(labels) if labels else None,
                                      schema=json.loads(constraint.schema) if constraint.schema else None,
                                      auto_prefix=True, remember_prompts=False)
-            self.backends[key] = LocalBackend(self.model, self.tokenizer, settings, packed=self.packed)
+            backend = LocalBackend(self.model, self.tokenizer, settings, packed=self.packed)  # a bad schema fails here
+            if len(self.backends) >= MAX_BACKENDS:  # the oldest constrained one goes (free ones are at most two)
+                self.backends.pop(next(k for k in self.backends if k[0] != Constraint()))
+            self.backends[key] = backend
         backend = self.backends[key]
         calls = backend.run(prompts, max_new_tokens=max_tokens or None)
         self.stats["batches"] += 1
@@ -224,7 +225,8 @@ def _check(req: _Generation, name: str) -> tuple[Constraint, int]:
     schema = _schema_of(req.response_format)
     if labels and schema:
         raise APIError(400, "constrain an answer to a label set or to a JSON schema, not both")
-    max_tokens = req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS
+    # A JSON answer closes itself validly within its limit: without one it gets the cap, not a sentence's room.
+    max_tokens = req.max_completion_tokens or req.max_tokens or (MAX_TOKENS_CAP if schema else DEFAULT_MAX_TOKENS)
     return Constraint(tuple(labels) if labels else None, schema), min(max_tokens, MAX_TOKENS_CAP)
 
 
@@ -235,7 +237,7 @@ def _schema_of(response_format: dict[str, Any] | None) -> str | None:
     schema = (response_format.get("json_schema") or {}).get("schema")
     if not isinstance(schema, dict):
         raise APIError(400, "response_format.json_schema.schema: expected a JSON Schema object")
-    return json.dumps(schema, sort_keys=True)
+    return json.dumps(schema)  # as sent: the order of `properties` is the order the answer writes its keys in
 
 
 def _answer(req: _Generation, name: str, result: Result, chat: bool) -> Any:

@@ -114,7 +114,7 @@ def kept_copy(source: ModelSource, kind: str, *variant: str) -> Path | None:
     gguf = Path(source.folder) / source.gguf_file
     try:
         stat = gguf.stat()
-        content = _file_digest(str(gguf.resolve()), stat.st_size, stat.st_mtime_ns)
+        content = _file_digest(str(gguf.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
     except OSError:
         return None
     key = json.dumps([content, *variant, version("transformers")])
@@ -123,12 +123,15 @@ def kept_copy(source: ModelSource, kind: str, *variant: str) -> Path | None:
 
 
 @functools.lru_cache(maxsize=8)
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    """sha256 of a file's bytes, once per process for a given path, size and time."""
+def _file_digest(path: str, *identity: int) -> str:
+    """sha256 of a file's bytes, once per process for a path and `identity` (its size, time and inode)."""
     import hashlib
 
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _keep(loaded: Any, folder: Path) -> None:

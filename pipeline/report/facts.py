@@ -16,6 +16,7 @@ from typing import Any
 from pipeline.economics.figures import paired_p
 from pipeline.economics.prices import PerTokenPrice
 from pipeline.economics.serving import provider_rule
+from pipeline.measure.kinds import KINDS
 from pipeline.report.charts import cost_chart_text
 from pipeline.report.format import logged_ci
 from pipeline.report.summary import Summary, verdict
@@ -205,7 +206,9 @@ def build_facts(exp, summary: Summary, decision, run_name: str, curve: dict | No
                        "paired_test": TEST_NAMES.get(paired_p(p)[0]), "paired_p": paired_p(p)[1],
                        "paired_p_prompt": paired_p(p, "_prompt")[1],
                        "paired_test_prompt": TEST_NAMES.get(paired_p(p, "_prompt")[0]),
-                       "sequential": cfg.eval.sequential.model_dump() if cfg.eval.sequential else None},
+                       # none where the primary is no mean over rows (field-F1): every row was scored
+                       "sequential": cfg.eval.sequential.model_dump()
+                       if cfg.eval.sequential and KINDS[exp.task.type].row_mean else None},
         "assumptions": assumptions(cfg),
         "prices": [{"name": a.name, "value": price_text(a.price).split("; source:")[0],
                     "source": a.price.source or "the experiment config", "date": a.price.date or "-"}

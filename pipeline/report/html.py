@@ -115,6 +115,29 @@ def _break_even_rows(facts: dict, quality: bool) -> tuple[list[tuple[str, str]],
     return break_even, span
 
 
+def _statistics(st: dict, primary: str) -> list[tuple[str, str]]:
+    """The statistics section's lines: confidence, resamples, each paired test's p and what it says, and the
+    sequential rule where one ran."""
+    pair_p = st.get("paired_p", st.get("mcnemar_p"))
+    prompt_p = st.get("paired_p_prompt", st.get("mcnemar_p_prompt"))
+    statistics = [
+        ("Confidence level", f"{100 * st['confidence']:g}%"),
+        ("Bootstrap resamples", f"{st['resamples']:,}"),
+        (f"{st.get('paired_test') or 'McNemar'} p, candidate vs baseline",
+         f"{pvalue(pair_p)} ({p_reading(pair_p, st['confidence'], primary)})"),
+        (f"{st.get('paired_test_prompt') or 'McNemar'} p, between the prompt arms",
+         f"{pvalue(prompt_p)} ({p_reading(prompt_p, st['confidence'], primary)})"),
+    ]
+    if st.get("sequential"):  # reports from before it have none
+        q = st["sequential"]
+        statistics.append(("Sequential evaluation", (
+            f"test rows in one seeded order, checked from row {q['min_rows']} every {q['step_rows']}; an arm stops "
+            f"once its {primary} is known to ±{100 * q['half_width']:g} points or the pair's difference excludes 0. "
+            f"{primary[0].upper()}{primary[1:]} intervals are confidence sequences (valid at the stopping time); "
+            "other intervals bootstrap the rows scored")))
+    return statistics
+
+
 def _view(facts: dict) -> dict:
     """Everything both renderers show, as ready-formatted strings."""
     quality = (facts.get("error_cost_usd") or 0) > 0
@@ -145,24 +168,7 @@ def _view(facts: dict) -> dict:
 
     break_even, span = _break_even_rows(facts, quality)
 
-    st = facts["statistics"]
-    pair_p = st.get("paired_p", st.get("mcnemar_p"))
-    prompt_p = st.get("paired_p_prompt", st.get("mcnemar_p_prompt"))
-    statistics = [
-        ("Confidence level", f"{100 * st['confidence']:g}%"),
-        ("Bootstrap resamples", f"{st['resamples']:,}"),
-        (f"{st.get('paired_test') or 'McNemar'} p, candidate vs baseline",
-         f"{pvalue(pair_p)} ({p_reading(pair_p, st['confidence'], primary)})"),
-        (f"{st.get('paired_test_prompt') or 'McNemar'} p, between the prompt arms",
-         f"{pvalue(prompt_p)} ({p_reading(prompt_p, st['confidence'], primary)})"),
-    ]
-    if st.get("sequential"):  # reports from before it have none
-        q = st["sequential"]
-        statistics.append(("Sequential evaluation", (
-            f"test rows in one seeded order, checked from row {q['min_rows']} every {q['step_rows']}; an arm stops "
-            f"once its {primary} is known to ±{100 * q['half_width']:g} points or the pair's difference excludes 0. "
-            f"{primary[0].upper()}{primary[1:]} intervals are confidence sequences (valid at the stopping time); other intervals bootstrap "
-            "the rows scored")))
+    statistics = _statistics(facts["statistics"], primary)
     task, env = facts["task"], facts["environment"]
     return {
         "title": facts["title"], "experiment": facts["experiment"], "run_id": facts["run_id"],

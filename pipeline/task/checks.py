@@ -238,8 +238,6 @@ def check_task(task: TaskData) -> CheckReport:
     train and test, word 5-gram hashes; the near-duplicate search reads the texts once more.
     No copy of all texts, normalised texts or n-gram tuples is kept.
     """
-    import statistics
-
     rows = {split: len(ds) for split, ds in task.splits.items()}
     per_label = {
         label: {split: 0 for split in task.splits} for label in task.label_names
@@ -268,15 +266,8 @@ def check_task(task: TaskData) -> CheckReport:
         if split in ("train", "test"):
             grams[split] = _split_ngrams(texts)
         del texts
-    across = []
+    across = _duplicates_across(keys, task.files)
     names = list(task.splits)
-    for a_i, a in enumerate(names):
-        for b in names[a_i + 1 :]:
-            for key, row in keys[b].items():
-                if key in keys[a]:
-                    across.append(
-                        f"{task.files.get(b, b)}: row {row + 1} duplicates {task.files.get(a, a)} row {keys[a][key] + 1}"
-                    )
     errors = list(across)
     del keys
 
@@ -296,6 +287,16 @@ def check_task(task: TaskData) -> CheckReport:
         overlap = np.unique(test_rows[shared]).size / max(1, rows["test"])
     return CheckReport(rows, per_label, words, within, across, len(near), examples, overlap, errors, coverage,
                        target_words)
+
+
+def _duplicates_across(keys: dict[str, dict[bytes, int]], files: dict) -> list[str]:
+    """Each row of a later split whose text (by its exact-duplicate key) is a row of an earlier one."""
+    names, found = list(keys), []
+    for a_i, a in enumerate(names):
+        for b in names[a_i + 1 :]:
+            found += [f"{files.get(b, b)}: row {row + 1} duplicates {files.get(a, a)} row {keys[a][key] + 1}"
+                      for key, row in keys[b].items() if key in keys[a]]
+    return found
 
 
 def length_stats(lengths: list[int]) -> dict[str, float]:

@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from pipeline.task.types import DataError
+from pipeline.task.types import DataError, TaskConfig
 
 # An inferred field becomes an enum when it takes at most this many string values, each seen at least twice.
 ENUM_MAX_VALUES = 12
@@ -38,7 +38,7 @@ def load_schema(path: Path) -> dict[str, Any]:
     return schema
 
 
-def schema_and_targets(task: Any, targets: dict[str, list[str]], files: dict[str, Path],
+def schema_and_targets(task: TaskConfig, targets: dict[str, list[str]], files: dict[str, Path],
                        notes: list[str]) -> tuple[dict[str, Any], dict[str, list[str]]]:
     """The extraction's schema (`task.schema`, or inferred from the train targets with a note in `notes`) and
     every split's targets (compact JSON, as read) checked against it and written in its field order."""
@@ -74,20 +74,26 @@ def checked_targets(path: Path, targets: list[str], schema: dict[str, Any], sour
     """The split's targets (compact JSON) checked against the schema and written in its field order, the compact
     JSON a fine-tune learns. A null in a field whose schema allows none is taken as absent: reading an object
     column, Arrow fills every key a row lacks with null."""
-    objects = [_without_filled_nulls(json.loads(t), schema) for t in targets]
+    objects = [nulls_as_absent(json.loads(t), schema) for t in targets]
     check_targets(path, objects, schema, source)
     return [canonical(t, schema) for t in objects]
 
 
-def _without_filled_nulls(target: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+def nulls_as_absent(target: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    """The target without the nulls of fields whose schema allows no null (what Arrow fills in for a key a row
+    of an object column lacks)."""
     properties = schema.get("properties", {})
     return {k: v for k, v in target.items() if v is not None or k not in properties or _allows_null(properties[k])}
 
 
 def _allows_null(prop: dict[str, Any]) -> bool:
-    if "enum" in prop:
-        return None in prop["enum"]
-    return not _types(prop) or "null" in _types(prop)
+    """Whether null validates against the field's schema (a `$ref` it cannot resolve alone: taken as yes)."""
+    from jsonschema import Draft202012Validator
+
+    try:
+        return Draft202012Validator(prop).is_valid(None)
+    except Exception:  # noqa: BLE001 - an unresolvable reference: keep the null, the full check judges it
+        return True
 
 
 def check_targets(path: Path, targets: list[dict[str, Any]], schema: dict[str, Any], source: str) -> None:
@@ -157,7 +163,7 @@ def schema_fields(schema: dict[str, Any]) -> list[dict[str, Any]]:
 def type_words(prop: dict[str, Any]) -> str:
     """A field's type the way an instruction says it: "one of: low, normal, high", "list of strings", "string or null"."""
     types = [t for t in _types(prop) if t != "null"]
-    nullable = _allows_null(prop) and bool(_types(prop) or prop.get("enum"))
+    nullable = _allows_null(prop) and bool(_types(prop) or "enum" in prop)
     if prop.get("enum"):
         words = "one of: " + ", ".join(str(v) for v in prop["enum"] if v is not None)
     elif types == ["array"]:

@@ -381,11 +381,15 @@ def task_config_for_folder(folder: Path) -> TaskConfig:
     train = _load_file(folder / splits["train"], "auto")[0]
     first = train.column_names
     if (folder / "schema.json").is_file():
-        # An object column reads as a struct (a dict of features), or as Json where its rows' keys differ.
-        objects = [c for c in first if c != "text" and (isinstance(train.features[c], dict)
-                                                        or type(train.features[c]).__name__ == "Json")]
+        # The targets: the one column besides the text (objects read as a struct, or as Json where rows' keys
+        # differ; JSON text as a string).
+        others = [c for c in first if c != "text"]
+        if len(others) != 1:
+            raise DataError(f"{folder / splits['train']}: a folder with schema.json is an extraction, but which column "
+                            f"holds the targets ({', '.join(others) or 'none besides text'})? Give a config with "
+                            "task.target_column")
         return TaskConfig(name=folder.name, path=folder, splits=splits, type="extraction", text_column="text",
-                          target_column=objects[0] if objects else "fields", schema="schema.json")
+                          target_column=others[0], schema="schema.json")
     label_column = next((c for c in ("label", "category", "intent") if c in first), "label")
     label_file = next((n for n in ("labels.json", "categories.json") if (folder / n).is_file()), None)
     return TaskConfig(

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from pipeline.backends.decoding.greedy import LabelConstraint, greedy_answers
+from pipeline.backends.decoding.constraint import LabelConstraint
+from pipeline.backends.decoding.greedy import greedy_answers
 from pipeline.backends.local import stop_token_ids
 
 # Answers of different lengths: the chat model stops early on some and runs on for others.

@@ -176,9 +176,7 @@ class LocalBackend:
             self.packed = None
         self.stop_ids = stop_token_ids(model, tokenizer)
         self.constraint = _constraint(tokenizer, settings, self.stop_ids)
-        # A label answer is at most the longest label and its stop token.
-        self.max_new_tokens = (self.constraint.longest + 1 if isinstance(self.constraint, LabelConstraint)
-                               else settings.max_new_tokens)
+        self.max_new_tokens = self._answer_tokens(settings.max_new_tokens)
         self.prefix = static_prefix(prefix_probe, tokenizer) if prefix_probe and settings.prefix_cache else ""
         self._encoded: dict[Prompt, list[int]] = {}
         self._cache: PrefixCache | None = None
@@ -211,8 +209,7 @@ class LocalBackend:
 
     def _run(self, encoded: list[list[int]], on_calls: OnCalls | None, max_new_tokens: int | None) -> list[Call]:
         cache = self._prefix_cache(encoded)
-        if max_new_tokens is None or isinstance(self.constraint, LabelConstraint):
-            max_new_tokens = self.max_new_tokens
+        max_new_tokens = self.max_new_tokens if max_new_tokens is None else self._answer_tokens(max_new_tokens)
         shared = cache.length if cache else 0
         calls: list[Call] = []
 
@@ -237,6 +234,10 @@ class LocalBackend:
             greedy_answers(self.model, suffixes, max_new_tokens, self.stop_ids, self.settings.batch_size, pad, caches,
                            self.constraint, answered, self.settings.window_rows)
         return calls
+
+    def _answer_tokens(self, max_new_tokens: int) -> int:
+        """What an answer may take: `max_new_tokens`, or what the constraint fixes (a label's longest + 1)."""
+        return self.constraint.answer_tokens(max_new_tokens) if self.constraint else max_new_tokens
 
     def _static_decoder(self, cache: PrefixCache | None, suffixes: list[list[int]], max_new_tokens: int) -> Any:
         """The static-cache decoder for this pass (kept for the next at the same batch size), or None where

@@ -258,12 +258,13 @@ def prompt_pair_metrics(rows: dict[str, ArmRows], baseline: str | None, naive: s
     return {f"{name}_prompt": p}
 
 
-PAIRED_P = ("mcnemar_p", "permutation_p")  # the paired test's p of the compare pair, whichever applies
+# The paired test's p of the compare pair (whichever applies) and the test's name.
+PAIRED_TESTS = {"mcnemar_p": "McNemar", "permutation_p": "paired permutation"}
 
 
 def paired_p(parent: dict[str, float], suffix: str = "") -> tuple[str | None, float | None]:
     """The paired test's name and p in a parent run's metrics (None, None where neither was logged)."""
-    for name in PAIRED_P:
+    for name in PAIRED_TESTS:
         if name + suffix in parent:
             return name, parent[name + suffix]
     return None, None

@@ -186,8 +186,7 @@ def price_arm(exp: Experiment, arm: Arm, metrics: dict[str, float], predictions:
         log_label_scores(exp, arm, rows)
     kind = exp.kind(arm)
     if kind.item_table:  # per_field.json
-        tracking.log_table(kind.per_item_table([kind.score(a["raw_output"], a["gold"]) for a in answers],
-                                               [a["gold"] for a in answers]), kind.item_table)
+        tracking.log_table(kind.per_item_table(answers), kind.item_table)
 
 
 def log_label_scores(exp: Experiment, arm: Arm, rows: economics.ArmRows) -> None:

@@ -13,7 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline.economics.figures import paired_p
+from pipeline.economics.figures import PAIRED_TESTS, paired_p
 from pipeline.economics.prices import PerTokenPrice
 from pipeline.economics.serving import provider_rule
 from pipeline.measure.kinds import KINDS
@@ -53,7 +53,6 @@ QUALITY_BASIS = {
     "generation": ", priced on the distance from the reference: (1 - chrF) times it a call. A correct paraphrase "
                   "scores below 1, so this prices style as well as errors: set it with that in mind.",
 }
-TEST_NAMES = {"mcnemar_p": "McNemar", "permutation_p": "paired permutation"}
 
 
 def _arms_by_name(exp) -> dict[str, Any]:
@@ -150,7 +149,7 @@ def claim_facts(summary: Summary) -> list[dict[str, str]]:
                                    f"{summary.candidate_arm} mean prompt tokens)"})
     if "prompt_gain_pts" in p:
         test, value = paired_p(p, "_prompt")
-        reading = f", {TEST_NAMES[test]} p {value:.3g}" if test else ""
+        reading = f", {PAIRED_TESTS[test]} p {value:.3g}" if test else ""
         claims.append({"claim": "Well-engineered prompts beat naive ones by a wide margin",
                        "measured": f"{p['prompt_gain_pts']:+.1f} {summary.primary_label} points{reading}"})
     if summary.has_pair:
@@ -169,6 +168,7 @@ def build_facts(exp, summary: Summary, decision, run_name: str, curve: dict | No
     """Everything the report says, from the finished run (its summary and `economics.decision.Decision`): one
     dict, saved with the run."""
     cfg, p, sensitivity = exp.cfg, summary.parent, decision.sensitivity
+    (test, value), (prompt_test, prompt_value) = paired_p(p), paired_p(p, "_prompt")
     return {
         "title": f"Prompting or fine-tuning? {cfg.experiment}", "experiment": cfg.experiment,
         "run_id": summary.run_id, "run_name": run_name, "generated_at": time.strftime("%Y-%m-%d %H:%M %Z"),
@@ -203,9 +203,8 @@ def build_facts(exp, summary: Summary, decision, run_name: str, curve: dict | No
                          "low": r["low"], "high": r["high"]} for r in sensitivity],
         "statistics": {"confidence": cfg.stats.confidence, "resamples": cfg.stats.resamples,
                        "mcnemar_p": p.get("mcnemar_p"), "mcnemar_p_prompt": p.get("mcnemar_p_prompt"),
-                       "paired_test": TEST_NAMES.get(paired_p(p)[0]), "paired_p": paired_p(p)[1],
-                       "paired_p_prompt": paired_p(p, "_prompt")[1],
-                       "paired_test_prompt": TEST_NAMES.get(paired_p(p, "_prompt")[0]),
+                       "paired_test": PAIRED_TESTS.get(test), "paired_p": value,
+                       "paired_test_prompt": PAIRED_TESTS.get(prompt_test), "paired_p_prompt": prompt_value,
                        # none where the primary is no mean over rows (field-F1): every row was scored
                        "sequential": cfg.eval.sequential.model_dump()
                        if cfg.eval.sequential and KINDS[exp.task.type].row_mean else None},

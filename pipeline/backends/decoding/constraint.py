@@ -18,6 +18,9 @@ class TokenConstraint(Protocol):
 
     stop_ids: list[int]
 
+    def answer_tokens(self, max_new_tokens: int) -> int:
+        """The most tokens an answer may take, its stop token included, given the caller's `max_new_tokens`."""
+
     def start(self, max_new_tokens: int) -> Any:
         """A new row's state; the row may write at most `max_new_tokens` tokens, its stop token included."""
 
@@ -73,8 +76,11 @@ class LabelConstraint:
             self._masks[key] = mask.to(device)
         return self._masks[key]
 
+    def answer_tokens(self, max_new_tokens: int) -> int:
+        return self.longest + 1  # the longest label and its stop token, whatever the caller allows
+
     def start(self, max_new_tokens: int) -> int:
-        return 0  # the root; an answer is never longer than `longest` + 1 (the caller's limit)
+        return 0  # the root
 
     def allowed(self, states: Sequence[int], vocab: int, device: torch.device) -> torch.Tensor:
         return self.mask(vocab, device)[torch.tensor(list(states), device=device)]

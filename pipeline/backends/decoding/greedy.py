@@ -19,8 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-# LabelConstraint: where its callers have always imported it from.
-from pipeline.backends.decoding.constraint import LabelConstraint, TokenConstraint  # noqa: F401
+from pipeline.backends.decoding.constraint import TokenConstraint
 
 
 @dataclass

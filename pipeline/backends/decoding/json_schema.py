@@ -93,6 +93,9 @@ class JsonSchemaConstraint:
             raise SchemaError(f"{self.name}: no answer of at most {MAX_CLOSING} tokens found to close it")
         self.shortest = len(shortest)  # tokens of the shortest answer found, its stop token included
 
+    def answer_tokens(self, max_new_tokens: int) -> int:
+        return max_new_tokens  # an answer is closed validly within whatever it is given
+
     def start(self, max_new_tokens: int) -> JsonRow:
         if max_new_tokens < self.shortest:
             raise SchemaError(f"{self.name}: max_new_tokens={max_new_tokens} is below the {self.shortest} tokens "

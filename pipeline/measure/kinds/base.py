@@ -22,6 +22,7 @@ class Scored:
     score: float
     exact: bool
     counts: tuple[int, int, int] | None = None
+    per_field: dict[str, list[int]] | None = None  # extraction: `counts` field by field
 
 
 class TaskKind(ABC):
@@ -61,6 +62,7 @@ class TaskKind(ABC):
         """What a `predictions.jsonl` row records of the answer beside the raw output."""
         return {"parsed": scored.parsed, "correct": scored.exact, "score": round(scored.score, 6)}
 
-    def per_item_table(self, scored: list[Scored], targets: list[str]) -> list[dict]:
-        """The rows of `item_table`: the arm's scores per field (only types with an `item_table` have one)."""
+    def per_item_table(self, answers: list[dict]) -> list[dict]:
+        """The rows of `item_table` from the arm's `predictions.jsonl` rows: its scores per field (only types with
+        an `item_table` have one)."""
         raise NotImplementedError(f"{self.name} has no per-item table")

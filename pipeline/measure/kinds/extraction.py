@@ -36,7 +36,7 @@ class Extraction(TaskKind):
         parsed, gold = first_json_object(output), json.loads(target)
         per_field = field_counts(parsed, gold, self.fields)
         tp, fp, fn = (sum(c[i] for c in per_field.values()) for i in range(3))
-        return Scored(parsed, f1(tp, fp, fn)[2], same_object(parsed, gold, self.fields), (tp, fp, fn))
+        return Scored(parsed, f1(tp, fp, fn)[2], same_object(parsed, gold, self.fields), (tp, fp, fn), per_field)
 
     def metrics(self, scored: list[Scored], targets: list[str], outputs: list[str]) -> dict[str, float]:
         """field_f1, field_precision, field_recall (micro over the rows' field/value pairs), exact_match (every
@@ -51,15 +51,15 @@ class Extraction(TaskKind):
     def prediction_fields(self, scored: Scored) -> dict[str, Any]:
         tp, fp, fn = scored.counts
         return {"parsed": scored.parsed, "correct": scored.exact, "score": round(scored.score, 6),
-                "tp": tp, "fp": fp, "fn": fn}
+                "tp": tp, "fp": fp, "fn": fn, "field_counts": scored.per_field}
 
-    def per_item_table(self, scored: list[Scored], targets: list[str]) -> list[dict]:
-        """Precision, recall, F1 and support (pairs in the targets) of each field: `per_field.json`."""
+    def per_item_table(self, answers: list[dict]) -> list[dict]:
+        """Precision, recall, F1 and support (pairs in the targets) of each field: `per_field.json`, summed from
+        each row's `field_counts` as evaluated."""
         totals: dict[str, list[int]] = {name: [0, 0, 0] for name in self.fields}
-        for s, target in zip(scored, targets):
-            for name, counts in field_counts(s.parsed, json.loads(target), self.fields).items():
-                totals.setdefault(name, [0, 0, 0])
-                totals[name] = [a + b for a, b in zip(totals[name], counts)]
+        for answer in answers:
+            for name, counts in answer["field_counts"].items():
+                totals[name] = [a + b for a, b in zip(totals.get(name, [0, 0, 0]), counts)]
         rows = []
         for name, (tp, fp, fn) in totals.items():
             p, r, f = f1(tp, fp, fn)
